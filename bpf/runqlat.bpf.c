@@ -1,0 +1,446 @@
+// SPDX-License-Identifier: (GPL-2.0 OR MIT)
+/*
+ * runqlat-core: run-queue latency of chosen tasks.
+ *
+ * A task's latency is the time from becoming runnable (woken, or switched out
+ * while still TASK_RUNNING, i.e. preempted) to being switched in.
+ *
+ * Hot-path design (every wakeup and context switch of the machine runs this):
+ *  - the enqueue timestamp and the "is this task tracked" decision live in task
+ *    local storage, so an untracked task costs one storage lookup and a compare;
+ *    the decision is re-made only when user space bumps live_cfg.gen (the
+ *    tracked set changed) or a task changed cgroup;
+ *  - histograms are per-CPU: plain increments, no atomics, no lost counts;
+ *  - nothing is deleted on the hot path.
+ * Fallbacks, picked by user space at load time with set_autoload():
+ *  - *_h programs keep the per-task state in a hash keyed by thread id (kernels
+ *    without BPF_MAP_TYPE_TASK_STORAGE, < 5.11);
+ *  - raw_tp twins of every tp_btf program (kernels without tp_btf, < 5.5).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "runqlat.h"
+
+#define TASK_RUNNING 0
+
+/* Configuration fixed at load time. */
+const volatile __u32 agg_mode = AGG_GLOBAL;
+const volatile bool follow_children = false;
+/* Do cgroup moves matter (cgroup filter or per-cgroup aggregation)? */
+const volatile bool watch_cgroup_moves = false;
+
+/* Configuration user space changes while we run (its own .data.live map). */
+struct live_cfg live SEC(".data.live") = { .gen = 1, .filter = 0 };
+
+/* Bumped by us when a task changes cgroup and cgroups matter. */
+__u32 cgroup_gen = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct task_ctx);
+} task_ctx_storage SEC(".maps");
+
+/* Fallback for task_ctx_storage; user space sizes it (pid_max) or shrinks it to 1. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct task_ctx);
+} task_ctx_hash SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, __u32);   /* tgid */
+	__type(value, __u8);  /* enum tracked_reason */
+} tracked_pids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, __u64);   /* cgroup v2 id (kernfs inode) */
+	__type(value, __u8);
+} tracked_cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, __u32);   /* pid namespace inode number */
+	__type(value, __u8);
+} tracked_pidns SEC(".maps");
+
+/* One histogram per key (tgid, tid, pidns inode, cgroup id). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, __u64);
+	__type(value, struct hist);
+} hists SEC(".maps");
+
+/* The histogram of AGG_GLOBAL, without a hash lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hist);
+} hist_global SEC(".maps");
+
+/* Scratch zeroed value for creating a hists entry (too big for the stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hist);
+} hist_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DROP_REASONS);
+	__type(key, __u32);
+	__type(value, __u64);
+} drops SEC(".maps");
+
+/*
+ * task_struct::state was renamed to __state in 5.14 (commit 2f064a59a11f,
+ * "sched: Change task_struct::state").
+ */
+struct task_struct___pre514 {
+	long state;
+} __attribute__((preserve_access_index));
+
+static __always_inline long task_state(struct task_struct *t)
+{
+	if (bpf_core_field_exists(t->__state))
+		return BPF_CORE_READ(t, __state);
+	return BPF_CORE_READ((struct task_struct___pre514 *)t, state);
+}
+
+static __always_inline void count_drop(__u32 reason)
+{
+	__u64 *n = bpf_map_lookup_elem(&drops, &reason);
+
+	if (n)
+		(*n)++;
+}
+
+static __always_inline __u32 log2_u64(__u64 v)
+{
+	__u32 e = 0;
+
+	if (v >> 32) { e += 32; v >>= 32; }
+	if (v >> 16) { e += 16; v >>= 16; }
+	if (v >> 8) { e += 8; v >>= 8; }
+	if (v >> 4) { e += 4; v >>= 4; }
+	if (v >> 2) { e += 2; v >>= 2; }
+	if (v >> 1) { e += 1; }
+	return e;
+}
+
+/* Slot of a latency in ns; the inverse lives in python/runqlat/hist.py. */
+static __always_inline __u32 hist_slot(__u64 v)
+{
+	__u32 e, sub, slot;
+
+	if (v < HIST_SUB_COUNT)
+		return v;
+	if (v >> (HIST_MAX_EXP + 1))
+		return HIST_SLOTS - 1;
+	e = log2_u64(v);
+	sub = (v >> (e - HIST_SUB_BITS)) & (HIST_SUB_COUNT - 1);
+	slot = (e - HIST_SUB_BITS + 1) * HIST_SUB_COUNT + sub;
+	/* clamp for the verifier: overflow lands in the last slot */
+	return slot < HIST_SLOTS ? slot : HIST_SLOTS - 1;
+}
+
+static __always_inline __u32 task_pidns_inum(struct task_struct *t)
+{
+	struct pid *pid = BPF_CORE_READ(t, thread_pid);
+	unsigned int level = BPF_CORE_READ(pid, level);
+	struct upid upid = {};
+
+	bpf_probe_read_kernel(&upid, sizeof(upid), &pid->numbers[level]);
+	return BPF_CORE_READ(upid.ns, ns.inum);
+}
+
+static __always_inline struct cgroup *task_dfl_cgroup(struct task_struct *t)
+{
+	return BPF_CORE_READ(t, cgroups, dfl_cgrp);
+}
+
+static __always_inline __u64 cgroup_id(struct cgroup *cg)
+{
+	return BPF_CORE_READ(cg, kn, id);
+}
+
+static __always_inline bool cgroup_tracked(struct task_struct *t)
+{
+	struct cgroup *cg = task_dfl_cgroup(t);
+
+	for (int i = 0; i < MAX_CGROUP_DEPTH && cg; i++) {
+		__u64 id = cgroup_id(cg);
+
+		if (bpf_map_lookup_elem(&tracked_cgroups, &id))
+			return true;
+		/* cgroup::self is the first member: its parent css is the parent cgroup */
+		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
+	}
+	return false;
+}
+
+/* The slow path: is t tracked, and under which histogram key. */
+static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u32 gen, __u32 cg_gen, __u32 filter)
+{
+	__u32 tgid = BPF_CORE_READ(t, tgid);
+	bool tracked = filter == 0;
+
+	if (!tracked && (filter & FILTER_PIDS))
+		tracked = bpf_map_lookup_elem(&tracked_pids, &tgid) != NULL;
+	if (!tracked && (filter & FILTER_PIDNS)) {
+		__u32 inum = task_pidns_inum(t);
+
+		tracked = bpf_map_lookup_elem(&tracked_pidns, &inum) != NULL;
+	}
+	if (!tracked && (filter & FILTER_CGROUPS))
+		tracked = cgroup_tracked(t);
+
+	c->tracked = tracked;
+	c->gen = gen;
+	c->cgroup_gen = cg_gen;
+	switch (agg_mode) {
+	case AGG_PID:
+		c->hist_key = tgid;
+		break;
+	case AGG_TID:
+		c->hist_key = BPF_CORE_READ(t, pid);
+		break;
+	case AGG_PIDNS:
+		c->hist_key = task_pidns_inum(t);
+		break;
+	case AGG_CGROUP:
+		c->hist_key = cgroup_id(task_dfl_cgroup(t));
+		break;
+	default:
+		c->hist_key = 0;
+	}
+}
+
+static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid, bool storage, bool create)
+{
+	struct task_ctx *c;
+
+	if (storage)
+		return bpf_task_storage_get(&task_ctx_storage, t, NULL,
+					    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+	c = bpf_map_lookup_elem(&task_ctx_hash, &tid);
+	if (c || !create)
+		return c;
+	{
+		struct task_ctx zero = {};
+
+		bpf_map_update_elem(&task_ctx_hash, &tid, &zero, BPF_NOEXIST);
+	}
+	return bpf_map_lookup_elem(&task_ctx_hash, &tid);
+}
+
+/* t became runnable at now: start its clock if it is tracked. */
+static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 now, bool storage)
+{
+	struct task_ctx *c;
+	__u32 gen, cg_gen;
+
+	if (tid == 0) /* the idle task */
+		return;
+	c = ctx_get(t, tid, storage, true);
+	if (!c) {
+		count_drop(DROP_TASK_CTX);
+		return;
+	}
+	gen = live.gen;
+	cg_gen = cgroup_gen;
+	if (c->gen != gen || c->cgroup_gen != cg_gen)
+		decide(c, t, gen, cg_gen, live.filter);
+	if (c->tracked)
+		c->enqueued_ns = now;
+}
+
+static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_struct *t, bool direct)
+{
+	struct hist *h;
+	__u64 key;
+	__u32 zero = 0;
+
+	if (agg_mode == AGG_GLOBAL)
+		return bpf_map_lookup_elem(&hist_global, &zero);
+	key = c->hist_key;
+	h = bpf_map_lookup_elem(&hists, &key);
+	if (h)
+		return h;
+	/* First event of this key: create it, named after the process. */
+	h = bpf_map_lookup_elem(&hist_scratch, &zero);
+	if (!h)
+		return NULL;
+	if (agg_mode == AGG_PID)
+		BPF_CORE_READ_STR_INTO(&h->comm, t, group_leader, comm);
+	else
+		BPF_CORE_READ_STR_INTO(&h->comm, t, comm);
+	if (bpf_map_update_elem(&hists, &key, h, BPF_NOEXIST) && !bpf_map_lookup_elem(&hists, &key)) {
+		count_drop(DROP_HIST_FULL);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(&hists, &key);
+}
+
+/* t is switched in at now: record its wait if its clock was running. */
+static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 now, bool storage, bool direct)
+{
+	struct task_ctx *c;
+	struct hist *h;
+	__s64 delta;
+
+	if (tid == 0)
+		return;
+	c = ctx_get(t, tid, storage, false);
+	if (!c || !c->enqueued_ns)
+		return;
+	delta = (__s64)(now - c->enqueued_ns);
+	c->enqueued_ns = 0;
+	if (delta < 0) {
+		count_drop(DROP_NEGATIVE);
+		return;
+	}
+	if ((__u64)delta > LATENCY_MAX_NS) {
+		count_drop(DROP_ABSURD);
+		return;
+	}
+	h = hist_for(c, t, direct);
+	if (!h)
+		return;
+	/* per-CPU value, preemption is off in a tracepoint: plain adds are exact */
+	h->slots[hist_slot(delta)]++;
+	h->count++;
+	h->sum_ns += delta;
+}
+
+/*
+ * The three handlers. direct: tp_btf, where task fields are read directly;
+ * otherwise raw_tp, where every read goes through bpf_probe_read_kernel.
+ */
+#define TASK_PID(direct, t) ((direct) ? (t)->pid : BPF_CORE_READ(t, pid))
+
+static __always_inline int on_wakeup(struct task_struct *t, bool storage, bool direct)
+{
+	enqueued(t, TASK_PID(direct, t), bpf_ktime_get_ns(), storage);
+	return 0;
+}
+
+static __always_inline int on_switch(struct task_struct *prev, struct task_struct *next, bool storage, bool direct)
+{
+	__u64 now = bpf_ktime_get_ns();
+	long state = direct && bpf_core_field_exists(prev->__state) ? prev->__state : task_state(prev);
+
+	/* preempted (or yielded): still runnable, so back on the run queue now */
+	if (state == TASK_RUNNING)
+		enqueued(prev, TASK_PID(direct, prev), now, storage);
+	switched_in(next, TASK_PID(direct, next), now, storage, direct);
+	return 0;
+}
+
+/* task storage + tp_btf: the fast path */
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(wakeup_ts, struct task_struct *p) { return on_wakeup(p, true, true); }
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(wakeup_new_ts, struct task_struct *p) { return on_wakeup(p, true, true); }
+SEC("tp_btf/sched_switch")
+int BPF_PROG(switch_ts, bool preempt, struct task_struct *prev, struct task_struct *next)
+{ return on_switch(prev, next, true, true); }
+
+/* hash + tp_btf */
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(wakeup_h, struct task_struct *p) { return on_wakeup(p, false, true); }
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(wakeup_new_h, struct task_struct *p) { return on_wakeup(p, false, true); }
+SEC("tp_btf/sched_switch")
+int BPF_PROG(switch_h, bool preempt, struct task_struct *prev, struct task_struct *next)
+{ return on_switch(prev, next, false, true); }
+
+/* hash + raw_tp (task storage needs a BTF task pointer, which raw_tp lacks) */
+SEC("raw_tp/sched_wakeup")
+int BPF_PROG(wakeup_raw, struct task_struct *p) { return on_wakeup(p, false, false); }
+SEC("raw_tp/sched_wakeup_new")
+int BPF_PROG(wakeup_new_raw, struct task_struct *p) { return on_wakeup(p, false, false); }
+SEC("raw_tp/sched_switch")
+int BPF_PROG(switch_raw, bool preempt, struct task_struct *prev, struct task_struct *next)
+{ return on_switch(prev, next, false, false); }
+
+/*
+ * Process exit: when the last thread of a tracked process is gone, its tgid
+ * leaves the tracked set at once, so a recycled PID number is never mistaken
+ * for it. (The number cannot be reused before that: a zombie leader holds it.)
+ */
+static __always_inline int on_exit(struct task_struct *t)
+{
+	__u32 tid = BPF_CORE_READ(t, pid);
+	__u32 tgid = BPF_CORE_READ(t, tgid);
+
+	bpf_map_delete_elem(&task_ctx_hash, &tid);
+	if (BPF_CORE_READ(t, signal, live.counter) == 0)
+		bpf_map_delete_elem(&tracked_pids, &tgid);
+	return 0;
+}
+
+static __always_inline int on_fork(struct task_struct *parent, struct task_struct *child)
+{
+	__u32 ptgid, cpid;
+	__u8 reason = TRACKED_CHILD;
+
+	if (!follow_children)
+		return 0;
+	ptgid = BPF_CORE_READ(parent, tgid);
+	cpid = BPF_CORE_READ(child, pid);
+	/* a new thread is tracked through its tgid already */
+	if (cpid != BPF_CORE_READ(child, tgid))
+		return 0;
+	if (!bpf_map_lookup_elem(&tracked_pids, &ptgid))
+		return 0;
+	if (bpf_map_update_elem(&tracked_pids, &cpid, &reason, BPF_NOEXIST) &&
+	    !bpf_map_lookup_elem(&tracked_pids, &cpid))
+		count_drop(DROP_TRACKED_FULL);
+	return 0;
+}
+
+/*
+ * A task moved to another cgroup: with threadgroup moves the tracepoint fires
+ * for the leader only, so invalidate every task's decision (moves are rare).
+ */
+static __always_inline int on_cgroup_attach(void)
+{
+	if (watch_cgroup_moves)
+		__sync_fetch_and_add(&cgroup_gen, 1);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(exit_btf, struct task_struct *p) { return on_exit(p); }
+SEC("raw_tp/sched_process_exit")
+int BPF_PROG(exit_raw, struct task_struct *p) { return on_exit(p); }
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(fork_btf, struct task_struct *parent, struct task_struct *child) { return on_fork(parent, child); }
+SEC("raw_tp/sched_process_fork")
+int BPF_PROG(fork_raw, struct task_struct *parent, struct task_struct *child) { return on_fork(parent, child); }
+
+SEC("tp_btf/cgroup_attach_task")
+int BPF_PROG(cgroup_attach_btf) { return on_cgroup_attach(); }
+SEC("raw_tp/cgroup_attach_task")
+int BPF_PROG(cgroup_attach_raw) { return on_cgroup_attach(); }
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -1,0 +1,87 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR MIT) */
+/*
+ * The contract between bpf/runqlat.bpf.c and python/runqlat/abi.py.
+ * Everything both sides must agree on lives here and nowhere else;
+ * tests/test_contract.py parses this file and checks the Python side and the
+ * compiled object against it.
+ */
+#ifndef __RUNQLAT_H
+#define __RUNQLAT_H
+
+#define TASK_COMM_LEN 16
+
+/*
+ * Histogram slots (log-linear, like HdrHistogram with 3 significant bits).
+ * Values below HIST_SUB_COUNT ns get one slot each. Above, every power of two
+ * [2^e, 2^(e+1)) is cut into HIST_SUB_COUNT equal sub-buckets, so a bucket is at
+ * most 1/HIST_SUB_COUNT (12.5%) of its lower bound wide. Exponents run up to
+ * HIST_MAX_EXP ([2^34, 2^35) ns is about 17-34 s); the last slot takes everything
+ * from 2^(HIST_MAX_EXP+1) ns up to LATENCY_MAX_NS.
+ */
+#define HIST_SUB_BITS 3
+#define HIST_SUB_COUNT (1 << HIST_SUB_BITS)
+#define HIST_MAX_EXP 34
+#define HIST_SLOTS ((HIST_MAX_EXP - HIST_SUB_BITS + 2) * HIST_SUB_COUNT + 1)
+
+/* A run-queue wait longer than this (10 minutes) is a lost event, not a latency. */
+#define LATENCY_MAX_NS 600000000000ULL
+
+/* How far up the cgroup v2 tree a --cgroup match is looked for. */
+#define MAX_CGROUP_DEPTH 16
+
+/* Aggregation, chosen at load time (rodata agg_mode). */
+enum agg_mode {
+	AGG_GLOBAL = 0,
+	AGG_PID = 1,    /* per process (tgid) */
+	AGG_TID = 2,    /* per thread */
+	AGG_PIDNS = 3,  /* per PID namespace (inode number); also per container */
+	AGG_CGROUP = 4, /* per cgroup v2 id */
+};
+
+/* Which tracked sets are active (live_cfg.filter). None: trace every task. */
+enum filter_flags {
+	FILTER_PIDS = 1,
+	FILTER_CGROUPS = 2,
+	FILTER_PIDNS = 4,
+};
+
+/* Values in the tracked_pids map: why a process is tracked. */
+enum tracked_reason {
+	TRACKED_LISTED = 1,   /* user space put it there */
+	TRACKED_CHILD = 2,    /* forked by a tracked process (--follow-children) */
+};
+
+/* Indexes of the per-CPU drops map: events counted and not recorded. */
+enum drop_reason {
+	DROP_NEGATIVE = 0,    /* switch-in earlier than enqueue (clock went backwards) */
+	DROP_ABSURD = 1,      /* delta above LATENCY_MAX_NS */
+	DROP_HIST_FULL = 2,   /* no room for a new key in the hists map */
+	DROP_TASK_CTX = 3,    /* no room for a task's timestamp (storage or hash full) */
+	DROP_TRACKED_FULL = 4,/* a followed child did not fit in tracked_pids */
+	DROP_REASONS = 5,
+};
+
+struct hist {
+	__u64 slots[HIST_SLOTS];
+	__u64 count;
+	__u64 sum_ns;
+	char comm[TASK_COMM_LEN];
+};
+
+/* Written by user space at run time; a change of gen makes every task re-decide. */
+struct live_cfg {
+	__u32 gen;
+	__u32 filter;
+};
+
+/* Per-task state, in task storage or (fallback) a hash keyed by thread id. */
+struct task_ctx {
+	__u64 enqueued_ns; /* 0: not waiting on a run queue */
+	__u64 hist_key;
+	__u32 gen;         /* live_cfg.gen the decision below was made under */
+	__u32 cgroup_gen;  /* cgroup_gen the decision was made under */
+	__u32 tracked;
+	__u32 pad;
+};
+
+#endif /* __RUNQLAT_H */
