@@ -1,0 +1,319 @@
+"""A private containerd for end-to-end tests (helper module, not a test file).
+
+    with ContainerdEnv() as env:
+        pid = env.run("busy", "while :; do :; done")
+        discover(containerd_state_dirs=[env.task_state_dir])
+        env.stop("busy")
+
+Everything lives under one temp dir (--root, --state, socket, rootfs copies)
+and in a containerd namespace unique to this env, so it never clashes with a
+system containerd: the only paths outside the temp dir are the per-namespace
+ones containerd/runc choose themselves (/run/containerd/runc/<ns>, the shim
+sockets in /run/containerd/s, and /sys/fs/cgroup/**/<ns>), and those are
+removed on exit.
+
+No image pull and no network: the rootfs is Debian's static busybox plus
+applet symlinks. runc's default cgroupfs driver works both on the hybrid
+v1+unified layout of the CI VMs (runc puts the task in /<ns>/<id> in every
+v1 hierarchy and in the unified one) and on pure cgroup v2.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+APT_PACKAGES = ("containerd", "runc", "busybox-static")
+TOOLS = ("containerd", "ctr", "runc", "containerd-shim-runc-v2")
+BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+class ContainerdUnavailable(RuntimeError):
+    """containerd cannot be installed or started here (tests decide whether
+    that is a skip or, under CI, a failure)."""
+
+
+def _busybox_static() -> str | None:
+    # Only busybox-static can run in an empty rootfs: the plain busybox
+    # package is dynamically linked and would need the host's libc.
+    try:
+        st = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", "busybox-static"],
+            capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        st = None
+    if st is not None and st.returncode == 0 and "install ok installed" in st.stdout:
+        for p in BUSYBOX_CANDIDATES:
+            if os.access(p, os.X_OK):
+                return p
+    return None
+
+
+def _missing() -> list[str]:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if _busybox_static() is None:
+        missing.append("busybox-static")
+    return missing
+
+
+def ensure_installed() -> None:
+    """Install containerd, runc and busybox-static via apt if any is missing."""
+    if not _missing():
+        return
+    if os.geteuid() != 0:
+        raise ContainerdUnavailable(f"missing {_missing()} and not root to install them")
+    if shutil.which("apt-get") is None:
+        raise ContainerdUnavailable(f"missing {_missing()} and no apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # Other jobs on the same VM may be running apt; wait for the lock
+    # instead of failing on it.
+    cmd = ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=600", *APT_PACKAGES]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        # A fresh machine may have no package lists yet.
+        subprocess.run(
+            ["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=600"],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0 or _missing():
+        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+        raise ContainerdUnavailable(
+            f"apt-get install {' '.join(APT_PACKAGES)} failed (rc={res.returncode}): "
+            + " | ".join(tail)
+        )
+
+
+def build_busybox_rootfs(dest: Path) -> Path:
+    busybox = _busybox_static()
+    if busybox is None:
+        raise ContainerdUnavailable("busybox-static is not installed")
+    for d in ("bin", "dev", "etc", "proc", "sys", "tmp", "root", "run"):
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, dest / "bin" / "busybox")
+    applets = subprocess.run(
+        [busybox, "--list"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    for a in applets:
+        if a != "busybox" and "/" not in a:
+            link = dest / "bin" / a
+            if not link.exists():
+                link.symlink_to("busybox")
+    (dest / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (dest / "etc" / "group").write_text("root:x:0:\n")
+    return dest
+
+
+class ContainerdEnv:
+    """Context manager running a private containerd; see the module doc."""
+
+    def __init__(self, namespace: str | None = None, start_timeout: float = 30.0) -> None:
+        self.namespace = namespace or f"runqlat-test-{secrets.token_hex(4)}"
+        self.start_timeout = start_timeout
+        self.tmp: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self._containers: set[str] = set()
+        self._log = None
+
+    # paths -----------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        assert self.tmp is not None, "not started"
+        return str(self.tmp / "containerd.sock")
+
+    @property
+    def state_dir(self) -> str:
+        assert self.tmp is not None, "not started"
+        return str(self.tmp / "state")
+
+    @property
+    def task_state_dir(self) -> str:
+        """What discover(containerd_state_dirs=[...]) wants."""
+        return self.state_dir + "/io.containerd.runtime.v2.task"
+
+    @property
+    def log_path(self) -> str:
+        assert self.tmp is not None, "not started"
+        return str(self.tmp / "containerd.log")
+
+    # lifecycle -------------------------------------------------------------
+    def __enter__(self) -> "ContainerdEnv":
+        if os.geteuid() != 0:
+            raise ContainerdUnavailable("containerd needs root")
+        ensure_installed()
+        self.tmp = Path(tempfile.mkdtemp(prefix="runqlat-ctrd-"))
+        try:
+            self._start()
+            build_busybox_rootfs(self.tmp / "rootfs-base")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        assert self.tmp is not None
+        t = self.tmp
+        (t / "root").mkdir()
+        (t / "state").mkdir()
+        (t / "opt").mkdir()
+        # The CRI plugin is disabled: it is not needed and would otherwise
+        # want CNI and its own global dirs. The opt plugin defaults to
+        # /opt/containerd, so keep it inside the temp dir too.
+        (t / "config.toml").write_text(
+            f"""version = 2
+root = "{t / 'root'}"
+state = "{t / 'state'}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{self.address}"
+
+[ttrpc]
+  address = ""
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{t / 'opt'}"
+"""
+        )
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            ["containerd", "--config", str(t / "config.toml")],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C in pytest must not reach it first
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ContainerdUnavailable(
+                    f"containerd exited rc={self.proc.returncode}: {self._log_tail()}"
+                )
+            if os.path.exists(self.address):
+                r = self._ctr("version", check=False, timeout=10)
+                if r.returncode == 0:
+                    return
+            time.sleep(0.1)
+        raise ContainerdUnavailable(f"containerd socket not ready: {self._log_tail()}")
+
+    def _log_tail(self, n: int = 5) -> str:
+        try:
+            lines = Path(self.log_path).read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-n:])
+
+    def _ctr(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        cmd = ["ctr", "--address", self.address, "--namespace", self.namespace, *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed rc={r.returncode}: {r.stderr.strip()}")
+        return r
+
+    # containers ------------------------------------------------------------
+    def run(self, id: str, command: str) -> int:
+        """Start `sh -c command` in a fresh busybox container; its init PID."""
+        assert self.tmp is not None, "not started"
+        # ctr --rootfs uses the dir as-is as the container's writable root, so
+        # each container gets its own copy rather than sharing the base.
+        rootfs = self.tmp / "rootfs" / id
+        rootfs.parent.mkdir(exist_ok=True)
+        shutil.copytree(self.tmp / "rootfs-base", rootfs, symlinks=True)
+        self._containers.add(id)
+        # Without an image config there is no PATH in the spec; --null-io
+        # keeps ctr from creating FIFOs under /run/containerd/fifo.
+        self._ctr(
+            "run", "-d", "--null-io", "--env", "PATH=/bin",
+            "--rootfs", str(rootfs), id, "/bin/sh", "-c", command,
+        )
+        return self.init_pid(id)
+
+    def init_pid(self, id: str) -> int:
+        pid_file = Path(self.task_state_dir) / self.namespace / id / "init.pid"
+        try:
+            return int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            pass
+        for line in self._ctr("task", "ls").stdout.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == id:
+                return int(parts[1])
+        raise RuntimeError(f"no task {id!r}")
+
+    def stop(self, id: str) -> None:
+        """Kill and delete the task, then the container and its rootfs copy."""
+        # --force kills a running task before deleting it; both calls may
+        # fail harmlessly if the task already exited or never started.
+        self._ctr("task", "kill", "--signal", "SIGKILL", id, check=False)
+        for _ in range(50):
+            if self._ctr("task", "rm", "--force", id, check=False).returncode == 0:
+                break
+            if not self._task_exists(id):
+                break
+            time.sleep(0.1)
+        self._ctr("containers", "rm", id, check=False)
+        self._containers.discard(id)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp / "rootfs" / id, ignore_errors=True)
+
+    def _task_exists(self, id: str) -> bool:
+        r = self._ctr("task", "ls", "--quiet", check=False)
+        return id in r.stdout.split()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            for id in list(self._containers):
+                try:
+                    self.stop(id)
+                except Exception:  # cleanup must go on for the rest
+                    pass
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=15)
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._remove_namespace_leftovers()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def _remove_namespace_leftovers(self) -> None:
+        # runc leaves the per-namespace parent cgroup in every hierarchy and
+        # its state root; rmdir only succeeds once they are empty, which is
+        # exactly the safe case.
+        candidates = [Path(CGROUP_ROOT) / self.namespace]
+        try:
+            for d in Path(CGROUP_ROOT).iterdir():
+                candidates.append(d / self.namespace)
+        except OSError:
+            pass
+        candidates.append(Path("/run/containerd/runc") / self.namespace)
+        for p in candidates:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
