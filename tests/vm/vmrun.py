@@ -108,10 +108,10 @@ mount -t debugfs debugfs $R/sys/kernel/debug || echo "vmrun-init: no debugfs"
 mount -t bpf bpf $R/sys/fs/bpf || echo "vmrun-init: no bpffs"
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || echo "vmrun-init: no cgroup2"
 cp /cmd.sh $R/tmp/vmrun-cmd.sh
-echo "RUNQLAT_VM_START:$(cat /nonce)"
+echo; echo "RUNQLAT_VM_START:$(cat /nonce)"
 HOME=/root TERM=dumb LANG=C.UTF-8 PATH=@GUEST_PATH@ chroot $R /bin/sh /tmp/vmrun-cmd.sh
 rc=$?
-echo "RUNQLAT_VM_EXIT=$rc:$(cat /nonce)"
+echo; echo "RUNQLAT_VM_EXIT=$rc:$(cat /nonce)"
 sync
 poweroff -f
 sleep 5
