@@ -271,6 +271,8 @@ def test_unreadable_ns_link(host):
         ({"v1": {"memory": "/default/x"}, "cgroup": None}, None),  # v1 only
         ({"cgroup": "/"}, None),  # root would mean the whole host
         ({"cgroup": "/default/x (deleted)"}, "/default/x"),
+        ({"cgroup": "/../../kubepods.slice/x.scope"}, None),  # foreign cgroupns
+        ({"cgroup": "/a/..b/c"}, "/a/..b/c"),  # '..' only as a whole segment
         ({"v1": {"cpu": "/default/x", "name=systemd": "/default/x"}, "cgroup": "/default/x"}, "/default/x"),
     ],
 )

@@ -69,7 +69,8 @@ class Container:
     # since filtering on the host namespace would trace the whole host.
     pidns: int | None
     # cgroup v2 path relative to the unified mount ('0::' line); None when
-    # there is none or it is the root (the root would again mean the host).
+    # there is none, it is the root (the root would again mean the host),
+    # or it is outside the tracer's cgroup namespace ('/../..').
     cgroup: str | None
     # Kubernetes pod name for CRI/CRI-O containers, else None.
     pod: str | None = None
@@ -159,7 +160,15 @@ def _unified_cgroup(lines: list[tuple[str, str]] | None) -> str | None:
     for ctrls, path in lines:
         if ctrls == "":
             path = _clean_cgroup_path(path)
-            return None if path in ("", "/") else path
+            if path in ("", "/"):
+                return None
+            # The kernel prints paths relative to the *reader's* cgroup
+            # namespace; '/..' means the tracer sits in a private cgroupns
+            # (e.g. a pod without host cgroupns) and the path cannot be
+            # mapped onto the unified mount. No path beats a wrong one.
+            if "/../" in path + "/":
+                return None
+            return path
     return None
 
 
