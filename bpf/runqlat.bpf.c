@@ -145,20 +145,18 @@ static __always_inline __u32 log2_u64(__u64 v)
 	return e;
 }
 
-/* Slot of a latency in ns; the inverse lives in python/runqlat/hist.py. */
-static __always_inline __u32 hist_slot(__u64 v)
+/* Slot of a latency in ns (scheme in runqlat.h); the inverse is in python/runqlat/hist.py. */
+static __always_inline __u32 hist_slot(__u64 ns)
 {
-	__u32 e, sub, slot;
+	__u64 w = ns / HIST_UNIT_NS;
+	__u32 e;
 
-	if (v < HIST_SUB_COUNT)
-		return v;
-	if (v >> (HIST_MAX_EXP + 1))
+	if (w < HIST_SUB_COUNT)
+		return w;
+	e = log2_u64(w) - HIST_SUB_BITS;
+	if (e > HIST_MAX_EXP)
 		return HIST_SLOTS - 1;
-	e = log2_u64(v);
-	sub = (v >> (e - HIST_SUB_BITS)) & (HIST_SUB_COUNT - 1);
-	slot = (e - HIST_SUB_BITS + 1) * HIST_SUB_COUNT + sub;
-	/* clamp for the verifier: overflow lands in the last slot */
-	return slot < HIST_SLOTS ? slot : HIST_SLOTS - 1;
+	return HIST_SUB_COUNT * e + (w >> e);
 }
 
 static __always_inline __u32 task_pidns_inum(struct task_struct *t)
@@ -305,6 +303,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 	struct task_ctx *c;
 	struct hist *h;
 	__s64 delta;
+	__u64 slot;
 
 	if (tid == 0)
 		return;
@@ -324,8 +323,16 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 	h = hist_for(c, t, direct);
 	if (!h)
 		return;
+	slot = hist_slot(delta);
+	/*
+	 * The verifier does not follow divisions: clamp here, behind a barrier so
+	 * the compiler cannot drop the check. Out of range lands in the last slot.
+	 */
+	barrier_var(slot);
+	if (slot >= HIST_SLOTS)
+		slot = HIST_SLOTS - 1;
 	/* per-CPU value, preemption is off in a tracepoint: plain adds are exact */
-	h->slots[hist_slot(delta)]++;
+	h->slots[slot]++;
 	h->count++;
 	h->sum_ns += delta;
 }

@@ -11,17 +11,21 @@
 #define TASK_COMM_LEN 16
 
 /*
- * Histogram slots (log-linear, like HdrHistogram with 3 significant bits).
- * Values below HIST_SUB_COUNT ns get one slot each. Above, every power of two
- * [2^e, 2^(e+1)) is cut into HIST_SUB_COUNT equal sub-buckets, so a bucket is at
- * most 1/HIST_SUB_COUNT (12.5%) of its lower bound wide. Exponents run up to
- * HIST_MAX_EXP ([2^34, 2^35) ns is about 17-34 s); the last slot takes everything
- * from 2^(HIST_MAX_EXP+1) ns up to LATENCY_MAX_NS.
+ * Histogram slots: log-linear, aligned on runqlat's log2 microsecond buckets.
+ * Below 1 us: HIST_SUB_COUNT slots of 125 ns. From 1 us on, every power of two
+ * of microseconds [2^e us, 2^(e+1) us) is cut into HIST_SUB_COUNT equal slots,
+ * so a slot is at most 1/HIST_SUB_COUNT (12.5%) of its lower bound wide and
+ * every 2^e us is an exact slot boundary (runqlat's bars and Prometheus'
+ * default le bounds are sums of whole slots). In units of 125 ns, w = ns / 125:
+ *   w < 8: slot = w;  else e = log2(w) - 3, slot = 8 * e + (w >> e).
+ * Exponents run up to HIST_MAX_EXP ([2^25 us, 2^26 us) is 33.5-67 s); the last
+ * slot takes everything from 2^(HIST_MAX_EXP+1) us up to LATENCY_MAX_NS.
  */
 #define HIST_SUB_BITS 3
 #define HIST_SUB_COUNT (1 << HIST_SUB_BITS)
-#define HIST_MAX_EXP 34
-#define HIST_SLOTS ((HIST_MAX_EXP - HIST_SUB_BITS + 2) * HIST_SUB_COUNT + 1)
+#define HIST_UNIT_NS 125
+#define HIST_MAX_EXP 25
+#define HIST_SLOTS ((HIST_MAX_EXP + 2) * HIST_SUB_COUNT + 1)
 
 /* A run-queue wait longer than this (10 minutes) is a lost event, not a latency. */
 #define LATENCY_MAX_NS 600000000000ULL

@@ -1,0 +1,67 @@
+"""The only module that imports cffi: libbpf.so.1 opened in ABI mode.
+
+Nothing is compiled, on the host or at install time; the declarations in
+libbpf.cdef are the subset of libbpf 1.1 this package calls.
+"""
+from __future__ import annotations
+
+import threading
+from importlib import resources
+
+from .errors import LibraryMissing
+
+try:
+    import cffi
+except ImportError as exc:  # pragma: no cover - packaging error
+    raise LibraryMissing("python cffi is not installed: apt-get install python3-cffi") from exc
+
+LIBBPF_SONAME = "libbpf.so.1"
+
+ffi = cffi.FFI()
+ffi.cdef(resources.files(__package__).joinpath("libbpf.cdef").read_text())
+
+_lib = None
+_lock = threading.Lock()
+_messages: list[str] = []
+
+
+def lib():
+    """libbpf, opened on first use so pure-Python parts work without it."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            try:
+                _lib = ffi.dlopen(LIBBPF_SONAME)
+            except OSError as exc:
+                raise LibraryMissing(
+                    f"cannot load {LIBBPF_SONAME} ({exc}); install it with: apt-get install libbpf1"
+                ) from exc
+            _lib.libbpf_set_print(_print_cb)
+        return _lib
+
+
+@ffi.callback("int(int, const char *, void *)")
+def _print_cb(level, fmt, args):
+    # libbpf's own diagnostics are kept (a bounded tail) and attached to errors
+    # instead of being sprayed on stderr.
+    buf = ffi.new("char[]", 1024)
+    _lib.vsnprintf(buf, 1024, fmt, args)
+    _messages.append(ffi.string(buf).decode(errors="replace").rstrip())
+    del _messages[:-50]
+    return 0
+
+
+def take_messages() -> list[str]:
+    """libbpf messages since the last call (for error reports)."""
+    out = list(_messages)
+    _messages.clear()
+    return out
+
+
+def errno() -> int:
+    return ffi.errno
+
+
+def libbpf_version() -> str:
+    l = lib()
+    return f"{l.libbpf_major_version()}.{l.libbpf_minor_version()}"

@@ -1,0 +1,89 @@
+"""The Python side of the BPF contract (bpf/runqlat.h and bpf/runqlat.bpf.c).
+
+tests/test_contract.py checks every constant here against the header and the
+compiled object, so a change on one side that is not made on the other fails.
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+TASK_COMM_LEN = 16
+HIST_SUB_BITS = 3
+HIST_SUB_COUNT = 1 << HIST_SUB_BITS
+HIST_UNIT_NS = 125
+HIST_MAX_EXP = 25
+HIST_SLOTS = (HIST_MAX_EXP + 2) * HIST_SUB_COUNT + 1
+LATENCY_MAX_NS = 600_000_000_000
+MAX_CGROUP_DEPTH = 16
+
+
+class AggMode(enum.IntEnum):
+    GLOBAL = 0
+    PID = 1
+    TID = 2
+    PIDNS = 3
+    CGROUP = 4
+
+
+class Filter(enum.IntFlag):
+    PIDS = 1
+    CGROUPS = 2
+    PIDNS = 4
+
+
+class TrackedReason(enum.IntEnum):
+    LISTED = 1
+    CHILD = 2
+
+
+class DropReason(enum.IntEnum):
+    NEGATIVE = 0
+    ABSURD = 1
+    HIST_FULL = 2
+    TASK_CTX = 3
+    TRACKED_FULL = 4
+
+
+DROP_REASONS = len(DropReason)
+
+# struct hist, as numpy lays it out (same order, no padding: all 8-byte fields then chars)
+HIST_DTYPE = np.dtype(
+    [("slots", "<u8", (HIST_SLOTS,)), ("count", "<u8"), ("sum_ns", "<u8"), ("comm", f"S{TASK_COMM_LEN}")]
+)
+HIST_SIZE = HIST_DTYPE.itemsize
+LIVE_CFG_SIZE = 8  # struct live_cfg { __u32 gen; __u32 filter; }
+TASK_CTX_SIZE = 32
+
+# Variables the loader writes: name -> ELF section that holds them.
+RODATA_VARS = ("agg_mode", "follow_children", "watch_cgroup_moves")
+LIVE_VAR = "live"          # in section .data.live
+LIVE_SECTION = ".data.live"
+
+MAPS = (
+    "task_ctx_storage",
+    "task_ctx_hash",
+    "tracked_pids",
+    "tracked_cgroups",
+    "tracked_pidns",
+    "hists",
+    "hist_global",
+    "hist_scratch",
+    "drops",
+)
+
+# The three scheduler handlers, one set per (attach type, timestamp store).
+SCHED_PROGRAMS = {
+    ("tp_btf", "task_storage"): ("wakeup_ts", "wakeup_new_ts", "switch_ts"),
+    ("tp_btf", "hash"): ("wakeup_h", "wakeup_new_h", "switch_h"),
+    ("raw_tp", "hash"): ("wakeup_raw", "wakeup_new_raw", "switch_raw"),
+}
+# exit (tracked set hygiene), fork (--follow-children), cgroup moves.
+AUX_PROGRAMS = {
+    "tp_btf": ("exit_btf", "fork_btf", "cgroup_attach_btf"),
+    "raw_tp": ("exit_raw", "fork_raw", "cgroup_attach_raw"),
+}
+PROGRAMS = tuple(p for s in SCHED_PROGRAMS.values() for p in s) + tuple(
+    p for s in AUX_PROGRAMS.values() for p in s
+)

@@ -1,0 +1,312 @@
+"""Lifetimes of a libbpf object, its maps and links.
+
+BpfObject follows libbpf's sequence: open -> configure (autoload, map sizes,
+rodata) -> load -> attach -> use maps -> close. close() is idempotent and runs
+from __exit__; links are destroyed before the object.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+import struct
+from pathlib import Path
+
+from . import _ffi
+from ._ffi import ffi
+from .errors import LibbpfError, check, error_for
+
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+LOG_BUF_SIZE = 1 << 22
+
+# what a kernel without batch map operations answers (524: the kernel's ENOTSUPP)
+_UNSUPPORTED = {_errno.EINVAL, 524, _errno.ENOSYS, _errno.EOPNOTSUPP}
+
+# enum bpf_map_type / bpf_prog_type values used by probes (uapi, stable)
+BPF_MAP_TYPE_TASK_STORAGE = 29
+BPF_PROG_TYPE_TRACING = 26
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+
+# struct bpf_prog_info offsets (uapi, stable ABI)
+_PROG_INFO_SIZE = 232
+_PROG_ID_OFF, _RUN_TIME_OFF, _RUN_CNT_OFF = 4, 192, 200
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """Per-CPU map values hold one copy per possible CPU."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return n
+
+
+class Map:
+    """A created map, addressed by fd. Keys and values are bytes."""
+
+    def __init__(self, ptr, name: str, percpu: bool):
+        l = _ffi.lib()
+        self.name = name
+        self.fd = l.bpf_map__fd(ptr)
+        self.key_size = l.bpf_map__key_size(ptr)
+        self.max_entries = l.bpf_map__max_entries(ptr)
+        vsize = l.bpf_map__value_size(ptr)
+        self.ncpus = possible_cpus() if percpu else 1
+        self.value_size = ((vsize + 7) // 8 * 8) * self.ncpus if percpu else vsize
+        self._batch_ok = os.environ.get("RUNQLAT_FORCE_NO_BATCH") != "1"
+
+    def lookup(self, key: bytes) -> bytes | None:
+        val = ffi.new("char[]", self.value_size)
+        rc = _ffi.lib().bpf_map_lookup_elem(self.fd, key, val)
+        if rc == -_errno.ENOENT:
+            return None
+        check(rc, f"lookup in map {self.name}")
+        return ffi.buffer(val, self.value_size)[:]
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        check(_ffi.lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of map {self.name}")
+
+    def delete(self, key: bytes) -> bool:
+        rc = _ffi.lib().bpf_map_delete_elem(self.fd, key)
+        if rc == -_errno.ENOENT:
+            return False
+        check(rc, f"delete from map {self.name}")
+        return True
+
+    def keys(self) -> list[bytes]:
+        out, prev = [], ffi.NULL
+        nxt = ffi.new("char[]", self.key_size)
+        l = _ffi.lib()
+        while True:
+            rc = l.bpf_map_get_next_key(self.fd, prev, nxt)
+            if rc == -_errno.ENOENT:
+                return out
+            check(rc, f"iteration of map {self.name}")
+            k = ffi.buffer(nxt, self.key_size)[:]
+            out.append(k)
+            prev = ffi.new("char[]", k)
+
+    def items(self) -> tuple[bytes, bytes, int]:
+        """All entries: (keys, values, n), packed back to back.
+
+        One bpf_map_lookup_batch call per chunk where the kernel supports it
+        (5.6+), a get_next_key/lookup walk otherwise (RUNQLAT_FORCE_NO_BATCH=1
+        forces the walk, for tests).
+        """
+        if self._batch_ok:
+            try:
+                return self._items_batch()
+            except LibbpfError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self._batch_ok = False
+        keys, vals = [], []
+        for k in self.keys():
+            v = self.lookup(k)
+            if v is not None:  # deleted between the two calls
+                keys.append(k)
+                vals.append(v)
+        return b"".join(keys), b"".join(vals), len(keys)
+
+    def _items_batch(self) -> tuple[bytes, bytes, int]:
+        l = _ffi.lib()
+        chunk = max(1, min(self.max_entries, 4096))
+        keys = ffi.new("char[]", chunk * self.key_size)
+        vals = ffi.new("char[]", chunk * self.value_size)
+        token_size = max(self.key_size, 8)
+        in_b, out_b = ffi.NULL, ffi.new("char[]", token_size)
+        count = ffi.new("uint32_t *")
+        opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+        kparts, vparts, total = [], [], 0
+        while True:
+            count[0] = chunk
+            rc = l.bpf_map_lookup_batch(self.fd, in_b, out_b, keys, vals, count, opts)
+            n = count[0]
+            if rc < 0 and rc != -_errno.ENOENT:
+                if rc == -_errno.ENOSPC and chunk < self.max_entries:
+                    # one hash bucket holds more than a chunk: retry bigger
+                    chunk = min(self.max_entries, chunk * 4)
+                    keys = ffi.new("char[]", chunk * self.key_size)
+                    vals = ffi.new("char[]", chunk * self.value_size)
+                    continue
+                check(rc, f"batch lookup in map {self.name}")
+            kparts.append(ffi.buffer(keys, n * self.key_size)[:])
+            vparts.append(ffi.buffer(vals, n * self.value_size)[:])
+            total += n
+            if rc == -_errno.ENOENT:
+                return b"".join(kparts), b"".join(vparts), total
+            if in_b == ffi.NULL:
+                in_b = ffi.new("char[]", token_size)
+            ffi.memmove(in_b, out_b, token_size)
+
+    def update_batch(self, keys: bytes, values: bytes, n: int) -> None:
+        if n == 0:
+            return
+        if self._batch_ok:
+            count = ffi.new("uint32_t *", n)
+            opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+            rc = _ffi.lib().bpf_map_update_batch(self.fd, keys, values, count, opts)
+            if rc >= 0:
+                return
+            if -rc not in _UNSUPPORTED:
+                check(rc, f"batch update of map {self.name}")
+            self._batch_ok = False
+        ks, vs = self.key_size, len(values) // n
+        for i in range(n):
+            self.update(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs])
+
+    def delete_many(self, keys: list[bytes]) -> None:
+        # Individual deletes: ENOENT (the kernel removed an exited process
+        # first) must not abort the rest, which a batch delete would.
+        for k in keys:
+            self.delete(k)
+
+
+class BpfObject:
+    """An opened (then loaded and attached) BPF object file."""
+
+    def __init__(self, path: Path):
+        l = _ffi.lib()
+        self.path = Path(path)
+        self._links: list = []
+        self._log_bufs: dict[str, object] = {}
+        _ffi.take_messages()
+        obj = l.bpf_object__open_file(str(self.path).encode(), ffi.NULL)
+        if obj == ffi.NULL:
+            err = _ffi.errno()
+            raise error_for(f"opening BPF object {self.path}", err or _errno.EINVAL, _last_message())
+        self._obj = obj
+        self._progs = {}
+        p = l.bpf_object__next_program(obj, ffi.NULL)
+        while p != ffi.NULL:
+            self._progs[ffi.string(l.bpf_program__name(p)).decode()] = p
+            p = l.bpf_object__next_program(obj, p)
+        self._map_ptrs = {}
+        m = l.bpf_object__next_map(obj, ffi.NULL)
+        while m != ffi.NULL:
+            self._map_ptrs[ffi.string(l.bpf_map__name(m)).decode()] = m
+            m = l.bpf_object__next_map(obj, m)
+        self._maps: dict[str, Map] = {}
+        self.loaded = False
+
+    # -- configure (before load) --
+    @property
+    def program_names(self) -> list[str]:
+        return list(self._progs)
+
+    def set_autoload(self, name: str, on: bool) -> None:
+        check(_ffi.lib().bpf_program__set_autoload(self._progs[name], on), f"set_autoload({name})")
+
+    def autoload(self, name: str) -> bool:
+        return bool(_ffi.lib().bpf_program__autoload(self._progs[name]))
+
+    def set_max_entries(self, name: str, n: int) -> None:
+        check(_ffi.lib().bpf_map__set_max_entries(self._map_ptrs[name], n), f"sizing map {name}")
+
+    def set_autocreate(self, name: str, on: bool) -> None:
+        check(_ffi.lib().bpf_map__set_autocreate(self._map_ptrs[name], on), f"set_autocreate({name})")
+
+    def _section_map(self, section: str):
+        for name, ptr in self._map_ptrs.items():
+            if name == section or name.endswith(section):
+                return name, ptr
+        raise KeyError(section)
+
+    def write_initial(self, section: str, offset: int, data: bytes) -> None:
+        """Write into a global data section (.rodata, .data.live) before load."""
+        _, ptr = self._section_map(section)
+        size = ffi.new("size_t *")
+        base = _ffi.lib().bpf_map__initial_value(ptr, size)
+        if base == ffi.NULL or offset + len(data) > size[0]:
+            raise LibbpfError(f"writing {section}", _errno.EINVAL, "no such data section")
+        ffi.memmove(ffi.cast("char *", base) + offset, data, len(data))
+
+    # -- load and attach --
+    def load(self) -> None:
+        l = _ffi.lib()
+        for name, p in self._progs.items():
+            if l.bpf_program__autoload(p):
+                buf = ffi.new("char[]", LOG_BUF_SIZE)
+                self._log_bufs[name] = buf
+                l.bpf_program__set_log_buf(p, buf, LOG_BUF_SIZE)
+        _ffi.take_messages()
+        rc = l.bpf_object__load(self._obj)
+        if rc < 0:
+            log = ""
+            failed = ""
+            for name, buf in self._log_bufs.items():
+                text = ffi.string(buf).decode(errors="replace")
+                if text.strip():
+                    log, failed = text, name
+            detail = f"program {failed} rejected by the verifier" if failed else _last_message()
+            raise error_for("loading BPF programs", -rc, detail, log)
+        self._log_bufs.clear()  # 4 MiB each: free them
+        self.loaded = True
+
+    def attach(self, name: str) -> None:
+        l = _ffi.lib()
+        link = l.bpf_program__attach(self._progs[name])
+        if link == ffi.NULL:
+            raise error_for(f"attaching {name}", _ffi.errno() or _errno.EINVAL, _last_message())
+        self._links.append((name, link))
+
+    @property
+    def attached(self) -> list[str]:
+        return [n for n, _ in self._links]
+
+    def map(self, name: str) -> Map:
+        if name not in self._maps:
+            ptr = self._map_ptrs[name] if name in self._map_ptrs else self._section_map(name)[1]
+            percpu = name in ("hists", "hist_global", "hist_scratch", "drops")
+            self._maps[name] = Map(ptr, name, percpu)
+        return self._maps[name]
+
+    def prog_stats(self, name: str) -> tuple[int, int, int]:
+        """(prog id, run_time_ns, run_cnt); the last two stay 0 unless kernel.bpf_stats_enabled=1."""
+        fd = _ffi.lib().bpf_program__fd(self._progs[name])
+        info = ffi.new("char[]", _PROG_INFO_SIZE)
+        ln = ffi.new("uint32_t *", _PROG_INFO_SIZE)
+        check(_ffi.lib().bpf_obj_get_info_by_fd(fd, info, ln), f"reading info of program {name}")
+        raw = ffi.buffer(info, _PROG_INFO_SIZE)[:]
+        (pid,) = struct.unpack_from("<I", raw, _PROG_ID_OFF)
+        rt, rc = struct.unpack_from("<QQ", raw, _RUN_TIME_OFF)
+        return pid, rt, rc
+
+    # -- lifetime --
+    def close(self) -> None:
+        l = _ffi.lib()
+        while self._links:
+            _, link = self._links.pop()
+            l.bpf_link__destroy(link)
+        if self._obj is not None:
+            l.bpf_object__close(self._obj)
+            self._obj = None
+            self._maps.clear()
+
+    def __enter__(self) -> "BpfObject":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # backstop only; close() is the contract
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _last_message() -> str:
+    msgs = [m for m in _ffi.take_messages() if m]
+    return msgs[-1] if msgs else ""
+
+
+def probe_map_type(map_type: int) -> bool:
+    return _ffi.lib().libbpf_probe_bpf_map_type(map_type, ffi.NULL) == 1
+
+
+def probe_prog_type(prog_type: int) -> bool:
+    return _ffi.lib().libbpf_probe_bpf_prog_type(prog_type, ffi.NULL) == 1

@@ -1,0 +1,135 @@
+"""What to track: pids files, PIDs and their identity, cgroups. No BPF here.
+
+A PID is a number the kernel recycles, so an entry means "the process that had
+this PID when the entry was first seen": its start time is recorded, and a
+later process with the same number is not the one the user meant.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+PID_MAX_LIMIT = 4 * 1024 * 1024  # the kernel's PID_MAX_LIMIT on 64-bit
+
+
+@dataclass
+class PidsFile:
+    pids: set[int]
+    problems: list[str]  # "pids.txt:3: 'abc' is not a PID", one per bad line
+
+
+def parse_pids(text: str, name: str = "<pids>") -> PidsFile:
+    """One PID per line; '#' starts a comment; blank lines are fine."""
+    pids, problems = set(), []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            pid = int(line, 10)
+        except ValueError:
+            problems.append(f"{name}:{n}: {line!r} is not a PID (one decimal PID per line expected)")
+            continue
+        if not 0 < pid <= PID_MAX_LIMIT:
+            problems.append(f"{name}:{n}: {pid} is out of range for a PID")
+            continue
+        pids.add(pid)
+    return PidsFile(pids, problems)
+
+
+def read_pids_file(path: Path) -> PidsFile:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"pids file {path} does not exist; create it with one PID per line") from None
+    except IsADirectoryError:
+        raise InputError(f"pids file {path} is a directory; give a file with one PID per line") from None
+    except OSError as exc:
+        raise InputError(f"cannot read pids file {path}: {exc.strerror}") from None
+    return parse_pids(data.decode("utf-8", errors="replace"), str(path))
+
+
+def start_time(pid: int, proc: str = "/proc") -> int | None:
+    """The process's start time in clock ticks since boot, None if it does not exist."""
+    try:
+        stat = Path(f"{proc}/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and ')': split after the last ')'
+    rest = stat[stat.rfind(b")") + 2:].split()
+    try:
+        return int(rest[19])  # field 22
+    except (IndexError, ValueError):
+        return None
+
+
+def is_thread_group_leader(pid: int, proc: str = "/proc") -> bool:
+    try:
+        for line in Path(f"{proc}/{pid}/status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1]) == pid
+    except OSError:
+        pass
+    return False
+
+
+def comm(pid: int, proc: str = "/proc") -> str:
+    try:
+        return Path(f"{proc}/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Identity:
+    """PIDs seen in the user's sources, with the start time that pins each one."""
+
+    proc: str = "/proc"
+    known: dict[int, int | None] = field(default_factory=dict)  # pid -> start time, None: never existed
+
+    def resolve(self, wanted: set[int]) -> tuple[set[int], set[int]]:
+        """(live PIDs that are still the process first seen, PIDs newly found missing).
+
+        PIDs that leave `wanted` are forgotten, so listing a number again later
+        pins it to whatever process has it then.
+        """
+        for pid in list(self.known):
+            if pid not in wanted:
+                del self.known[pid]
+        live, missing = set(), set()
+        for pid in wanted:
+            now = start_time(pid, self.proc)
+            if pid not in self.known:
+                self.known[pid] = now
+                if now is None:
+                    missing.add(pid)
+            if now is not None and now == self.known[pid]:
+                live.add(pid)
+        return live, missing
+
+
+class FileWatch:
+    """Notices any change of a file: rewrite in place, rename over it, delete, recreate."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._sig: tuple | None = None
+
+    def signature(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def changed(self) -> bool:
+        sig = self.signature()
+        if sig == self._sig:
+            return False
+        self._sig = sig
+        return True

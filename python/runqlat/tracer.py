@@ -1,0 +1,297 @@
+"""The tracer: one loaded BPF object, configured for a mode, and its maps.
+
+Chooses the fast path or a fallback at load time by probing the kernel:
+tp_btf + task storage, tp_btf + hash, raw_tp + hash. RUNQLAT_FORCE_HASH=1 and
+RUNQLAT_FORCE_RAW_TP=1 force the fallbacks (tests use them).
+"""
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import abi, elf
+from .abi import AggMode, Filter
+from .bpf import BPF_MAP_TYPE_TASK_STORAGE, BpfObject, probe_map_type
+from .errors import KernelUnsupported, LibbpfError, PermissionDenied
+from .hist import Histogram
+
+log = logging.getLogger(__name__)
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+
+
+def pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 32768
+
+
+@dataclass
+class Options:
+    agg: AggMode = AggMode.GLOBAL
+    follow_children: bool = False
+    watch_cgroup_moves: bool = False
+    max_tracked: int = 0     # tracked_pids entries; 0: from pid_max
+    max_hists: int = 0       # hists entries; 0: chosen from the mode
+    max_groups: int = 4096   # tracked cgroups / pid namespaces
+    force_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HASH") == "1")
+    force_raw_tp: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_RAW_TP") == "1")
+
+
+def check_environment(btf_path: str = BTF_PATH) -> None:
+    """The checks that give a clearer answer than a failed load would."""
+    if not Path(btf_path).exists():
+        raise KernelUnsupported(
+            f"this kernel has no BTF ({btf_path} missing): runqlat-core needs a kernel built "
+            "with CONFIG_DEBUG_INFO_BTF=y (Debian's kernels since 11 have it)"
+        )
+    if os.geteuid() != 0:
+        # capabilities may still suffice; the load's EPERM gives the final word
+        log.debug("not running as root; relying on capabilities")
+
+
+class Tracer:
+    def __init__(self, opts: Options, object_path: Path | None = None):
+        self.opts = opts
+        self.object_path = Path(object_path) if object_path else elf.default_object_path()
+        self.features: dict[str, str] = {}
+        self._gen = 1
+        self._filter = Filter(0)
+        self._pids: dict[int, int] = {}   # mirror of the listed entries we put in tracked_pids
+        self._cgroups: set[int] = set()
+        self._pidns: set[int] = set()
+        self._obj: BpfObject | None = None
+        self.info = elf.inspect(self.object_path)
+
+    # -- lifetime --
+    def candidates(self) -> list[tuple[str, str]]:
+        """(attach type, timestamp store) to try, fastest first."""
+        o = self.opts
+        out = []
+        if not o.force_raw_tp:
+            if not o.force_hash and probe_map_type(BPF_MAP_TYPE_TASK_STORAGE):
+                out.append(("tp_btf", "task_storage"))
+            out.append(("tp_btf", "hash"))
+        out.append(("raw_tp", "hash"))
+        return out
+
+    def open(self) -> "Tracer":
+        """Load and attach the fastest configuration this kernel accepts."""
+        check_environment()
+        first_error = None
+        for attach, store in self.candidates():
+            obj = BpfObject(self.object_path)
+            self._obj = obj
+            try:
+                self._configure(obj, attach, store)
+                obj.load()
+                self._attach(obj)
+                return self
+            except PermissionDenied:
+                self.close()
+                raise PermissionDenied(
+                    "loading BPF programs", _errno.EPERM,
+                    "run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE)") from None
+            except LibbpfError as exc:
+                # a kernel without tp_btf or task storage: try the next fallback
+                log.debug("%s + %s not usable here: %s", attach, store, exc)
+                first_error = first_error or exc
+                self.close()
+            except BaseException:
+                self.close()
+                raise
+        assert first_error is not None
+        raise first_error
+
+    def close(self) -> None:
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> "Tracer":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def obj(self) -> BpfObject:
+        if self._obj is None:
+            raise RuntimeError("tracer is not open")
+        return self._obj
+
+    def _configure(self, obj: BpfObject, attach: str, store: str) -> None:
+        o = self.opts
+        self.features = {"attach": attach, "timestamps": store}
+        wanted = set(abi.SCHED_PROGRAMS[(attach, store)])
+        exit_p, fork_p, cg_p = abi.AUX_PROGRAMS[attach]
+        wanted.add(exit_p)
+        if o.follow_children:
+            wanted.add(fork_p)
+        if o.watch_cgroup_moves:
+            wanted.add(cg_p)
+        for name in obj.program_names:
+            obj.set_autoload(name, name in wanted)
+        self._wanted = sorted(wanted)
+
+        pm = pid_max()
+        obj.set_max_entries("tracked_pids", o.max_tracked or pm)
+        obj.set_max_entries("tracked_cgroups", o.max_groups)
+        obj.set_max_entries("tracked_pidns", o.max_groups)
+        if store == "hash":
+            obj.set_max_entries("task_ctx_hash", pm)
+            obj.set_autocreate("task_ctx_storage", False)
+        hists = o.max_hists or {AggMode.GLOBAL: 1, AggMode.PID: pm, AggMode.TID: pm}.get(o.agg, o.max_groups)
+        obj.set_max_entries("hists", hists)
+
+        v = self.info.variables
+        for name, fmt, val in (("agg_mode", "<I", int(o.agg)),
+                               ("follow_children", "<B", int(o.follow_children)),
+                               ("watch_cgroup_moves", "<B", int(o.watch_cgroup_moves))):
+            sec, off, _ = v[name]
+            obj.write_initial(sec, off, struct.pack(fmt, val))
+
+    def _attach(self, obj: BpfObject) -> None:
+        for name in self._wanted:
+            obj.attach(name)
+        self.features["programs"] = ",".join(self._wanted)
+
+    # -- the tracked set, changed while running --
+    def set_targets(self, pids: set[int] | None = None, cgroups: set[int] | None = None,
+                    pidns: set[int] | None = None) -> bool:
+        """Make the kernel's tracked sets equal these (None: that kind is not used).
+
+        Only the difference is written. Every task re-decides on its next event.
+        Returns whether anything changed.
+        """
+        changed = False
+        if pids is not None:
+            changed |= self._sync_pids(pids)
+        if cgroups is not None:
+            changed |= self._sync_set("tracked_cgroups", self._cgroups, cgroups, "<Q")
+        if pidns is not None:
+            changed |= self._sync_set("tracked_pidns", self._pidns, pidns, "<I")
+        flt = Filter(0)
+        if pids is not None:
+            flt |= Filter.PIDS
+        if cgroups is not None:
+            flt |= Filter.CGROUPS
+        if pidns is not None:
+            flt |= Filter.PIDNS
+        if changed or flt != self._filter:
+            self._filter = flt
+            self._gen += 1
+            self.obj.map(abi.LIVE_SECTION).update(struct.pack("<I", 0), struct.pack("<II", self._gen, int(flt)))
+        return changed
+
+    def _sync_pids(self, wanted: set[int]) -> bool:
+        m = self.obj.map("tracked_pids")
+        add = sorted(wanted - self._pids.keys())
+        gone = [p for p in self._pids if p not in wanted]
+        if add:
+            keys = struct.pack(f"<{len(add)}I", *add)
+            vals = bytes([abi.TrackedReason.LISTED]) * len(add)
+            try:
+                m.update_batch(keys, vals, len(add))
+            except LibbpfError as exc:
+                if exc.errno == _errno.E2BIG or exc.errno == _errno.ENOSPC:
+                    raise LibbpfError("adding PIDs to the tracked set", exc.errno,
+                                      f"more than {m.max_entries} PIDs; raise --max-tracked") from None
+                raise
+            for p in add:
+                self._pids[p] = abi.TrackedReason.LISTED
+        if gone:
+            m.delete_many([struct.pack("<I", p) for p in gone])
+            for p in gone:
+                del self._pids[p]
+        return bool(add or gone)
+
+    def _sync_set(self, map_name: str, mirror: set[int], wanted: set[int], fmt: str) -> bool:
+        m = self.obj.map(map_name)
+        add, gone = wanted - mirror, mirror - wanted
+        for k in add:
+            m.update(struct.pack(fmt, k), b"\x01")
+        m.delete_many([struct.pack(fmt, k) for k in gone])
+        mirror.clear()
+        mirror.update(wanted)
+        return bool(add or gone)
+
+    def kernel_tracked_pids(self) -> dict[int, int]:
+        """tracked_pids as the kernel has it now: exits removed, followed children added."""
+        keys, vals, n = self.obj.map("tracked_pids").items()
+        pids = struct.unpack(f"<{n}I", keys)
+        return {p: vals[i] for i, p in enumerate(pids)}
+
+    def forget_exited(self) -> set[int]:
+        """Drop from our mirror what the kernel removed at process exit."""
+        live = self.kernel_tracked_pids()
+        gone = {p for p in self._pids if p not in live}
+        for p in gone:
+            del self._pids[p]
+        return gone
+
+    # -- reading --
+    def read_hists(self) -> dict[int, Histogram]:
+        """Cumulative histograms by key, summed over CPUs."""
+        ncpu_val = abi.HIST_SIZE
+        if self.opts.agg == AggMode.GLOBAL:
+            m = self.obj.map("hist_global")
+            raw = m.lookup(struct.pack("<I", 0)) or b""
+            keys, n = [0], 1
+        else:
+            m = self.obj.map("hists")
+            kb, raw, n = m.items()
+            keys = list(struct.unpack(f"<{n}Q", kb))
+        if n == 0:
+            return {}
+        arr = np.frombuffer(raw, dtype=abi.HIST_DTYPE).reshape(n, m.ncpus)
+        slots = arr["slots"].sum(axis=1, dtype=np.uint64)
+        counts = arr["count"].sum(axis=1, dtype=np.uint64)
+        sums = arr["sum_ns"].sum(axis=1, dtype=np.uint64)
+        out = {}
+        for i, key in enumerate(keys):
+            comm = b""
+            for c in arr["comm"][i]:
+                if c:
+                    comm = c
+                    break
+            h = Histogram(slots[i], int(counts[i]), int(sums[i]), key=key)
+            h.labels["comm"] = comm.split(b"\0", 1)[0].decode(errors="replace")
+            out[key] = h
+        return out
+
+    def delete_hists(self, keys: list[int]) -> None:
+        if self.opts.agg != AggMode.GLOBAL:
+            self.obj.map("hists").delete_many([struct.pack("<Q", k) for k in keys])
+
+    def drops(self) -> dict[str, int]:
+        m = self.obj.map("drops")
+        out = {}
+        for r in abi.DropReason:
+            raw = m.lookup(struct.pack("<I", int(r))) or b""
+            out[r.name.lower()] = sum(struct.unpack(f"<{len(raw) // 8}Q", raw))
+        return out
+
+    def map_fill(self) -> dict[str, tuple[int, int]]:
+        """(capacity, entries in use) of the maps that can fill up."""
+        out = {"tracked_pids": (self.obj.map("tracked_pids").max_entries, len(self.kernel_tracked_pids()))}
+        if self.opts.agg != AggMode.GLOBAL:
+            m = self.obj.map("hists")
+            out["hists"] = (m.max_entries, len(m.keys()))
+        out["tracked_cgroups"] = (self.obj.map("tracked_cgroups").max_entries, len(self._cgroups))
+        out["tracked_pidns"] = (self.obj.map("tracked_pidns").max_entries, len(self._pidns))
+        if self.features.get("timestamps") == "hash":
+            m = self.obj.map("task_ctx_hash")
+            out["task_ctx_hash"] = (m.max_entries, len(m.keys()))
+        return out
+
+    def prog_stats(self) -> dict[str, tuple[int, int, int]]:
+        """name -> (id, run_time_ns, run_cnt) for each attached program."""
+        return {n: self.obj.prog_stats(n) for n in self.obj.attached}
