@@ -154,7 +154,12 @@ def _cli_help() -> str | None:
         capture_output=True, text=True, timeout=60,
         env=dict(os.environ, PYTHONPATH=str(ROOT / "python")),
     )
-    return r.stdout if r.returncode == 0 else None
+    if r.returncode == 0:
+        return r.stdout
+    if IN_CI and (ROOT / "python" / "runqlat" / "cli.py").exists():
+        # A CLI that exists but cannot print its help is a bug, not a gap.
+        pytest.fail(f"runqlat run --help failed: {r.stderr.strip()[-500:]}")
+    return None
 
 
 def _mentions_with_samples(obj, cid: str) -> bool:
