@@ -223,6 +223,11 @@ class Tracer:
         mirror.update(wanted)
         return bool(add or gone)
 
+    @property
+    def listed_pids(self) -> set[int]:
+        """The PIDs we put in tracked_pids (not the children the kernel added)."""
+        return set(self._pids)
+
     def kernel_tracked_pids(self) -> dict[int, int]:
         """tracked_pids as the kernel has it now: exits removed, followed children added."""
         keys, vals, n = self.obj.map("tracked_pids").items()

@@ -1,0 +1,502 @@
+"""The `runqlat-core` command. The only module that prints or exits.
+
+Library errors (RunqlatError) become one line on stderr and exit status 1;
+usage errors exit 2; anything else is a bug and keeps its traceback.
+Written for typer 0.7 (Debian 12): option defaults, no Annotated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import tomllib
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import InputError, RunqlatError
+
+log = logging.getLogger("runqlat")
+
+PROG = "runqlat-core"
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Run-queue (scheduler) latency of the processes and containers you choose, with eBPF: "
+         "runqlat-style histograms, JSON and Prometheus metrics.",
+)
+
+
+class UsageError(RunqlatError):
+    """A flag combination that cannot work (exit status 2)."""
+
+
+# -- configuration: command line, optionally a TOML file under it --------------
+
+@dataclass
+class RunConfig:
+    interval: Optional[float] = None
+    count: Optional[int] = None
+    milliseconds: bool = False
+    timestamp: bool = False
+    per_process: bool = False
+    per_thread: bool = False
+    pidnss: bool = False
+    per_container: bool = False
+    per_cgroup: bool = False
+    pids: list = field(default_factory=list)
+    pids_file: Optional[str] = None
+    follow_children: bool = False
+    cgroups: list = field(default_factory=list)
+    containers: list = field(default_factory=list)
+    all_containers: bool = False
+    output: str = "text"
+    output_file: Optional[str] = None
+    quiet: bool = False
+    metrics_addr: Optional[str] = None
+    buckets: Optional[str] = None
+    max_tracked: Optional[int] = None
+
+
+# Keys a config file may hold (the same names as RunConfig's fields).
+CONFIG_KEYS = frozenset(f.name for f in fields(RunConfig))
+# What SIGHUP can change without reloading the BPF programs.
+RELOADABLE = frozenset({"pids", "pids_file", "cgroups", "containers", "all_containers"})
+_LISTS = {"pids": int, "cgroups": str, "containers": str}
+
+
+def load_config(path: Path) -> dict:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise InputError(f"cannot read config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - CONFIG_KEYS)
+    if unknown:
+        raise InputError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(CONFIG_KEYS))}")
+    defaults = RunConfig()
+    for key, val in data.items():
+        want = type(getattr(defaults, key))
+        if key in _LISTS:
+            if isinstance(val, (str, int)):
+                val = [val]
+            if not isinstance(val, list) or not all(isinstance(v, _LISTS[key]) for v in val):
+                raise InputError(f"config file {path}: {key} must be a list of {_LISTS[key].__name__}")
+        elif key == "buckets" and isinstance(val, list):
+            data[key] = ",".join(str(v) for v in val)
+        elif key == "interval" and isinstance(val, (int, float)) and not isinstance(val, bool):
+            pass
+        elif want is bool and not isinstance(val, bool):
+            raise InputError(f"config file {path}: {key} must be true or false")
+        elif key in ("count", "max_tracked") and (not isinstance(val, int) or isinstance(val, bool)):
+            raise InputError(f"config file {path}: {key} must be an integer")
+        elif key in ("pids_file", "output", "output_file", "metrics_addr") and not isinstance(val, str):
+            raise InputError(f"config file {path}: {key} must be a string")
+    return data
+
+
+def merge(cli: RunConfig, file: dict) -> RunConfig:
+    """The command line wins; the file fills in what it did not set."""
+    cfg = RunConfig(**{f.name: getattr(cli, f.name) for f in fields(RunConfig)})
+    default = RunConfig()
+    for key, val in file.items():
+        if getattr(cli, key) == getattr(default, key):
+            setattr(cfg, key, val)
+    return cfg
+
+
+# -- output ----------------------------------------------------------------------
+
+def _mode_header(mode, labels: dict) -> str:
+    from .monitor import Mode
+    if mode == Mode.PID:
+        return f"pid = {labels['pid']} {labels['comm']}"
+    if mode == Mode.TID:
+        return f"tid = {labels['tid']} {labels['comm']}"
+    if mode == Mode.PIDNS:
+        return f"pidns = {labels['pidns']}"
+    if mode == Mode.CONTAINER:
+        cid = labels["container_id"]
+        if not cid:
+            return "container = (none: tracked outside any container)"
+        name = labels["container_name"]
+        return f"container = {cid[:12]}" + (f" ({name})" if name and name != cid else "")
+    if mode == Mode.CGROUP:
+        return f"cgroup = {labels['cgroup']}"
+    return ""
+
+
+def _sort_key(labels: tuple):
+    return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in labels)
+
+
+class Printer:
+    """Prints what happened since the last call (kernel counts are cumulative)."""
+
+    def __init__(self, out, fmt: str, unit_ns: int, timestamp: bool):
+        self.out = out
+        self.fmt = fmt
+        self.unit_ns = unit_ns
+        self.timestamp = timestamp
+        self.prev: dict = {}
+        self.last_ts: float | None = None
+
+    def emit(self, snap, interval_s: float | None) -> None:
+        from .hist import Histogram
+        from .monitor import Mode
+        deltas = []
+        for labels, h in snap.hists.items():
+            old = self.prev.get(labels)
+            d = h - old if old is not None and old.count <= h.count else h
+            self.prev[labels] = h
+            if d.count or snap.mode == Mode.GLOBAL:
+                deltas.append((labels, d))
+        for labels in snap.gone:
+            self.prev.pop(labels, None)
+        if snap.mode == Mode.GLOBAL and not deltas:
+            deltas.append(((), Histogram.empty()))
+        deltas.sort(key=lambda x: _sort_key(x[0]))
+        if self.fmt == "json":
+            self._json(snap, deltas, interval_s)
+        else:
+            self._text(snap, deltas)
+        self.out.flush()
+        self.last_ts = snap.ts
+
+    def _text(self, snap, deltas) -> None:
+        from .hist import log2_buckets, render_log2, summary_line
+        unit = "msecs" if self.unit_ns == 1_000_000 else "usecs"
+        w = self.out.write
+        w("\n")
+        if self.timestamp:
+            w(time.strftime("%H:%M:%S", time.localtime(snap.ts)) + "\n")
+        for labels, d in deltas:
+            head = _mode_header(snap.mode, d.labels or dict(zip(snap.mode.labels, labels)))
+            if head:
+                w("\n" + head + "\n")
+            w(render_log2(log2_buckets(d, self.unit_ns), unit) + "\n")
+            w(summary_line(d, self.unit_ns) + "\n")
+
+    def _json(self, snap, deltas, interval_s) -> None:
+        from .hist import bucket_list
+        for labels, d in deltas:
+            obj = {"ts": round(snap.ts, 3), "interval_s": interval_s, "mode": snap.mode.value}
+            for k, v in zip(snap.mode.labels, labels):
+                obj[k] = int(v) if k in ("pid", "tid", "pidns") else v
+            obj.update(count=d.count, sum_ns=d.sum_ns, mean_ns=round(d.mean_ns, 1),
+                       p50_ns=round(d.percentile_ns(0.5), 1), p90_ns=round(d.percentile_ns(0.9), 1),
+                       p99_ns=round(d.percentile_ns(0.99), 1), buckets=bucket_list(d))
+            self.out.write(json.dumps(obj) + "\n")
+
+
+# -- helpers -------------------------------------------------------------------
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        level = {logging.WARNING: "warning", logging.ERROR: "error", logging.INFO: "info",
+                 logging.DEBUG: "debug"}.get(record.levelno, record.levelname.lower())
+        return f"{PROG}: {level}: {record.getMessage()}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(_Formatter())
+    root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    typer.echo(f"{PROG}: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _pick_mode(cfg: RunConfig):
+    from .monitor import Mode
+    chosen = [m for flag, m in ((cfg.per_process, Mode.PID), (cfg.per_thread, Mode.TID),
+                                (cfg.pidnss, Mode.PIDNS), (cfg.per_container, Mode.CONTAINER),
+                                (cfg.per_cgroup, Mode.CGROUP)) if flag]
+    if len(chosen) > 1:
+        names = {Mode.PID: "-P", Mode.TID: "-L", Mode.PIDNS: "--pidnss", Mode.CONTAINER: "--per-container",
+                 Mode.CGROUP: "--per-cgroup"}
+        raise UsageError(f"choose one of {', '.join(names[m] for m in chosen)}: one histogram key at a time")
+    return chosen[0] if chosen else Mode.GLOBAL
+
+
+def _sources(cfg: RunConfig):
+    from .monitor import Sources
+    return Sources(pids=frozenset(cfg.pids), pids_file=Path(cfg.pids_file) if cfg.pids_file else None,
+                   cgroups=tuple(cfg.cgroups), containers=tuple(cfg.containers),
+                   all_containers=cfg.all_containers)
+
+
+def _validate(cfg: RunConfig) -> None:
+    if cfg.interval is not None and not cfg.interval > 0:
+        raise UsageError("INTERVAL must be a positive number of seconds")
+    if cfg.count is not None and cfg.count < 1:
+        raise UsageError("COUNT must be at least 1")
+    if cfg.count is not None and cfg.interval is None:
+        raise UsageError("COUNT needs an INTERVAL before it")
+    if cfg.output not in ("text", "json"):
+        raise UsageError(f"--output must be text or json, not {cfg.output!r}")
+    for p in cfg.pids:
+        if not 0 < p <= 4 * 1024 * 1024:
+            raise UsageError(f"--pid {p} is not a valid PID")
+    if cfg.max_tracked is not None and not 1 <= cfg.max_tracked <= 4 * 1024 * 1024:
+        raise UsageError("--max-tracked must be between 1 and 4194304")
+    if cfg.follow_children and not (cfg.pids or cfg.pids_file):
+        log.warning("--follow-children has no effect without -p or --pids-file")
+
+
+# -- commands ------------------------------------------------------------------
+
+@app.command()
+def run(
+    interval: Optional[float] = typer.Argument(
+        None, help="Print every INTERVAL seconds (default: once, at Ctrl-C, like runqlat)."),
+    count: Optional[int] = typer.Argument(None, help="Stop after COUNT intervals."),
+    milliseconds: bool = typer.Option(False, "-m", "--milliseconds", help="Histograms in milliseconds."),
+    timestamp: bool = typer.Option(False, "-T", "--timestamp", help="Print a timestamp with each interval."),
+    per_process: bool = typer.Option(False, "-P", "--pids", help="One histogram per process (pid, comm)."),
+    per_thread: bool = typer.Option(False, "-L", "--tids", help="One histogram per thread (tid, comm)."),
+    pidnss: bool = typer.Option(False, "--pidnss", help="One histogram per PID namespace."),
+    per_container: bool = typer.Option(
+        False, "--per-container", help="One histogram per container (id and name)."),
+    per_cgroup: bool = typer.Option(False, "--per-cgroup", help="One histogram per cgroup v2 (its path)."),
+    pid: Optional[List[int]] = typer.Option(
+        None, "-p", "--pid", help="Track this process and its threads (repeatable)."),
+    pids_file: Optional[str] = typer.Option(
+        None, "--pids-file", metavar="FILE",
+        help="Track the PIDs listed in FILE, one per line, '#' comments; the file is watched and "
+             "changes apply within a second (an empty or unreadable file keeps the last good set)."),
+    follow_children: bool = typer.Option(
+        False, "--follow-children", help="Also track processes forked by tracked processes."),
+    cgroup: Optional[List[str]] = typer.Option(
+        None, "--cgroup", metavar="PATH", help="Track every task in this cgroup v2 subtree (repeatable)."),
+    container: Optional[List[str]] = typer.Option(
+        None, "--container", metavar="ID",
+        help="Track a container by id, unique id prefix or name (repeatable; containerd, docker, "
+             "CRI-O/Kubernetes, podman)."),
+    all_containers: bool = typer.Option(
+        False, "--all-containers", help="Track every container, picking up new ones as they start."),
+    output: str = typer.Option("text", "-o", "--output", help="text (runqlat-style) or json (one object "
+                               "per histogram per interval)."),
+    output_file: Optional[str] = typer.Option(
+        None, "--output-file", metavar="FILE", help="Append the output to FILE instead of stdout."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print no histograms (e.g. exporter only)."),
+    metrics_addr: Optional[str] = typer.Option(
+        None, "--metrics-addr", metavar="HOST:PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (':PORT' binds 127.0.0.1)."),
+    buckets: Optional[str] = typer.Option(
+        None, "--buckets", metavar="SECONDS,...",
+        help="Prometheus bucket bounds in seconds (default: powers of two from 1us to ~16s)."),
+    max_tracked: Optional[int] = typer.Option(
+        None, "--max-tracked", help="Capacity of the tracked-PID map (default: kernel.pid_max)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", metavar="FILE",
+        help="TOML file with these options (keys as the long names with '_'); SIGHUP re-reads "
+             "its tracked sets."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log more (load path, container changes)."),
+):
+    """Trace run-queue latency and print histograms (and serve metrics)."""
+    _setup_logging(verbose)
+    cli_cfg = RunConfig(interval=interval, count=count, milliseconds=milliseconds, timestamp=timestamp,
+                        per_process=per_process, per_thread=per_thread, pidnss=pidnss,
+                        per_container=per_container, per_cgroup=per_cgroup, pids=list(pid or []),
+                        pids_file=pids_file, follow_children=follow_children, cgroups=list(cgroup or []),
+                        containers=list(container or []), all_containers=all_containers, output=output,
+                        output_file=output_file, quiet=quiet, metrics_addr=metrics_addr, buckets=buckets,
+                        max_tracked=max_tracked)
+    try:
+        cfg = merge(cli_cfg, load_config(config)) if config else cli_cfg
+        _validate(cfg)
+        code = _run(cfg, cli_cfg, config)
+    except UsageError as exc:
+        _fail(str(exc), 2)
+    except RunqlatError as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # ContainerError and other input problems from below
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
+    from .metrics import Collector, MetricsServer, parse_buckets
+    from .monitor import Mode, Monitor
+    from .tracer import Options, Tracer
+
+    mode = _pick_mode(cfg)
+    sources = _sources(cfg)
+    bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
+    if cfg.metrics_addr:
+        from .metrics import parse_addr
+        parse_addr(cfg.metrics_addr)
+    stop = threading.Event()
+    reload_wanted = threading.Event()
+
+    def on_stop(signum, frame):
+        stop.set()
+
+    def on_hup(signum, frame):
+        reload_wanted.set()
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    try:
+        with ExitStack() as stack:
+            opts = Options(agg=mode.agg, follow_children=cfg.follow_children,
+                           watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
+                           max_tracked=cfg.max_tracked or 0)
+            tracer = stack.enter_context(Tracer(opts))
+            log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
+            monitor = Monitor(tracer, mode, sources)
+            printing = not cfg.quiet
+            if printing:
+                monitor.register("print")
+            if cfg.metrics_addr:
+                monitor.register("scrape")
+                server = stack.enter_context(MetricsServer(
+                    cfg.metrics_addr, Collector(lambda: monitor.snapshot("scrape"), bounds)))
+                log.info("serving metrics at http://%s/metrics", server.address)
+            out = sys.stdout
+            if cfg.output_file:
+                try:
+                    out = stack.enter_context(open(cfg.output_file, "a", buffering=1))
+                except OSError as exc:
+                    raise InputError(f"cannot open --output-file {cfg.output_file}: {exc.strerror}") from None
+            printer = Printer(out, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)
+            if printing and cfg.output == "text" and not cfg.output_file:
+                what = sources.describe
+                end = "Hit Ctrl-C to end." if cfg.interval is None else ""
+                print(f"Tracing run queue latency of {what}... {end}".rstrip(), file=sys.stderr)
+            return _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config) -> int:
+    start = time.monotonic()
+    next_print = start + cfg.interval if cfg.interval else None
+    printed = 0
+    while not stop.is_set():
+        timeout = 0.5 if next_print is None else max(0.0, min(0.5, next_print - time.monotonic()))
+        stop.wait(timeout)
+        if stop.is_set():
+            break
+        if reload_wanted.is_set():
+            reload_wanted.clear()
+            _reload(monitor, cfg, cli_cfg, config)
+        try:
+            monitor.refresh()
+        except RunqlatError as exc:  # one bad input never stops a running tracer
+            monitor.warn.once("refresh:" + str(exc), "%s", exc)
+        except OSError as exc:
+            monitor.warn.once("refresh:" + str(exc), "while updating the tracked set: %s", exc)
+        if next_print is not None and time.monotonic() >= next_print:
+            if printing:
+                printer.emit(monitor.snapshot("print"), cfg.interval)
+            printed += 1
+            next_print += cfg.interval
+            if next_print < time.monotonic():  # we fell behind (suspend): do not burst
+                next_print = time.monotonic() + cfg.interval
+            if cfg.count and printed >= cfg.count:
+                return 0
+    if next_print is None and printing:
+        printer.emit(monitor.snapshot("print"), round(time.monotonic() - start, 3))
+    return 0
+
+
+def _reload(monitor, cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> None:
+    if config is None:
+        log.info("SIGHUP: re-reading the pids file")
+        monitor.set_sources(monitor.sources)
+        return
+    try:
+        new = merge(cli_cfg, load_config(config))
+        _validate(new)
+        for key in sorted(CONFIG_KEYS - RELOADABLE):
+            if getattr(new, key) != getattr(cfg, key):
+                log.warning("SIGHUP: %s changed in %s; it takes effect at the next restart", key, config)
+        monitor.set_sources(_sources(new))
+        for key in RELOADABLE:
+            setattr(cfg, key, getattr(new, key))
+        log.info("SIGHUP: reloaded %s; tracking %s", config, monitor.sources.describe)
+    except RunqlatError as exc:
+        log.warning("SIGHUP: %s; keeping the previous configuration", exc)
+
+
+@app.command()
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+):
+    """Check that this machine can run the tracer, and what it will fall back to."""
+    from .doctor import run_checks
+    _setup_logging(False)
+    logging.getLogger().setLevel(logging.ERROR)
+    checks = run_checks()
+    if as_json:
+        typer.echo(json.dumps([c.__dict__ for c in checks], indent=1))
+    else:
+        w = max(len(c.name) for c in checks)
+        for c in checks:
+            typer.echo(f"{c.name:<{w}}  {c.status:<4}  {c.detail}")
+    failed = [c for c in checks if c.status == "FAIL"]
+    if failed:
+        if not as_json:
+            typer.echo(f"\n{PROG} cannot run here: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
+                       err=True)
+        raise typer.Exit(1)
+
+
+@app.command(name="containers")
+def list_containers(
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """List the containers found on this host (what --container and --all-containers see)."""
+    from .containers import discover
+    found = discover()
+    if as_json:
+        typer.echo(json.dumps([c.__dict__ for c in found], indent=1))
+        return
+    if not found:
+        typer.echo("no containers found (looked at containerd state dirs and /proc/*/cgroup)")
+        return
+    typer.echo(f"{'ID':<14}{'NAME':<24}{'RUNTIME':<12}{'PID':>8}  CGROUP")
+    for c in found:
+        typer.echo(f"{c.id[:12]:<14}{(c.name or '-')[:23]:<24}{c.runtime:<12}{c.init_pid:>8}  {c.cgroup or '-'}")
+
+
+@app.command()
+def version():
+    """Print the version."""
+    typer.echo(f"{PROG} {__version__}")
+
+
+def main() -> None:
+    try:
+        app(prog_name=PROG)
+    except RunqlatError as exc:  # from code outside a command's own handler
+        typer.echo(f"{PROG}: error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

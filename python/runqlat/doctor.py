@@ -1,0 +1,141 @@
+"""`runqlat-core doctor`: what the tracer needs, what this machine has, and
+which load path it will use. Each check is independent: one failing check
+does not hide the others.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RunqlatError
+
+# capability bits (linux/capability.h)
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | info | FAIL
+    detail: str
+
+
+def _cap_eff() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        return Path("/proc/sys/" + name.replace(".", "/")).read_text().strip()
+    except OSError:
+        return None
+
+
+def run_checks() -> list[Check]:
+    out: list[Check] = []
+    add = lambda *a: out.append(Check(*a))  # noqa: E731
+
+    add("kernel", "info", f"{platform.release()} ({platform.machine()})")
+    btf = Path("/sys/kernel/btf/vmlinux")
+    if btf.exists():
+        add("BTF", "ok", f"{btf} ({btf.stat().st_size // 1024} KiB)")
+    else:
+        add("BTF", "FAIL", f"{btf} missing: the kernel needs CONFIG_DEBUG_INFO_BTF=y")
+
+    caps = _cap_eff()
+    if os.geteuid() == 0 and caps & (1 << CAP_SYS_ADMIN):
+        add("privileges", "ok", "root")
+    elif caps & (1 << CAP_BPF) and caps & (1 << CAP_PERFMON):
+        add("privileges", "ok", "CAP_BPF and CAP_PERFMON")
+    else:
+        add("privileges", "FAIL", "not root and no CAP_BPF+CAP_PERFMON: run as root (sudo)")
+
+    unpriv = _sysctl("kernel.unprivileged_bpf_disabled")
+    if unpriv is not None:
+        add("bpf syscall", "info", f"kernel.unprivileged_bpf_disabled={unpriv}")
+
+    tracefs = next((p for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+                    if Path(p, "events/sched/sched_switch").exists()), None)
+    if tracefs:
+        add("tracefs", "ok", f"{tracefs} (sched_switch, sched_wakeup present)")
+    else:
+        add("tracefs", "warn", "not mounted (tp_btf does not need it; raw_tp fallback uses the tracepoint ids)")
+
+    lib_ok = False
+    try:
+        from . import _ffi
+        lib = _ffi.lib()
+        add("libbpf", "ok", f"libbpf.so.1 {lib.libbpf_major_version()}.{lib.libbpf_minor_version()}")
+        lib_ok = True
+    except RunqlatError as exc:
+        add("libbpf", "FAIL", str(exc))
+
+    obj_ok = False
+    try:
+        from . import elf
+        path = elf.default_object_path()
+        info = elf.inspect(path)
+        add("BPF object", "ok", f"{path} ({len(info.programs)} programs)")
+        obj_ok = True
+    except RunqlatError as exc:
+        add("BPF object", "FAIL", str(exc))
+
+    if lib_ok:
+        from .bpf import BPF_MAP_TYPE_TASK_STORAGE, probe_map_type
+        try:
+            ts = probe_map_type(BPF_MAP_TYPE_TASK_STORAGE)
+        except Exception:  # a probe failing is an answer too
+            ts = False
+        add("task storage", "ok" if ts else "warn",
+            "BPF_MAP_TYPE_TASK_STORAGE available" if ts else "not available: timestamps go to a hash map")
+
+    if lib_ok and obj_ok and btf.exists():
+        out.extend(_trial_load())
+
+    from .cgroups import cgroup2_mount
+    mnt = cgroup2_mount()
+    if mnt is None:
+        add("cgroup v2", "warn", "no cgroup2 mount: --cgroup, containers and --per-cgroup unavailable")
+    else:
+        hybrid = mnt != Path("/sys/fs/cgroup")
+        add("cgroup v2", "ok", f"{mnt}" + (" (hybrid: v1 controllers beside it)" if hybrid else ""))
+
+    from .containers import DEFAULT_CONTAINERD_STATE_DIRS
+    dirs = [d for d in DEFAULT_CONTAINERD_STATE_DIRS if Path(d).is_dir()]
+    add("containerd", "info", ", ".join(dirs) if dirs else "no containerd state dir (fine without containers)")
+
+    acct = _sysctl("kernel.task_delayacct")
+    add("delay accounting", "info",
+        "kernel.task_delayacct=1: /proc/PID/schedstat can verify our numbers" if acct == "1"
+        else f"kernel.task_delayacct={acct}: set 1 to cross-check against /proc/PID/schedstat")
+    stats = _sysctl("kernel.bpf_stats_enabled")
+    add("bpf stats", "info", f"kernel.bpf_stats_enabled={stats}" +
+        (": per-program run time exported" if stats == "1" else ": set 1 to export BPF run time"))
+    return out
+
+
+def _trial_load() -> list[Check]:
+    """Load and attach for real (then detach): the only reliable probe of tp_btf."""
+    from .tracer import Options, Tracer
+    try:
+        with Tracer(Options()) as t:
+            f = t.features
+            first = t.candidates()[0]
+            chosen = (f["attach"], f["timestamps"])
+            m = t.obj.map("tracked_pids")
+            m.items()
+            batch = m._batch_ok
+        fell = "" if chosen == first else f" (fell back from {first[0]} + {first[1]})"
+        return [Check("load + attach", "ok", f"{chosen[0]} + {chosen[1]}{fell}"),
+                Check("batch map ops", "ok" if batch else "warn",
+                      "available" if batch else "not available: maps are read entry by entry")]
+    except RunqlatError as exc:
+        return [Check("load + attach", "FAIL", str(exc))]

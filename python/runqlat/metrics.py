@@ -1,0 +1,195 @@
+"""Prometheus exposition: a custom collector that reads a fresh snapshot at
+every scrape, and the HTTP server that serves it.
+
+Counts only go up: the collector reads the kernel's cumulative histograms and
+never clears them. Bucket bounds are exact slot boundaries of the fine
+histogram, so every `le` is a true upper bound.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    InfoMetricFamily)
+from prometheus_client.exposition import make_wsgi_app
+from prometheus_client.registry import CollectorRegistry
+
+from . import __version__
+from .errors import InputError
+from .hist import is_slot_boundary, power_of_two_bounds_ns
+from .monitor import Snapshot
+
+log = logging.getLogger("runqlat")
+
+HIST_NAME = "runqlat_run_queue_latency_seconds"
+
+
+def parse_buckets(text: str) -> list[int]:
+    """'0.001,0.01,0.1,1' (seconds) -> bounds in ns, each moved to the nearest slot boundary."""
+    from .hist import LOWER_NS
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise InputError(f"--buckets: {part!r} is not a number of seconds "
+                             "(give e.g. 0.0001,0.001,0.01,0.1,1)") from None
+        if not 1e-6 <= v <= 60:
+            raise InputError(f"--buckets: {part} s is outside 1e-06..60 s")
+        ns = int(round(v * 1e9))
+        if not is_slot_boundary(ns):
+            # nearest slot lower bound: le stays a true bound of what is counted below it
+            ns = int(LOWER_NS[abs(LOWER_NS - ns).argmin()])
+        out.append(ns)
+    if not out:
+        raise InputError("--buckets: give at least one bound in seconds")
+    return sorted(set(out))
+
+
+def _fmt_le(ns: int) -> str:
+    return repr(ns / 1e9)
+
+
+class Collector:
+    """Builds metric families from `source()`, a callable returning a Snapshot."""
+
+    def __init__(self, source: Callable[[], Snapshot], bounds_ns: list[int] | None = None,
+                 bpf_stats: Callable[[], bool] | None = None):
+        self.source = source
+        self.bounds_ns = bounds_ns or power_of_two_bounds_ns()
+        self._les = [_fmt_le(b) for b in self.bounds_ns]
+        self.bpf_stats = bpf_stats or bpf_stats_enabled
+
+    def describe(self):
+        return []  # no fixed description: families depend on the mode
+
+    def collect(self):
+        snap = self.source()
+        label_names = list(snap.mode.labels)
+        h = HistogramMetricFamily(
+            HIST_NAME, "Time tasks spent runnable before running (run-queue latency)", labels=label_names)
+        for labels, hist in sorted(snap.hists.items()):
+            cum = hist.cumulative_le(self.bounds_ns)
+            count = hist.count
+            buckets = [(le, min(c, count)) for le, c in zip(self._les, cum)]
+            buckets.append(("+Inf", count))
+            h.add_metric(list(labels), buckets, sum_value=hist.sum_ns / 1e9)
+        yield h
+
+        g = GaugeMetricFamily("runqlat_tracked_processes", "Processes in the tracked set (all when no filter)")
+        g.add_metric([], snap.tracked_processes)
+        yield g
+        g = GaugeMetricFamily("runqlat_tracked_containers", "Containers being tracked")
+        g.add_metric([], snap.tracked_containers)
+        yield g
+        c = CounterMetricFamily("runqlat_dropped_events", "Events not counted, by reason", labels=["reason"])
+        for reason, n in sorted(snap.drops.items()):
+            c.add_metric([reason], n)
+        yield c
+        cap = GaugeMetricFamily("runqlat_map_capacity_entries", "Size of a BPF map", labels=["map"])
+        used = GaugeMetricFamily("runqlat_map_used_entries", "Entries in use in a BPF map", labels=["map"])
+        for name, (capacity, n) in sorted(snap.maps.items()):
+            cap.add_metric([name], capacity)
+            used.add_metric([name], n)
+        yield cap
+        yield used
+        if self.bpf_stats():
+            rt = CounterMetricFamily("runqlat_bpf_prog_run_time_seconds",
+                                     "Time spent in each BPF program (kernel.bpf_stats_enabled=1)",
+                                     labels=["prog"])
+            rc = CounterMetricFamily("runqlat_bpf_prog_run_count", "Runs of each BPF program", labels=["prog"])
+            for name, (_id, run_ns, runs) in sorted(snap.progs.items()):
+                rt.add_metric([name], run_ns / 1e9)
+                rc.add_metric([name], runs)
+            yield rt
+            yield rc
+        info = InfoMetricFamily("runqlat_build", "runqlat-core version and the load path in use")
+        info.add_metric([], {"version": __version__, "attach": snap.features.get("attach", ""),
+                             "timestamps": snap.features.get("timestamps", ""), "mode": snap.mode.value})
+        yield info
+
+
+def bpf_stats_enabled() -> bool:
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """'HOST:PORT', '[v6]:PORT' or ':PORT' (loopback)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        host, port = "", addr
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        p = int(port)
+    except ValueError:
+        raise InputError(f"--metrics-addr {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:9435") from None
+    if not 0 < p < 65536:
+        raise InputError(f"--metrics-addr {addr!r}: port {p} is out of range")
+    return host, p
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _V6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args):  # scrapes are not news
+        pass
+
+
+class MetricsServer:
+    """/metrics on HOST:PORT, in a thread; close() stops it."""
+
+    def __init__(self, addr: str, collector: Collector):
+        host, port = parse_addr(addr)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        app = make_wsgi_app(self.registry)
+        cls = _V6Server if ":" in host else _Server
+        try:
+            self.httpd = make_server(host, port, app, server_class=cls, handler_class=_QuietHandler)
+        except OSError as exc:
+            if exc.errno == _errno.EADDRINUSE:
+                raise InputError(f"--metrics-addr {addr}: port {port} is already in use; "
+                                 "stop what uses it or choose another port") from None
+            if exc.errno == _errno.EADDRNOTAVAIL:
+                raise InputError(f"--metrics-addr {addr}: {host} is not an address of this machine") from None
+            if exc.errno == _errno.EACCES:
+                raise InputError(f"--metrics-addr {addr}: not allowed to bind port {port}") from None
+            raise InputError(f"--metrics-addr {addr}: cannot listen: {exc.strerror or exc}") from None
+        except socket.gaierror as exc:
+            raise InputError(f"--metrics-addr {addr}: cannot resolve {host}: {exc.strerror}") from None
+        self.address = f"{host}:{self.httpd.server_port}" if ":" not in host else f"[{host}]:{self.httpd.server_port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

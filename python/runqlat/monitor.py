@@ -1,0 +1,409 @@
+"""Keeps the kernel's tracked set equal to what the user asked for, and reads
+labelled, cumulative histograms out of it. No printing, no exiting.
+
+Sources (any mix; none means every task): PIDs given on the command line, a
+pids file watched for changes, cgroup v2 paths, containers by selector or all
+of them. refresh() is cheap when nothing changed and is called about every
+half second; only differences reach the kernel, the programs stay attached.
+
+Histograms in the kernel are cumulative and are never cleared while their
+owner lives. When an owner goes away (process exit, cgroup removed, container
+stopped) its last value is handed once to every consumer (the interval
+printer, the Prometheus collector), then its kernel entry is deleted so maps
+stay bounded.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import containers as ctr
+from .abi import AggMode
+from .cgroups import CgroupTree
+from .errors import InputError
+from .hist import Histogram
+from .targets import FileWatch, Identity, read_pids_file, start_time
+from .tracer import Tracer
+
+log = logging.getLogger("runqlat")
+
+CONTAINER_SCAN_S = 2.0
+PIDNS_SCAN_S = 2.0
+
+
+class Mode(str, enum.Enum):
+    GLOBAL = "global"
+    PID = "pid"
+    TID = "tid"
+    PIDNS = "pidns"
+    CONTAINER = "container"
+    CGROUP = "cgroup"
+
+    @property
+    def agg(self) -> AggMode:
+        return {Mode.GLOBAL: AggMode.GLOBAL, Mode.PID: AggMode.PID, Mode.TID: AggMode.TID,
+                Mode.PIDNS: AggMode.PIDNS, Mode.CONTAINER: AggMode.CGROUP,
+                Mode.CGROUP: AggMode.CGROUP}[self]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return {Mode.GLOBAL: (), Mode.PID: ("pid", "comm"), Mode.TID: ("tid", "comm"),
+                Mode.PIDNS: ("pidns",), Mode.CONTAINER: ("container_id", "container_name"),
+                Mode.CGROUP: ("cgroup",)}[self]
+
+
+@dataclass(frozen=True)
+class Sources:
+    pids: frozenset = frozenset()
+    pids_file: Path | None = None
+    cgroups: tuple = ()
+    containers: tuple = ()
+    all_containers: bool = False
+
+    @property
+    def uses_pids(self) -> bool:
+        return bool(self.pids) or self.pids_file is not None
+
+    @property
+    def uses_containers(self) -> bool:
+        return bool(self.containers) or self.all_containers
+
+    @property
+    def uses_groups(self) -> bool:
+        return bool(self.cgroups) or self.uses_containers
+
+    @property
+    def describe(self) -> str:
+        parts = []
+        if self.pids:
+            parts.append(f"{len(self.pids)} PID(s)")
+        if self.pids_file:
+            parts.append(f"PIDs in {self.pids_file}")
+        if self.cgroups:
+            parts.append(f"{len(self.cgroups)} cgroup(s)")
+        if self.all_containers:
+            parts.append("all containers")
+        elif self.containers:
+            parts.append(f"{len(self.containers)} container(s)")
+        return ", ".join(parts) or "all tasks"
+
+
+Labels = tuple  # values in Mode.labels order
+
+
+@dataclass
+class Snapshot:
+    """Everything a consumer needs, read at one moment. Histograms are cumulative."""
+
+    ts: float
+    mode: Mode
+    hists: dict[Labels, Histogram]
+    tracked_processes: int
+    tracked_containers: int
+    drops: dict[str, int]
+    maps: dict[str, tuple[int, int]]
+    progs: dict[str, tuple[int, int, int]]
+    features: dict[str, str]
+    gone: set = field(default_factory=set)  # labels shown for the last time
+
+
+class Warner:
+    """Logs each distinct problem once, until it is cleared."""
+
+    def __init__(self):
+        self._seen: set[str] = set()
+
+    def once(self, key: str, msg: str, *args) -> None:
+        if key not in self._seen:
+            self._seen.add(key)
+            log.warning(msg, *args)
+
+    def clear(self, prefix: str) -> None:
+        self._seen = {k for k in self._seen if not k.startswith(prefix)}
+
+
+class Monitor:
+    def __init__(self, tracer: Tracer, mode: Mode, sources: Sources, proc: str = "/proc",
+                 containerd_state_dirs=None):
+        self.tracer = tracer
+        self.mode = mode
+        self.proc = proc
+        self.lock = threading.RLock()
+        self.warn = Warner()
+        self._state_dirs = containerd_state_dirs
+        self._consumers: set[str] = set()
+        self._stash: dict[str, dict[Labels, Histogram]] = {}
+        self._base: dict[Labels, Histogram] = {}   # finals of retired keys whose label lives on
+        self._key_labels: dict[int, Labels] = {}
+        self._cgtree: CgroupTree | None = None
+        self._containers: list[ctr.Container] = []
+        self._next_container_scan = 0.0
+        self._pidns_live: set[int] = set()
+        self._next_pidns_scan = 0.0
+        self._tracked_processes = 0
+        self.set_sources(sources, initial=True)
+
+    # -- what to track --
+    def set_sources(self, sources: Sources, initial: bool = False) -> None:
+        """New sources (start, SIGHUP). At start a missing pids file is an error."""
+        with self.lock:
+            self.sources = sources
+            self.identity = Identity(self.proc)
+            self._cli_pids = set(sources.pids)
+            self._file_pids: set[int] = set()
+            self._file_ok = False
+            self._live: set[int] = set()
+            self._watch = FileWatch(sources.pids_file) if sources.pids_file else None
+            if self._watch and initial:
+                self._file_pids = self._parse_file(read_pids_file(sources.pids_file))
+                self._file_ok = True
+                self._watch.changed()
+            self._pids_dirty = True
+            self._next_container_scan = 0.0
+            if (sources.uses_groups or self.mode in (Mode.CONTAINER, Mode.CGROUP)) and self._cgtree is None:
+                self._cgtree = CgroupTree()
+                self._cgtree.require()
+        self.refresh()
+
+    def _parse_file(self, pf) -> set[int]:
+        for p in pf.problems:
+            self.warn.once("line:" + p, "%s; skipping that line", p)
+        return pf.pids
+
+    def _read_file(self) -> None:
+        path = self.sources.pids_file
+        try:
+            if self._watch.signature() is None:
+                raise InputError(f"pids file {path} is gone")
+            if os.stat(path).st_size == 0:
+                raise InputError(f"pids file {path} is empty")
+            pf = read_pids_file(path)
+        except InputError as exc:
+            self.warn.once("file", "%s; keeping the last good set of %d PID(s)", exc, len(self._file_pids))
+            return
+        self.warn.clear("file")
+        self.warn.clear("line:")
+        self._file_pids = self._parse_file(pf)
+        self._file_ok = True
+        self._pids_dirty = True
+
+    def _resolve_pids(self) -> None:
+        wanted = self._cli_pids | self._file_pids
+        live, missing = self.identity.resolve(wanted)
+        for pid in sorted(missing):
+            self.warn.once(f"pid:{pid}", "PID %d does not exist; it is not tracked", pid)
+        self._live = live
+        self._pids_dirty = False
+
+    def _container_targets(self) -> tuple[set[int], set[int]]:
+        """(cgroup ids, pid namespace inodes) of the selected containers."""
+        now = time.monotonic()
+        if now >= self._next_container_scan:
+            self._next_container_scan = now + CONTAINER_SCAN_S
+            found = ctr.discover(self.proc, self._state_dirs)
+            if self.sources.all_containers:
+                chosen = found
+            else:
+                chosen, seen = [], set()
+                for sel in self.sources.containers:
+                    try:
+                        for c in ctr.resolve(found, [sel]):
+                            if c.id not in seen:
+                                seen.add(c.id)
+                                chosen.append(c)
+                        self.warn.clear(f"ctr:{sel}")
+                    except ctr.ContainerError as exc:
+                        self.warn.once(f"ctr:{sel}", "%s; will keep looking", exc)
+            before = {c.id for c in self._containers}
+            after = {c.id for c in chosen}
+            for c in chosen:
+                if c.id not in before:
+                    log.info("tracking container %s (%s)", c.id[:12], c.name or "-")
+            for cid in before - after:
+                log.info("container %s stopped", cid[:12])
+            self._containers = chosen
+        cg_ids, pidns = set(), set()
+        for c in self._containers:
+            if c.cgroup:
+                try:
+                    cg_ids.add(self._cgtree.id_of(c.cgroup))
+                    continue
+                except InputError:
+                    pass  # stopped while we looked
+            if c.pidns:
+                pidns.add(c.pidns)
+            else:
+                self.warn.once(f"ctrsel:{c.id}", "container %s has neither its own cgroup nor PID "
+                               "namespace visible here; it cannot be tracked", c.id[:12])
+        return cg_ids, pidns
+
+    def refresh(self) -> None:
+        """Bring the kernel's tracked set up to date (call about every 0.5 s)."""
+        with self.lock:
+            s = self.sources
+            if self._watch and self._watch.changed():
+                self._read_file()
+            if s.uses_pids:
+                self._live -= self.tracer.forget_exited()
+                if self._pids_dirty:
+                    self._resolve_pids()
+            cg_ids = pidns = None
+            if s.uses_groups:
+                cg_ids, pidns = set(), set()
+                for path in s.cgroups:
+                    try:
+                        cg_ids.add(self._cgtree.id_of(path))
+                        self.warn.clear(f"cg:{path}")
+                    except InputError as exc:
+                        self.warn.once(f"cg:{path}", "%s; will keep looking", exc)
+                if s.uses_containers:
+                    c_ids, c_ns = self._container_targets()
+                    cg_ids |= c_ids
+                    pidns |= c_ns
+                if not pidns:
+                    pidns = None
+            before = self.tracer.listed_pids
+            self.tracer.set_targets(pids=set(self._live) if s.uses_pids else None,
+                                    cgroups=cg_ids, pidns=pidns)
+            self._recheck(self.tracer.listed_pids - before)
+
+    def _recheck(self, added: set[int]) -> None:
+        """A PID that exited between our check and the map update would stay in the
+        map, and could be counted when the number is reused: take it out again."""
+        dead = {p for p in added if start_time(p, self.proc) != self.identity.known.get(p)}
+        if dead:
+            self._live -= dead
+            self.tracer.set_targets(pids=set(self._live))
+
+    @property
+    def tracked_containers(self) -> list[ctr.Container]:
+        return list(self._containers)
+
+    # -- reading --
+    def register(self, consumer: str) -> None:
+        """A consumer (e.g. 'print', 'scrape') sees every retired histogram once."""
+        with self.lock:
+            self._consumers.add(consumer)
+            self._stash.setdefault(consumer, {})
+
+    def _label_of(self, key: int, h: Histogram) -> Labels | None:
+        """Labels of a kernel key, None when its owner is gone."""
+        m = self.mode
+        if m == Mode.GLOBAL:
+            return ()
+        if m in (Mode.PID, Mode.TID):
+            if not os.path.exists(f"{self.proc}/{key}"):
+                return None
+            return (str(key), h.labels.get("comm", ""))
+        if m == Mode.PIDNS:
+            if key not in self._pidns_live:
+                return None
+            return (str(key),)
+        path = self._cgtree.path_of(key)
+        if path is None:
+            return None
+        if m == Mode.CGROUP:
+            return (path,)
+        for c in self._containers:
+            if c.cgroup and (path == c.cgroup or path.startswith(c.cgroup.rstrip("/") + "/")):
+                return (c.id, c.name or "")
+        if self.sources.uses_containers and not (self.sources.uses_pids or self.sources.cgroups):
+            return None  # a cgroup of a container that stopped
+        return ("", "")
+
+    def _scan_pidns(self) -> None:
+        now = time.monotonic()
+        if now < self._next_pidns_scan:
+            return
+        self._next_pidns_scan = now + PIDNS_SCAN_S
+        live = set()
+        for d in os.listdir(self.proc):
+            if d.isdigit():
+                try:
+                    live.add(os.stat(f"{self.proc}/{d}/ns/pid").st_ino)
+                except OSError:
+                    continue
+        self._pidns_live = live
+
+    def snapshot(self, consumer: str | None = None) -> Snapshot:
+        with self.lock:
+            t = self.tracer
+            raw = t.read_hists()
+            if self.mode == Mode.PIDNS:
+                self._scan_pidns()
+            if self.mode in (Mode.CGROUP, Mode.CONTAINER) and raw:
+                if any(k not in self._cgtree._by_id for k in raw):
+                    self._cgtree.scan(min_age=1.0)
+            hists: dict[Labels, Histogram] = {}
+            gone_keys: dict[int, Labels] = {}
+            for key, h in raw.items():
+                lab = self._label_of(key, h)
+                if lab is None:
+                    gone_keys[key] = self._key_labels.get(key, (str(key),) * len(self.mode.labels))
+                    continue
+                self._key_labels[key] = lab
+                self._add(hists, lab, h)
+            for lab, b in self._base.items():
+                if lab in hists:
+                    hists[lab] = hists[lab] + b
+            # retire what is gone: its final value goes to every consumer once
+            finals: dict[Labels, Histogram] = {}
+            for key, lab in gone_keys.items():
+                h = raw[key]
+                if lab in hists:  # the label lives on (another cgroup of the same container)
+                    self._add(self._base, lab, h)
+                    hists[lab] = hists[lab] + h
+                else:
+                    self._add(finals, lab, h)
+                self._key_labels.pop(key, None)
+            for lab, h in finals.items():
+                b = self._base.pop(lab, None)
+                if b is not None:
+                    h = h + b
+                for c in self._consumers:
+                    self._add(self._stash[c], lab, h)
+            if gone_keys:
+                t.delete_hists(list(gone_keys))
+            gone = set()
+            if consumer is not None:
+                live_labels = set(hists)
+                for lab, h in self._stash.get(consumer, {}).items():
+                    self._add(hists, lab, h)
+                    if lab not in live_labels:
+                        gone.add(lab)
+                self._stash[consumer] = {}
+            for lab, h in hists.items():
+                h.labels = dict(zip(self.mode.labels, lab))
+            return Snapshot(
+                ts=time.time(), mode=self.mode, hists=hists,
+                tracked_processes=self._count_processes(),
+                tracked_containers=len(self._containers),
+                drops=t.drops(), maps=t.map_fill(), progs=t.prog_stats(),
+                features=dict(t.features), gone=gone,
+            )
+
+    @staticmethod
+    def _add(d: dict, lab: Labels, h: Histogram) -> None:
+        d[lab] = d[lab] + h if lab in d else Histogram(h.slots.copy(), h.count, h.sum_ns, dict(h.labels), h.key)
+
+    def _count_processes(self) -> int:
+        s = self.sources
+        if not s.uses_pids and not s.uses_groups:
+            return sum(1 for d in os.listdir(self.proc) if d.isdigit())
+        n = len(self.tracer.kernel_tracked_pids()) if s.uses_pids else 0
+        if s.uses_groups and self._cgtree is not None:
+            dirs = [self._cgtree.dir_of(p) for p in s.cgroups]
+            dirs += [self._cgtree.dir_of(c.cgroup) for c in self._containers if c.cgroup]
+            for d in dirs:
+                for dirpath, _, files in os.walk(d):
+                    if "cgroup.procs" in files:
+                        try:
+                            n += len(Path(dirpath, "cgroup.procs").read_text().split())
+                        except OSError:
+                            pass
+        return n
