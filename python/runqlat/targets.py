@@ -6,6 +6,7 @@ later process with the same number is not the one the user meant.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,15 @@ class Identity:
 
 
 class FileWatch:
-    """Notices any change of a file: rewrite in place, rename over it, delete, recreate."""
+    """Notices any change of a file: rewrite in place, rename over it, delete, recreate.
+
+    stat alone is not enough: before Linux 6.13 (multigrain timestamps) mtime
+    and ctime move once per jiffy, so a same-size rewrite within one tick of
+    the previous look leaves the stat result unchanged. The content is part of
+    the signature too; a pids file is small, so reading it each poll is cheap.
+    """
+
+    MAX_HASHED = 16 << 20  # bigger files (not a plausible pids file) rely on stat alone
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -123,9 +132,13 @@ class FileWatch:
     def signature(self) -> tuple | None:
         try:
             st = os.stat(self.path)
+            digest = b""
+            if st.st_size <= self.MAX_HASHED:
+                with open(self.path, "rb") as f:
+                    digest = hashlib.blake2b(f.read(self.MAX_HASHED + 1), digest_size=16).digest()
         except OSError:
             return None
-        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
 
     def changed(self) -> bool:
         sig = self.signature()
