@@ -1,0 +1,300 @@
+"""pids files, PID identity and file watching (pure; fake /proc trees, no root)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+
+from runqlat import targets  # noqa: E402
+from runqlat.errors import InputError, RunqlatError  # noqa: E402
+from runqlat.targets import (  # noqa: E402
+    PID_MAX_LIMIT,
+    FileWatch,
+    Identity,
+    comm,
+    is_thread_group_leader,
+    parse_pids,
+    read_pids_file,
+    start_time,
+)
+
+
+# -- parse_pids --
+
+def test_parse_pids_comments_blanks_and_whitespace():
+    text = "# my service\n\n  42\n17 # the worker\n\t\n42\n#99\n  # indented comment\n8\r\n"
+    got = parse_pids(text, "pids.txt")
+    assert got.pids == {42, 17, 8}
+    assert got.problems == []
+
+
+def test_parse_pids_bad_lines_reported_with_line_numbers_and_skipped():
+    text = "1\nabc\n2\n0x10\n3 4\n-5\n0\n\n7\n"
+    got = parse_pids(text, "pids.txt")
+    assert got.pids == {1, 2, 7}
+    assert got.problems == [
+        "pids.txt:2: 'abc' is not a PID (one decimal PID per line expected)",
+        "pids.txt:4: '0x10' is not a PID (one decimal PID per line expected)",
+        "pids.txt:5: '3 4' is not a PID (one decimal PID per line expected)",
+        "pids.txt:6: -5 is out of range for a PID",
+        "pids.txt:7: 0 is out of range for a PID",
+    ]
+
+
+def test_parse_pids_range_limits():
+    got = parse_pids(f"1\n{PID_MAX_LIMIT}\n{PID_MAX_LIMIT + 1}\n99999999999999999999\n", "f")
+    assert got.pids == {1, PID_MAX_LIMIT}
+    assert [p.split(":")[1] for p in got.problems] == ["3", "4"]
+    assert all("out of range" in p for p in got.problems)
+
+
+def test_parse_pids_empty_and_default_name():
+    assert parse_pids("").pids == set()
+    got = parse_pids("x")
+    assert got.problems == ["<pids>:1: 'x' is not a PID (one decimal PID per line expected)"]
+
+
+# -- read_pids_file --
+
+def test_read_pids_file_ok(tmp_path):
+    f = tmp_path / "pids.txt"
+    f.write_text("# comment\n10\n20\nbad\n")
+    got = read_pids_file(f)
+    assert got.pids == {10, 20}
+    assert got.problems == [f"{f}:4: 'bad' is not a PID (one decimal PID per line expected)"]
+
+
+def test_read_pids_file_tolerates_invalid_utf8(tmp_path):
+    f = tmp_path / "pids.txt"
+    f.write_bytes(b"5\n\xff\xfe\n6\n")
+    got = read_pids_file(f)
+    assert got.pids == {5, 6}
+    assert len(got.problems) == 1 and got.problems[0].startswith(f"{f}:2: ")
+
+
+def test_read_pids_file_missing(tmp_path):
+    f = tmp_path / "nope.txt"
+    with pytest.raises(InputError) as ei:
+        read_pids_file(f)
+    assert str(ei.value) == f"pids file {f} does not exist; create it with one PID per line"
+    assert isinstance(ei.value, RunqlatError)
+
+
+def test_read_pids_file_directory(tmp_path):
+    with pytest.raises(InputError, match=r"is a directory; give a file"):
+        read_pids_file(tmp_path)
+
+
+def test_read_pids_file_not_a_directory_component(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("1\n")
+    with pytest.raises(InputError, match=r"^cannot read pids file .*/file/pids: Not a directory$"):
+        read_pids_file(f / "pids")
+
+
+def test_read_pids_file_unreadable(tmp_path, monkeypatch):
+    f = tmp_path / "secret.txt"
+    f.write_text("1\n")
+    if os.geteuid() != 0:
+        f.chmod(0)
+    else:  # root reads anything: make the read itself fail as it would for a user
+        def deny(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        monkeypatch.setattr(Path, "read_bytes", deny)
+    with pytest.raises(InputError) as ei:
+        read_pids_file(f)
+    assert str(ei.value) == f"cannot read pids file {f}: Permission denied"
+
+
+# -- a fake /proc --
+
+def _stat_line(pid: int, comm_: str, start: int, ppid: int = 1) -> str:
+    # fields 3.. of /proc/PID/stat; field 22 is the start time
+    rest = ["S", str(ppid)] + [str(i) for i in range(5, 22)] + [str(start)] + ["0"] * 30
+    return f"{pid} ({comm_}) {' '.join(rest)}\n"
+
+
+class FakeProc:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(exist_ok=True)
+
+    def spawn(self, pid: int, start: int, comm_: str = "worker", tgid: int | None = None) -> None:
+        d = self.root / str(pid)
+        d.mkdir(exist_ok=True)
+        (d / "stat").write_text(_stat_line(pid, comm_, start))
+        (d / "comm").write_text(comm_ + "\n")
+        (d / "status").write_text(f"Name:\t{comm_}\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t{tgid or pid}\n"
+                                  f"Ngid:\t0\nPid:\t{pid}\n")
+
+    def exit(self, pid: int) -> None:
+        d = self.root / str(pid)
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+
+@pytest.fixture
+def proc(tmp_path):
+    return FakeProc(tmp_path / "proc")
+
+
+def test_start_time_and_comm_with_awkward_names(proc):
+    proc.spawn(10, 5000, comm_="a) b (c")
+    proc.spawn(11, 6000, comm_="x y")
+    assert start_time(10, str(proc)) == 5000
+    assert start_time(11, str(proc)) == 6000
+    assert comm(10, str(proc)) == "a) b (c"
+    assert start_time(12, str(proc)) is None
+    assert comm(12, str(proc)) == ""
+
+
+def test_start_time_of_garbage_stat(proc):
+    proc.spawn(10, 1)
+    (proc.root / "10" / "stat").write_text("10 (short) S 1\n")
+    assert start_time(10, str(proc)) is None
+
+
+def test_start_time_real_process():
+    st = start_time(os.getpid())
+    assert isinstance(st, int) and st > 0
+    assert st == start_time(os.getpid())
+
+
+def test_is_thread_group_leader(proc):
+    proc.spawn(10, 1)
+    proc.spawn(11, 1, tgid=10)
+    assert is_thread_group_leader(10, str(proc))
+    assert not is_thread_group_leader(11, str(proc))
+    assert not is_thread_group_leader(12, str(proc))
+
+
+def test_identity_live_and_missing(proc):
+    proc.spawn(10, 100)
+    proc.spawn(20, 200)
+    ident = Identity(proc=str(proc))
+    live, missing = ident.resolve({10, 20, 30})
+    assert live == {10, 20}
+    assert missing == {30}
+    # a PID found missing is reported once, not on every resolve
+    live, missing = ident.resolve({10, 20, 30})
+    assert (live, missing) == ({10, 20}, set())
+
+
+def test_identity_pid_reuse_with_a_different_start_time_is_not_tracked(proc):
+    proc.spawn(10, 100)
+    ident = Identity(proc=str(proc))
+    assert ident.resolve({10}) == ({10}, set())
+    proc.exit(10)
+    assert ident.resolve({10}) == (set(), set())
+    # the number comes back, on a different process
+    proc.spawn(10, 900)
+    assert ident.resolve({10}) == (set(), set())
+    assert ident.known[10] == 100
+
+
+def test_identity_relisting_a_pid_pins_the_current_process(proc):
+    proc.spawn(10, 100)
+    ident = Identity(proc=str(proc))
+    ident.resolve({10})
+    proc.exit(10)
+    proc.spawn(10, 900)
+    # the user removes the PID from their list, then lists it again
+    assert ident.resolve(set()) == (set(), set())
+    assert 10 not in ident.known
+    assert ident.resolve({10}) == ({10}, set())
+    assert ident.known[10] == 900
+
+
+def test_identity_same_start_time_survives(proc):
+    proc.spawn(10, 100, comm_="before")
+    ident = Identity(proc=str(proc))
+    ident.resolve({10})
+    proc.spawn(10, 100, comm_="after-exec")  # exec keeps the PID and the start time
+    assert ident.resolve({10}) == ({10}, set())
+
+
+# -- FileWatch --
+
+def test_filewatch_first_look_is_a_change(tmp_path):
+    f = tmp_path / "pids"
+    f.write_text("1\n")
+    w = FileWatch(f)
+    assert w.changed()
+    assert not w.changed()
+
+
+def test_filewatch_rewrite_in_place_same_size(tmp_path):
+    f = tmp_path / "pids"
+    f.write_text("111\n")
+    w = FileWatch(f)
+    w.changed()
+    ino = f.stat().st_ino
+    with open(f, "r+") as fh:
+        fh.write("222\n")
+    assert f.stat().st_ino == ino and f.stat().st_size == 4
+    assert w.changed()
+    assert not w.changed()
+
+
+def test_filewatch_rewrite_in_place_with_coarse_timestamps(tmp_path, monkeypatch):
+    """Before Linux 6.13 file times are jiffy-grained: two writes in one tick look identical to stat."""
+    f = tmp_path / "pids"
+    f.write_text("111\n")
+    real_stat = os.stat
+    frozen = real_stat(f)
+
+    def coarse_stat(path, *a, **kw):
+        st = real_stat(path, *a, **kw)
+        if Path(path) == f:
+            return frozen  # same inode, size, mtime and ctime as before the rewrite
+        return st
+
+    monkeypatch.setattr(targets.os, "stat", coarse_stat)
+    w = FileWatch(f)
+    assert w.changed()
+    with open(f, "r+") as fh:
+        fh.write("222\n")
+    assert w.changed()
+    assert not w.changed()
+
+
+def test_filewatch_rename_over(tmp_path):
+    f = tmp_path / "pids"
+    f.write_text("1\n")
+    w = FileWatch(f)
+    w.changed()
+    tmp = tmp_path / "pids.new"
+    tmp.write_text("2\n")
+    os.replace(tmp, f)
+    assert w.changed()
+    assert not w.changed()
+
+
+def test_filewatch_delete_and_recreate(tmp_path):
+    f = tmp_path / "pids"
+    f.write_text("1\n")
+    w = FileWatch(f)
+    w.changed()
+    f.unlink()
+    assert w.changed()
+    assert w.signature() is None
+    assert not w.changed()
+    f.write_text("1\n")
+    assert w.changed()
+    assert not w.changed()
+
+
+def test_filewatch_missing_from_the_start(tmp_path):
+    w = FileWatch(tmp_path / "later")
+    assert not w.changed()  # nothing there, nothing changed
+    (tmp_path / "later").write_text("5\n")
+    assert w.changed()
