@@ -363,7 +363,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
         with ExitStack() as stack:
             opts = Options(agg=mode.agg, follow_children=cfg.follow_children,
                            watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
-                           max_tracked=cfg.max_tracked or 0)
+                           max_tracked=cfg.max_tracked or 0, initial_filter=sources.filter)
             tracer = stack.enter_context(Tracer(opts))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
             monitor = Monitor(tracer, mode, sources)

@@ -16,6 +16,7 @@ from elftools.elf.elffile import ELFFile
 from . import abi
 from .errors import ObjectInvalid
 
+ELF_MAGIC = b"\x7fELF"
 FIX = "rebuild it with 'make -C bpf' or reinstall runqlat-core"
 
 
@@ -44,11 +45,20 @@ def inspect(path: Path) -> ObjectInfo:
     except OSError as exc:
         raise ObjectInvalid(f"cannot read BPF object {path}: {exc.strerror}; {FIX}") from None
     with f:
+        magic = f.read(len(ELF_MAGIC))
+        if magic != ELF_MAGIC:
+            if size == 0:
+                raise ObjectInvalid(f"BPF object {path} is empty; {FIX}")
+            if ELF_MAGIC.startswith(magic):
+                raise ObjectInvalid(f"{path} is truncated ({size} bytes); {FIX}")
+            raise ObjectInvalid(f"{path} is not an ELF file, so not a BPF object; {FIX}")
+        f.seek(0)
         try:
             elf = ELFFile(f)
             info = _inspect(elf, path, size)
         except (ELFError, ValueError, KeyError, IndexError, EOFError) as exc:
-            raise ObjectInvalid(f"{path} is not a valid ELF object ({exc}); {FIX}") from None
+            # it starts like an ELF file: a parse failure means it was cut short or damaged
+            raise ObjectInvalid(f"{path} is truncated or corrupt ({exc}); {FIX}") from None
         except Exception as exc:  # pyelftools raises struct/construct errors on truncation
             if type(exc).__module__.startswith(("construct", "elftools", "struct")):
                 raise ObjectInvalid(f"{path} is truncated or corrupt ({exc}); {FIX}") from None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import containers as ctr
-from .abi import AggMode
+from .abi import AggMode, Filter
 from .cgroups import CgroupTree
 from .errors import InputError
 from .hist import Histogram
@@ -78,6 +78,16 @@ class Sources:
         return bool(self.cgroups) or self.uses_containers
 
     @property
+    def filter(self) -> Filter:
+        """The kernel filters these sources use (none: every task)."""
+        f = Filter(0)
+        if self.uses_pids:
+            f |= Filter.PIDS
+        if self.uses_groups:
+            f |= Filter.CGROUPS
+        return f
+
+    @property
     def describe(self) -> str:
         parts = []
         if self.pids:
@@ -110,6 +120,17 @@ class Snapshot:
     progs: dict[str, tuple[int, int, int]]
     features: dict[str, str]
     gone: set = field(default_factory=set)  # labels shown for the last time
+
+
+def _tgid(proc: str, tid: int) -> int | None:
+    try:
+        with open(f"{proc}/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class Warner:
@@ -146,6 +167,7 @@ class Monitor:
         self._pidns_live: set[int] = set()
         self._next_pidns_scan = 0.0
         self._tracked_processes = 0
+        self._tracked_tgids: set[int] | None = None
         self.set_sources(sources, initial=True)
 
     # -- what to track --
@@ -299,6 +321,10 @@ class Monitor:
         if m in (Mode.PID, Mode.TID):
             if not os.path.exists(f"{self.proc}/{key}"):
                 return None
+            if self._tracked_tgids is not None:
+                tgid = key if m == Mode.PID else _tgid(self.proc, key)
+                if tgid not in self._tracked_tgids:
+                    return None  # left the tracked set: shown once more, then removed
             return (str(key), h.labels.get("comm", ""))
         if m == Mode.PIDNS:
             if key not in self._pidns_live:
@@ -334,6 +360,10 @@ class Monitor:
         with self.lock:
             t = self.tracer
             raw = t.read_hists()
+            # with only PIDs as the filter, a process taken out of the set retires too
+            only_pids = self.sources.uses_pids and not self.sources.uses_groups
+            self._tracked_tgids = (set(t.kernel_tracked_pids()) if only_pids and
+                                   self.mode in (Mode.PID, Mode.TID) else None)
             if self.mode == Mode.PIDNS:
                 self._scan_pidns()
             if self.mode in (Mode.CGROUP, Mode.CONTAINER) and raw:

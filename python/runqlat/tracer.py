@@ -41,6 +41,9 @@ class Options:
     max_tracked: int = 0     # tracked_pids entries; 0: from pid_max
     max_hists: int = 0       # hists entries; 0: chosen from the mode
     max_groups: int = 4096   # tracked cgroups / pid namespaces
+    # Filters active from the moment of attach (with empty sets until set_targets),
+    # so nothing outside the user's choice is counted in between.
+    initial_filter: Filter = Filter(0)
     force_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HASH") == "1")
     force_raw_tp: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_RAW_TP") == "1")
 
@@ -152,6 +155,9 @@ class Tracer:
         obj.set_max_entries("hists", hists)
 
         v = self.info.variables
+        sec, off, _ = v[abi.LIVE_VAR]
+        obj.write_initial(sec, off, struct.pack("<II", self._gen, int(o.initial_filter)))
+        self._filter = Filter(o.initial_filter)
         for name, fmt, val in (("agg_mode", "<I", int(o.agg)),
                                ("follow_children", "<B", int(o.follow_children)),
                                ("watch_cgroup_moves", "<B", int(o.watch_cgroup_moves))):
