@@ -95,10 +95,12 @@ def load_config(path: Path) -> dict:
                 val = [val]
             if not isinstance(val, list) or not all(isinstance(v, _LISTS[key]) for v in val):
                 raise InputError(f"config file {path}: {key} must be a list of {_LISTS[key].__name__}")
+            data[key] = val
         elif key == "buckets" and isinstance(val, list):
             data[key] = ",".join(str(v) for v in val)
-        elif key == "interval" and isinstance(val, (int, float)) and not isinstance(val, bool):
-            pass
+        elif key == "interval":
+            if not isinstance(val, (int, float)) or isinstance(val, bool):
+                raise InputError(f"config file {path}: interval must be a number of seconds")
         elif want is bool and not isinstance(val, bool):
             raise InputError(f"config file {path}: {key} must be true or false")
         elif key in ("count", "max_tracked") and (not isinstance(val, int) or isinstance(val, bool)):
@@ -343,6 +345,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     mode = _pick_mode(cfg)
     sources = _sources(cfg)
     bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
+    if sources.pids_file:
+        from .targets import read_pids_file
+        read_pids_file(sources.pids_file)  # a missing file is an error before anything loads
     if cfg.metrics_addr:
         from .metrics import parse_addr
         parse_addr(cfg.metrics_addr)

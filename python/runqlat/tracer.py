@@ -48,8 +48,9 @@ class Options:
     force_raw_tp: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_RAW_TP") == "1")
 
 
-def check_environment(btf_path: str = BTF_PATH) -> None:
+def check_environment(btf_path: str | None = None) -> None:
     """The checks that give a clearer answer than a failed load would."""
+    btf_path = btf_path or BTF_PATH
     if not Path(btf_path).exists():
         raise KernelUnsupported(
             f"this kernel has no BTF ({btf_path} missing): runqlat-core needs a kernel built "

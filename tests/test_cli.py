@@ -1,0 +1,250 @@
+"""The CLI without BPF: flag checks, config files, one-line errors, output formats.
+
+Errors that come from the environment (no BTF, no libbpf, a bad object) are
+raised before anything is loaded, so these run the same as root or not.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from runqlat import _ffi, cli, tracer
+from runqlat.hist import Histogram, slot_of
+from runqlat.monitor import Mode, Snapshot
+
+runner = CliRunner()
+
+
+def invoke(*args, env=None):
+    return runner.invoke(cli.app, list(args), env=env, terminal_width=200)
+
+
+def assert_one_line_error(res, code: int, *fragments: str) -> None:
+    out = res.output
+    assert res.exit_code == code, out
+    assert "Traceback" not in out
+    lines = [l for l in out.splitlines() if l.strip()]
+    err = [l for l in lines if l.startswith("runqlat-core: error:")]
+    assert len(err) == 1, out
+    for f in fragments:
+        assert f in err[0], err[0]
+
+
+def test_run_help_documents_every_mode_and_source():
+    res = invoke("run", "--help", env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for flag in ("--milliseconds", "--timestamp", "--pids", "--tids", "--pidnss", "--per-container",
+                 "--per-cgroup", "--pid", "--pids-file", "--follow-children", "--cgroup", "--container",
+                 "--all-containers", "--output", "--output-file", "--metrics-addr", "--buckets",
+                 "--max-tracked", "--config", "--quiet"):
+        assert flag in res.output, flag
+
+
+def test_top_level_lists_commands():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for c in ("run", "doctor", "containers"):
+        assert c in res.output
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["-P", "-L"], "choose one of -P, -L"),
+    (["--pidnss", "--per-container"], "choose one of --pidnss, --per-container"),
+    (["--output", "xml", "1", "1"], "--output must be text or json"),
+    (["0", "1"], "INTERVAL must be a positive"),
+    (["1", "0"], "COUNT must be at least 1"),
+    (["-p", "0", "1", "1"], "--pid 0 is not a valid PID"),
+])
+def test_usage_errors_exit_2(args, fragment):
+    assert_one_line_error(invoke("run", *args), 2, fragment)
+
+
+def test_missing_pids_file(tmp_path):
+    assert_one_line_error(invoke("run", "--pids-file", str(tmp_path / "nope.txt"), "1", "1"), 1,
+                          "does not exist", "one PID per line")
+
+
+def test_pids_file_is_a_directory(tmp_path):
+    assert_one_line_error(invoke("run", "--pids-file", str(tmp_path), "1", "1"), 1, "is a directory")
+
+
+@pytest.mark.parametrize("value,fragment", [("abc", "not a number"), ("0", "outside"), (",", "at least one")])
+def test_bad_buckets(value, fragment):
+    assert_one_line_error(invoke("run", "--buckets", value, "1", "1"), 1, "--buckets", fragment)
+
+
+@pytest.mark.parametrize("value,fragment", [("localhost:http", "expected HOST:PORT"),
+                                            ("127.0.0.1:70000", "out of range")])
+def test_bad_metrics_addr(value, fragment):
+    assert_one_line_error(invoke("run", "--metrics-addr", value, "1", "1"), 1, fragment)
+
+
+def test_missing_btf(monkeypatch):
+    monkeypatch.setattr(tracer, "BTF_PATH", "/nonexistent/btf/vmlinux")
+    assert_one_line_error(invoke("run", "1", "1"), 1, "no BTF", "CONFIG_DEBUG_INFO_BTF")
+
+
+def test_missing_libbpf(monkeypatch):
+    monkeypatch.setattr(_ffi, "LIBBPF_SONAME", "libbpf-runqlat-test-missing.so.1")
+    monkeypatch.setattr(_ffi, "_lib", None)
+    assert_one_line_error(invoke("run", "1", "1"), 1, "libbpf-runqlat-test-missing.so.1", "apt-get install libbpf1")
+
+
+def test_corrupt_object(tmp_path, monkeypatch):
+    from runqlat import elf
+    good = elf.default_object_path()
+    if not good.exists():
+        pytest.skip("BPF object not built (make -C bpf)")
+    bad = tmp_path / "runqlat.bpf.o"
+    bad.write_bytes(good.read_bytes()[:4096])
+    monkeypatch.setenv("RUNQLAT_BPF_OBJECT", str(bad))
+    assert_one_line_error(invoke("run", "1", "1"), 1, str(bad))
+
+
+def test_object_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNQLAT_BPF_OBJECT", str(tmp_path / "gone.o"))
+    assert_one_line_error(invoke("run", "1", "1"), 1, "gone.o")
+
+
+# -- config files ---------------------------------------------------------------
+
+def test_config_unknown_key(tmp_path):
+    c = tmp_path / "c.toml"
+    c.write_text('pids_file = "/x"\nfrobnicate = 1\n')
+    assert_one_line_error(invoke("run", "--config", str(c)), 1, "unknown key(s) frobnicate")
+
+
+def test_config_not_toml(tmp_path):
+    c = tmp_path / "c.toml"
+    c.write_text("this is = = not toml\n")
+    assert_one_line_error(invoke("run", "--config", str(c)), 1, "not valid TOML")
+
+
+def test_config_missing(tmp_path):
+    assert_one_line_error(invoke("run", "--config", str(tmp_path / "none.toml")), 1, "does not exist")
+
+
+@pytest.mark.parametrize("body,fragment", [('quiet = "yes"', "quiet must be true or false"),
+                                           ('pids = ["12"]', "pids must be a list of int"),
+                                           ("max_tracked = 1.5", "max_tracked must be an integer")])
+def test_config_types(tmp_path, body, fragment):
+    c = tmp_path / "c.toml"
+    c.write_text(body + "\n")
+    assert_one_line_error(invoke("run", "--config", str(c)), 1, fragment)
+
+
+def test_config_merge_command_line_wins(tmp_path):
+    c = tmp_path / "c.toml"
+    c.write_text('metrics_addr = "127.0.0.1:9999"\nper_container = true\nall_containers = true\n'
+                 'buckets = [0.001, 0.01]\npids = 7\n')
+    file = cli.load_config(c)
+    got = cli.merge(cli.RunConfig(metrics_addr="127.0.0.1:1234", interval=5), file)
+    assert got.metrics_addr == "127.0.0.1:1234"
+    assert got.interval == 5
+    assert got.per_container and got.all_containers
+    assert got.buckets == "0.001,0.01"
+    assert got.pids == [7]
+
+
+def test_shipped_config_example_is_accepted():
+    example = Path(__file__).resolve().parent.parent / "deploy" / "config.toml"
+    if not example.exists():
+        pytest.skip("no deploy/config.toml")
+    cli.load_config(example)
+
+
+# -- output ----------------------------------------------------------------------
+
+def _hist(samples_ns, **labels) -> Histogram:
+    h = Histogram.empty()
+    for ns in samples_ns:
+        h.slots[slot_of(ns)] += 1
+    h.count = len(samples_ns)
+    h.sum_ns = sum(samples_ns)
+    h.labels = dict(labels)
+    return h
+
+
+def _snap(mode, hists, gone=()):
+    return Snapshot(ts=1_700_000_000.0, mode=mode, hists=hists, tracked_processes=1, tracked_containers=0,
+                    drops={}, maps={}, progs={}, features={}, gone=set(gone))
+
+
+def test_json_lines_are_interval_deltas():
+    out = io.StringIO()
+    p = cli.Printer(out, "json", 1000, False)
+    a1 = _hist([2_000, 3_000], pid="42", comm="app")
+    p.emit(_snap(Mode.PID, {("42", "app"): a1}), 1.0)
+    a2 = _hist([2_000, 3_000, 50_000, 70_000, 90_000], pid="42", comm="app")
+    p.emit(_snap(Mode.PID, {("42", "app"): a2}), 1.0)
+    lines = [json.loads(l) for l in out.getvalue().splitlines()]
+    assert len(lines) == 2
+    first, second = lines
+    for key in ("ts", "count", "sum_ns", "p50_ns", "p90_ns", "p99_ns", "buckets", "pid", "comm", "mode"):
+        assert key in second
+    assert first["count"] == 2 and first["sum_ns"] == 5_000
+    assert second["count"] == 3 and second["sum_ns"] == 210_000  # only what is new
+    assert second["pid"] == 42 and second["comm"] == "app" and second["mode"] == "pid"
+    assert 50_000 <= second["p50_ns"] <= 80_000
+    assert sum(b["count"] for b in second["buckets"]) == 3
+    assert all(b["le_ns"] > 50_000 for b in second["buckets"])
+
+
+def test_keyed_mode_prints_only_keys_with_events_and_survives_a_reset():
+    out = io.StringIO()
+    p = cli.Printer(out, "json", 1000, False)
+    busy, idle = _hist([10_000] * 4), _hist([5_000])
+    p.emit(_snap(Mode.PID, {("1", "busy"): busy, ("2", "idle"): idle}), 1.0)
+    out.truncate(0), out.seek(0)
+    # idle had nothing new; busy's key was recycled and started again from 1 event
+    p.emit(_snap(Mode.PID, {("1", "busy"): _hist([20_000]), ("2", "idle"): idle}), 1.0)
+    lines = [json.loads(l) for l in out.getvalue().splitlines()]
+    assert [(l["pid"], l["count"]) for l in lines] == [(1, 1)]
+
+
+def test_global_mode_prints_empty_intervals():
+    out = io.StringIO()
+    cli.Printer(out, "json", 1000, False).emit(_snap(Mode.GLOBAL, {}), 1.0)
+    (line,) = out.getvalue().splitlines()
+    assert json.loads(line)["count"] == 0
+
+
+def test_text_output_looks_like_runqlat():
+    out = io.StringIO()
+    p = cli.Printer(out, "text", 1000, True)
+    p.emit(_snap(Mode.PID, {("42", "app"): _hist([1_500, 2_500, 3_000, 40_000])}), 1.0)
+    text = out.getvalue()
+    assert "pid = 42 app" in text
+    assert "     usecs               : count    distribution" in text
+    assert "         2 -> 3          : 2        |****************************************|" in text
+    assert "        32 -> 63         : 1        |********************                    |" in text
+    assert "count 4  avg" in text and "p99" in text
+
+
+def test_text_output_milliseconds_and_container_header():
+    out = io.StringIO()
+    p = cli.Printer(out, "text", 1_000_000, False)
+    h = _hist([3_000_000, 5_000_000])
+    p.emit(_snap(Mode.CONTAINER, {("0123456789abcdef", "web"): h}), 1.0)
+    text = out.getvalue()
+    assert "container = 0123456789ab (web)" in text
+    assert "msecs" in text
+
+
+def test_container_cli_lists_none_on_fake_state(tmp_path, monkeypatch):
+    from runqlat import containers
+    monkeypatch.setattr(containers, "DEFAULT_CONTAINERD_STATE_DIRS", (str(tmp_path),))
+    res = invoke("containers", "--json")
+    assert res.exit_code == 0
+    assert isinstance(json.loads(res.output), list)
+
+
+def test_version():
+    res = invoke("version")
+    assert res.exit_code == 0 and res.output.startswith("runqlat-core ")
