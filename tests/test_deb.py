@@ -330,7 +330,7 @@ def test_run_json_per_process(deb, busy_shell):
         assert rec["count"] == sum(b["count"] for b in rec["buckets"])
 
 
-def test_service_command_with_unit_capabilities(deb):
+def test_service_command_with_unit_capabilities(deb, busy_shell):
     """The unit's ExecStart with the installed conffile, under the unit's capability
     bounding set: serves metrics, survives SIGHUP (ExecReload), stops cleanly on SIGTERM."""
     svc = _unit_service_section()
@@ -342,12 +342,16 @@ def test_service_command_with_unit_capabilities(deb):
         ["setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--inh-caps=-all", *argv],
         env=CLEAN_ENV, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        body = _scrape(port, proc)
         from prometheus_client.parser import text_string_to_metric_families
-        families = {f.name: f for f in text_string_to_metric_families(body)}
-        hist = families["runqlat_run_queue_latency_seconds"]
-        counts = [s.value for s in hist.samples if s.name.endswith("_count")]
-        assert counts and counts[0] > 0
+        deadline = time.monotonic() + 10
+        while True:  # the first scrape can come right after attach, before any wake-up
+            families = {f.name: f for f in text_string_to_metric_families(_scrape(port, proc))}
+            hist = families["runqlat_run_queue_latency_seconds"]
+            counts = [s.value for s in hist.samples if s.name.endswith("_count")]
+            if counts and counts[0] > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert counts and counts[0] > 0, "no run-queue latency counted in 10 s"
         assert "runqlat_build" in families or "runqlat_build_info" in families
 
         proc.send_signal(signal.SIGHUP)
