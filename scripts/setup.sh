@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 need_root() { [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (it installs Debian packages)" >&2; exit 1; }; }
 
 PKGS=(clang llvm make libbpf-dev libbpf1 bpftool python3-venv python3-dev
-      libbpf-tools linux-perf stress-ng util-linux procps)
+      libbpf-tools linux-perf stress-ng util-linux procps ${EXTRA_PKGS:-})
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -342,6 +342,17 @@ class Monitor:
             return None  # a cgroup of a container that stopped
         return ("", "")
 
+    def _fallback_label(self, key: int, h: Histogram) -> Labels:
+        """Labels of a key whose owner was gone before we first saw it."""
+        m = self.mode
+        if m in (Mode.PID, Mode.TID):
+            return (str(key), h.labels.get("comm", ""))
+        if m == Mode.CONTAINER:
+            return ("", "")
+        if m == Mode.CGROUP:
+            return (f"(removed cgroup {key})",)
+        return (str(key),) * len(m.labels)
+
     def _scan_pidns(self) -> None:
         now = time.monotonic()
         if now < self._next_pidns_scan:
@@ -374,7 +385,7 @@ class Monitor:
             for key, h in raw.items():
                 lab = self._label_of(key, h)
                 if lab is None:
-                    gone_keys[key] = self._key_labels.get(key, (str(key),) * len(self.mode.labels))
+                    gone_keys[key] = self._key_labels.get(key) or self._fallback_label(key, h)
                     continue
                 self._key_labels[key] = lab
                 self._add(hists, lab, h)
