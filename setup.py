@@ -2,6 +2,8 @@
 
 An sdist or wheel carries the built object, so installing one needs no compiler.
 """
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +16,8 @@ OBJ = ROOT / "python/runqlat/data/runqlat.bpf.o"
 
 class BuildWithBpf(build_py):
     def run(self):
-        if (ROOT / "bpf/Makefile").exists():
+        clang = shutil.which(os.environ.get("CLANG", "clang"))
+        if (ROOT / "bpf/Makefile").exists() and (clang or not OBJ.exists()):
             subprocess.run(["make", "-C", str(ROOT / "bpf")], check=True)
         elif not OBJ.exists():
             raise SystemExit("runqlat-core: no prebuilt BPF object and no bpf/ sources to build it")
