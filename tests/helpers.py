@@ -1,10 +1,21 @@
-"""Small helpers shared by the test modules (importable once tests/ is on sys.path)."""
+"""Helpers shared by the test modules (importable once tests/ is on sys.path).
+
+Also real run-queue contention for the integration tests, and the kernel's own
+view of it: busy loops pinned to one CPU wait for each other on its run queue
+while the test process keeps to the other CPUs. Everything started here is
+stopped by the context manager that started it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,3 +41,176 @@ def need_tool(name: str, package: str) -> str:
     if path is None:
         unavailable(f"{name} is not installed (apt-get install {package})")
     return path
+
+# a busy loop that is one single-threaded process and forks nothing (dash runs it in place)
+SPIN = ["/bin/sh", "-c", "while :; do :; done"]
+# a process with `threads` busy threads (the main thread just waits)
+SPIN_THREADS = [sys.executable, "-c",
+                "import sys, threading\n"
+                "def spin():\n"
+                "    while True: pass\n"
+                "ts = [threading.Thread(target=spin, daemon=True) for _ in range(int(sys.argv[1]))]\n"
+                "[t.start() for t in ts]\n"
+                "print('ready', flush=True)\n"
+                "ts[0].join()\n"]
+
+
+def contention_cpu() -> tuple[int, set[int]]:
+    """(the CPU the busy loops share, the CPUs left for the test process)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    hog_cpu = cpus[-1]
+    return hog_cpu, set(cpus[:-1]) or {hog_cpu}
+
+
+@contextlib.contextmanager
+def affinity(cpus: set[int]):
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+class Busy:
+    """One busy process pinned to `cpu`; stopped (SIGKILL + reap) by close()."""
+
+    def __init__(self, cpu: int, argv: list[str] | None = None, ready_line: bool = False):
+        self.proc = subprocess.Popen(argv or SPIN, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
+                                     preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+        if ready_line:
+            line = self.proc.stdout.readline()
+            assert line.strip() == b"ready", line
+        self.pid = self.proc.pid
+
+    def threads(self) -> set[int]:
+        return {int(t) for t in os.listdir(f"/proc/{self.pid}/task")}
+
+    def stop(self) -> None:
+        """SIGSTOP, and return once it is stopped: off the run queue, no wait in progress."""
+        os.kill(self.pid, signal.SIGSTOP)
+        wait_for(lambda: proc_state(self.pid) == "T", what=f"pid {self.pid} to stop")
+
+    def cont(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> "Busy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class BusyInPidns:
+    """A busy loop as init of a new PID namespace (unshare --pid --fork)."""
+
+    def __init__(self, cpu: int):
+        self.unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", *SPIN],
+                                        stdin=subprocess.DEVNULL,
+                                        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+        self.pid = wait_for(lambda: children(self.unshare.pid), what="unshare to fork")[0]
+        self.pidns = os.stat(f"/proc/{self.pid}/ns/pid").st_ino
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        if self.unshare.poll() is None:
+            self.unshare.kill()
+        self.unshare.wait()
+
+    def __enter__(self) -> "BusyInPidns":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def wait_for(cond, timeout: float = 5.0, what: str = "a condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def proc_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return stat[stat.rfind(b")") + 2:].split()[0].decode()
+
+
+def schedstat(pid: int) -> tuple[int, int, int]:
+    """/proc/PID/schedstat: (ns on CPU, ns waiting on a run queue, times run)."""
+    run, wait, slices = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(run), int(wait), int(slices)
+
+
+@contextlib.contextmanager
+def sysctl(name: str, value: str):
+    path = Path("/proc/sys") / name.replace(".", "/")
+    old = path.read_text().strip()
+    path.write_text(value)
+    try:
+        yield
+    finally:
+        path.write_text(old)
+
+
+def cgroup2_mount() -> Path | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            return Path(parts[1])
+    return None
+
+
+class TempCgroup:
+    """A cgroup v2 directory of our own; processes moved in are moved back out on close."""
+
+    def __init__(self, mount: Path):
+        self.parent = mount
+        self.path = mount / f"runqlat-test-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir()
+        self.id = self.path.stat().st_ino  # the cgroup id is its kernfs inode number
+
+    def move(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (self.parent / "cgroup.procs").write_text(pid)
+        wait_for(lambda: _rmdir(self.path), timeout=5, what=f"rmdir {self.path}")
+
+    def __enter__(self) -> "TempCgroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True

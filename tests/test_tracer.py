@@ -1,0 +1,357 @@
+"""The real object loaded by Tracer, against real run-queue contention (root).
+
+Three busy loops share one CPU, so each waits for the others on its run queue
+(several ms per turn); the test process keeps to the other CPUs. The kernel's
+own account of a task's waiting, /proc/PID/schedstat field 2 with
+kernel.task_delayacct=1, is the reference for the histogram's sum.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import time
+
+import pytest
+
+from helpers import (
+    Busy,
+    BusyInPidns,
+    SPIN_THREADS,
+    TempCgroup,
+    affinity,
+    cgroup2_mount,
+    contention_cpu,
+    schedstat,
+    sysctl,
+    unavailable,
+    wait_for,
+)
+from runqlat import abi, bpf
+from runqlat.abi import AggMode, DropReason, Filter, TrackedReason
+from runqlat.tracer import Options, Tracer
+
+pytestmark = pytest.mark.bpf
+
+US, MS = 1000, 1_000_000
+FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BATCH")
+
+
+# -- module fixtures: the contention, shared by every test --
+
+@pytest.fixture(scope="module")
+def cpus():
+    if os.geteuid() != 0:
+        unavailable("loading BPF programs needs root")
+    hog_cpu, rest = contention_cpu()
+    if hog_cpu in rest:
+        unavailable("needs at least 2 CPUs (one for the busy loops, one for the test)")
+    with affinity(rest):
+        yield hog_cpu
+
+
+@pytest.fixture(scope="module")
+def hogs(cpus):
+    """Three busy processes on one CPU: hogs[0] is tracked by the tests, the others are not."""
+    procs = []
+    try:
+        for _ in range(3):
+            procs.append(Busy(cpus))
+        yield procs
+    finally:
+        for p in procs:
+            p.close()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in FORCE_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def tracers(root_bpf):
+    """Open tracers with tracers(opts); every one is closed when the test ends."""
+    opened: list[Tracer] = []
+
+    def open_(opts: Options) -> Tracer:
+        t = Tracer(opts)
+        opened.append(t)
+        return t.open()
+
+    yield open_
+    for t in opened:
+        t.close()
+
+
+def _bpftool_prog_ids() -> set[int] | None:
+    import json
+    try:
+        r = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return None
+    return {p["id"] for p in json.loads(r.stdout or "[]")}
+
+
+# -- what a tracked process looks like, and an untracked one --
+
+def test_tracked_process_latency_untracked_absent(tracers, hogs):
+    tracked, other = hogs[0], hogs[1]
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS))
+    tr.set_targets(pids={tracked.pid})
+    time.sleep(1.5)
+    hists = tr.read_hists()
+    assert other.pid not in hists, "an untracked busy process on the same CPU got a histogram"
+    assert set(hists) == {tracked.pid}, f"only the tracked process may have a histogram: {sorted(hists)}"
+    h = hists[tracked.pid]
+    assert h.count > 10
+    assert int(h.slots.sum()) == h.count  # every counted event is in exactly one slot
+    assert h.labels["comm"] == "sh"
+    p50 = h.percentile_ns(0.5)
+    # three CPU hogs on one CPU under CFS/EEVDF: each waits for the others' slices (ms)
+    assert 100 * US < p50 < 200 * MS, f"p50 {p50 / 1e6:.3f} ms"
+    assert 100 * US < h.mean_ns < 500 * MS
+    assert tr.drops()["negative"] == 0
+
+
+def test_global_mode_without_targets_sees_every_task(tracers, hogs):
+    tr = tracers(Options())
+    time.sleep(0.5)
+    hists = tr.read_hists()
+    assert list(hists) == [0]
+    assert hists[0].count > 10
+    assert int(hists[0].slots.sum()) == hists[0].count
+
+
+# -- agreement with the kernel's own run-queue wait, on every load path --
+
+PATHS = {
+    "task_storage": ({}, ("tp_btf", "task_storage")),
+    "hash": ({"RUNQLAT_FORCE_HASH": "1"}, ("tp_btf", "hash")),
+    "raw_tp": ({"RUNQLAT_FORCE_RAW_TP": "1"}, ("raw_tp", "hash")),
+    "no_batch": ({"RUNQLAT_FORCE_NO_BATCH": "1"}, ("tp_btf", "task_storage")),
+}
+
+
+@pytest.fixture(scope="module")
+def delayacct(cpus):
+    """kernel.task_delayacct=1 for the module (schedstat reads 0 0 0 without it); restored after."""
+    with sysctl("kernel.task_delayacct", "1"):
+        yield
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
+    env, (attach, store) = PATHS[path]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    batch_calls = []
+    real_batch = bpf.Map._items_batch
+
+    def counting_batch(self):
+        batch_calls.append(self.name)
+        return real_batch(self)
+
+    monkeypatch.setattr(bpf.Map, "_items_batch", counting_batch)
+
+    task = hogs[0]
+    opts = Options(agg=AggMode.PID, initial_filter=Filter.PIDS)
+    assert opts.force_hash == (path == "hash") and opts.force_raw_tp == (path == "raw_tp")
+    tr = tracers(opts)
+    assert (tr.features["attach"], tr.features["timestamps"]) == (attach, store)
+    wanted = set(abi.SCHED_PROGRAMS[(attach, store)]) | {abi.AUX_PROGRAMS[attach][0]}
+    assert set(tr.features["programs"].split(",")) == wanted
+    tr.set_targets(pids={task.pid})
+
+    # Stopped, the task has no wait in progress: both accounts are at rest when read.
+    task.stop()
+    try:
+        h0 = tr.read_hists().get(task.pid)
+        s0 = schedstat(task.pid)
+    finally:
+        task.cont()
+    time.sleep(2.0)
+    task.stop()
+    try:
+        h1 = tr.read_hists()[task.pid]
+        s1 = schedstat(task.pid)
+    finally:
+        task.cont()
+
+    ours_ns = h1.sum_ns - (h0.sum_ns if h0 else 0)
+    ours_n = h1.count - (h0.count if h0 else 0)
+    kernel_ns, kernel_n = s1[1] - s0[1], s1[2] - s0[2]
+    detail = (f"{path}: histogram {ours_ns / 1e6:.2f} ms over {ours_n} waits, "
+              f"schedstat {kernel_ns / 1e6:.2f} ms over {kernel_n} runs")
+    assert kernel_ns > 100 * MS, f"too little contention to compare: {detail}"
+    assert ours_n > 0, detail
+    assert abs(ours_ns - kernel_ns) <= 0.05 * kernel_ns, detail
+
+    hists_map = tr.obj.map("hists")
+    if path == "no_batch":
+        assert not hists_map._batch_ok and batch_calls == [], "RUNQLAT_FORCE_NO_BATCH=1 still used batch ops"
+    else:
+        assert "hists" in batch_calls, "reading did not use batch map operations"
+
+
+# -- the tracked set changes while the programs run --
+
+def test_live_set_changes_keep_programs(tracers, hogs):
+    a, b = hogs[0], hogs[1]
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS))
+    assert tr.set_targets(pids={a.pid})
+    ids = {n: s[0] for n, s in tr.prog_stats().items()}
+    assert set(ids) == set(tr.features["programs"].split(","))
+    time.sleep(0.5)
+    h = tr.read_hists()
+    assert set(h) == {a.pid}
+
+    assert tr.set_targets(pids={a.pid, b.pid})
+    assert not tr.set_targets(pids={a.pid, b.pid})  # no change, nothing written
+    time.sleep(0.5)
+    h = tr.read_hists()
+    assert set(h) == {a.pid, b.pid}
+    assert h[b.pid].count > 0
+
+    assert tr.set_targets(pids={b.pid})
+    time.sleep(0.05)  # a wait that began before the change may still be recorded once
+    a_before, b_before = tr.read_hists()[a.pid].count, h[b.pid].count
+    time.sleep(0.5)
+    h = tr.read_hists()
+    assert h[a.pid].count - a_before <= 1, "a process taken out of the set is still recorded"
+    assert h[b.pid].count > b_before
+    assert tr.kernel_tracked_pids() == {b.pid: TrackedReason.LISTED}
+
+    assert tr.set_targets(pids=set())
+    assert tr.kernel_tracked_pids() == {}
+    assert {n: s[0] for n, s in tr.prog_stats().items()} == ids, "programs were reloaded"
+
+
+def test_exited_process_leaves_tracked_set(tracers, cpus):
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS))
+    with Busy(cpus) as gone, Busy(cpus) as stays:
+        tr.set_targets(pids={gone.pid, stays.pid})
+        assert set(tr.kernel_tracked_pids()) == {gone.pid, stays.pid}
+        gone.close()
+        wait_for(lambda: gone.pid not in tr.kernel_tracked_pids(), timeout=2,
+                 what="the exit program to drop the PID")
+        assert set(tr.kernel_tracked_pids()) == {stays.pid}
+        assert tr.forget_exited() == {gone.pid}
+        assert tr.forget_exited() == set()
+
+
+def test_follow_children_tracks_forks(tracers, cpus):
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, follow_children=True))
+    assert "fork_btf" in tr.features["programs"] or "fork_raw" in tr.features["programs"]
+    parent = subprocess.Popen(["/bin/sh", "-c", "read x; sleep 30 & echo $!; wait"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        tr.set_targets(pids={parent.pid})
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+        child = int(parent.stdout.readline())
+        tracked = tr.kernel_tracked_pids()
+        assert tracked.get(parent.pid) == TrackedReason.LISTED
+        assert tracked.get(child) == TrackedReason.CHILD
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+        parent.stdin.close()
+        parent.stdout.close()
+
+
+# -- other aggregation modes --
+
+def test_tid_mode_keys_threads(tracers, cpus):
+    with Busy(cpus, SPIN_THREADS + ["2"], ready_line=True) as p:
+        tr = tracers(Options(agg=AggMode.TID, initial_filter=Filter.PIDS))
+        tr.set_targets(pids={p.pid})
+        time.sleep(1.0)
+        hists = tr.read_hists()
+        tids = p.threads()
+        assert set(hists) <= tids, f"keys {sorted(hists)} are not threads of {p.pid} ({sorted(tids)})"
+        workers = tids - {p.pid}
+        assert workers <= set(hists), "every busy thread has its own histogram"
+        assert all(hists[t].count > 0 for t in workers)
+
+
+def test_pidns_mode_keys_namespace(tracers, cpus):
+    host_ns = os.stat("/proc/self/ns/pid").st_ino
+    with BusyInPidns(cpus) as c:
+        assert c.pidns != host_ns
+        tr = tracers(Options(agg=AggMode.PIDNS, initial_filter=Filter.PIDNS))
+        tr.set_targets(pidns={c.pidns})
+        time.sleep(1.0)
+        hists = tr.read_hists()
+        assert set(hists) == {c.pidns}
+        assert hists[c.pidns].count > 0
+        assert host_ns not in hists
+
+
+def test_cgroup_filter_counts_process_moved_in(tracers, cpus, hogs):
+    mount = cgroup2_mount()
+    if mount is None:
+        unavailable("no cgroup v2 hierarchy mounted")
+    with TempCgroup(mount) as cg, Busy(cpus) as mover:
+        tr = tracers(Options(agg=AggMode.CGROUP, watch_cgroup_moves=True, initial_filter=Filter.CGROUPS))
+        assert "cgroup_attach" in tr.features["programs"]
+        tr.set_targets(cgroups={cg.id})
+        time.sleep(0.3)
+        assert tr.read_hists() == {}, "nothing is in the tracked cgroup yet"
+        cg.move(mover.pid)  # after tracing started: the move must be noticed
+        time.sleep(1.0)
+        hists = tr.read_hists()
+        assert set(hists) == {cg.id}, f"keys {sorted(hists)}, want the cgroup id {cg.id}"
+        assert hists[cg.id].count > 0
+        # moved back out: no longer counted
+        (mount / "cgroup.procs").write_text(str(mover.pid))
+        time.sleep(0.05)
+        n = tr.read_hists()[cg.id].count
+        time.sleep(0.5)
+        assert tr.read_hists()[cg.id].count - n <= 1
+
+
+# -- reading and lifetime --
+
+def test_drops_and_map_fill(tracers, hogs):
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS))
+    tr.set_targets(pids={hogs[0].pid})
+    time.sleep(0.2)
+    drops = tr.drops()
+    assert set(drops) == {r.name.lower() for r in DropReason}
+    assert all(isinstance(v, int) and v >= 0 for v in drops.values())
+    fill = tr.map_fill()
+    assert fill["tracked_pids"][1] == 1
+    assert fill["hists"][1] == 1
+    assert all(used <= cap for cap, used in fill.values())
+
+
+def test_close_twice_and_nothing_left(root_bpf, hogs):
+    tr = Tracer(Options(agg=AggMode.PID))
+    with tr:
+        ids = {s[0] for s in tr.prog_stats().values()}
+        assert ids
+        live = _bpftool_prog_ids()
+        assert live is None or ids <= live
+    tr.close()
+    tr.close()
+    with pytest.raises(RuntimeError):
+        tr.obj
+    if _bpftool_prog_ids() is not None:
+        wait_for(lambda: not (ids & _bpftool_prog_ids()), timeout=3, what="the programs to be unloaded")
+
+
+def test_stop_and_continue_leave_no_gap(hogs, delayacct):
+    """The helpers the agreement test relies on: stop() really stops, cont() resumes."""
+    t = hogs[2]
+    t.stop()
+    run0 = schedstat(t.pid)[0]
+    time.sleep(0.1)
+    assert schedstat(t.pid)[0] == run0
+    t.cont()
+    wait_for(lambda: schedstat(t.pid)[0] > run0, timeout=2, what="the task to run again")
