@@ -168,13 +168,20 @@ class Map:
 class BpfObject:
     """An opened (then loaded and attached) BPF object file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, btf_custom_path: str | None = None):
+        """btf_custom_path: BTF to use for CO-RE relocations instead of the kernel's
+        (tests use it to make the object meet an older task_struct)."""
         l = _ffi.lib()
         self.path = Path(path)
         self._links: list = []
         self._log_bufs: dict[str, object] = {}
         _ffi.take_messages()
-        obj = l.bpf_object__open_file(str(self.path).encode(), ffi.NULL)
+        opts = ffi.NULL
+        if btf_custom_path:
+            self._btf_path = ffi.new("char[]", str(btf_custom_path).encode())
+            opts = ffi.new("struct bpf_object_open_opts *",
+                           {"sz": ffi.sizeof("struct bpf_object_open_opts"), "btf_custom_path": self._btf_path})
+        obj = l.bpf_object__open_file(str(self.path).encode(), opts)
         if obj == ffi.NULL:
             err = _ffi.errno()
             raise error_for(f"opening BPF object {self.path}", err or _errno.EINVAL, _last_message())

@@ -46,6 +46,8 @@ class Options:
     initial_filter: Filter = Filter(0)
     force_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HASH") == "1")
     force_raw_tp: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_RAW_TP") == "1")
+    # BTF for CO-RE relocations instead of the running kernel's (RUNQLAT_CORE_BTF; tests)
+    core_btf: str | None = field(default_factory=lambda: os.environ.get("RUNQLAT_CORE_BTF") or None)
 
 
 def check_environment(btf_path: str | None = None) -> None:
@@ -91,7 +93,7 @@ class Tracer:
         check_environment()
         first_error = None
         for attach, store in self.candidates():
-            obj = BpfObject(self.object_path)
+            obj = BpfObject(self.object_path, btf_custom_path=self.opts.core_btf)
             self._obj = obj
             try:
                 self._configure(obj, attach, store)
@@ -134,6 +136,8 @@ class Tracer:
     def _configure(self, obj: BpfObject, attach: str, store: str) -> None:
         o = self.opts
         self.features = {"attach": attach, "timestamps": store}
+        if o.core_btf:
+            self.features["core_btf"] = o.core_btf
         wanted = set(abi.SCHED_PROGRAMS[(attach, store)])
         exit_p, fork_p, cg_p = abi.AUX_PROGRAMS[attach]
         wanted.add(exit_p)
