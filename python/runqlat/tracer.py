@@ -265,6 +265,7 @@ class Tracer:
             m = self.obj.map("hists")
             kb, raw, n = m.items()
             keys = list(struct.unpack(f"<{n}Q", kb))
+        self._hists_used = n
         if n == 0:
             return {}
         arr = np.frombuffer(raw, dtype=abi.HIST_DTYPE).reshape(n, m.ncpus)
@@ -300,7 +301,8 @@ class Tracer:
         out = {"tracked_pids": (self.obj.map("tracked_pids").max_entries, len(self.kernel_tracked_pids()))}
         if self.opts.agg != AggMode.GLOBAL:
             m = self.obj.map("hists")
-            out["hists"] = (m.max_entries, len(m.keys()))
+            used = getattr(self, "_hists_used", None)
+            out["hists"] = (m.max_entries, used if used is not None else len(m.keys()))
         out["tracked_cgroups"] = (self.obj.map("tracked_cgroups").max_entries, len(self._cgroups))
         out["tracked_pidns"] = (self.obj.map("tracked_pidns").max_entries, len(self._pidns))
         if self.features.get("timestamps") == "hash":
