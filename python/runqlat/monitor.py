@@ -161,6 +161,7 @@ class Monitor:
         self._stash: dict[str, dict[Labels, Histogram]] = {}
         self._base: dict[Labels, Histogram] = {}   # finals of retired keys whose label lives on
         self._key_labels: dict[int, Labels] = {}
+        self._retired_at: dict[int, float] = {}    # keys retired in the last second -> when
         self._cgtree: CgroupTree | None = None
         self._containers: list[ctr.Container] = []
         self._next_container_scan = 0.0
@@ -382,9 +383,16 @@ class Monitor:
                     self._cgtree.scan(min_age=1.0)
             hists: dict[Labels, Histogram] = {}
             gone_keys: dict[int, Labels] = {}
+            late_keys: list[int] = []
             for key, h in raw.items():
                 lab = self._label_of(key, h)
                 if lab is None:
+                    if key in self._retired_at:
+                        # a run-queue wait that began while its owner was tracked and ended
+                        # after the retirement re-created the kernel entry: its final value
+                        # was handed out already, so drop it rather than show the key again
+                        late_keys.append(key)
+                        continue
                     gone_keys[key] = self._key_labels.get(key) or self._fallback_label(key, h)
                     continue
                 self._key_labels[key] = lab
@@ -408,8 +416,11 @@ class Monitor:
                     h = h + b
                 for c in self._consumers:
                     self._add(self._stash[c], lab, h)
-            if gone_keys:
-                t.delete_hists(list(gone_keys))
+            if gone_keys or late_keys:
+                t.delete_hists(list(gone_keys) + late_keys)
+            now = time.monotonic()  # any pending wait has ended and been seen a second on
+            self._retired_at = {k: ts for k, ts in self._retired_at.items() if now - ts < 1.0}
+            self._retired_at.update(dict.fromkeys(gone_keys, now))
             gone = set()
             if consumer is not None:
                 live_labels = set(hists)
