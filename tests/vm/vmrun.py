@@ -4,9 +4,12 @@
 Boots a stock Debian kernel (generic ``-amd64`` flavour) under
 ``qemu-system-x86_64 -accel tcg`` with a tiny busybox initramfs.  The
 initramfs loads the virtio/9p modules, mounts the *host's* root file system
-read-only over 9p (virtfs), layers writable tmpfs on /tmp, /run, /var/tmp,
-/root, mounts proc/sysfs/devtmpfs/tracefs/debugfs/bpffs/cgroup2 and then
-chroots into the host root to run the requested command as root.  The
+read-only over 9p (virtfs), layers writable tmpfs on /tmp, /run, /var/tmp
+(HOME=/tmp; /root stays the host's, read-only; a directory that holds the
+command, its working directory or this checkout is left as the host's, so a
+checkout under /tmp still works), mounts
+proc/sysfs/devtmpfs/tracefs/debugfs/bpffs/cgroup2 and then chroots into the
+host root to run the requested command as root.  The
 command's exit status comes back on the serial console as a marker line
 ``RUNQLAT_VM_EXIT=<code>:<nonce>`` (qemu's own exit code does not carry it),
 after which the guest powers off.
@@ -100,16 +103,16 @@ mount -t devtmpfs devtmpfs $R/dev || fail "devtmpfs"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
-for d in tmp run var/tmp root; do
+for d in $(cat /tmpfs_dirs); do
     [ -d $R/$d ] && { mount -t tmpfs -o mode=1777 tmpfs $R/$d || fail "tmpfs $d"; }
 done
 mount -t tracefs tracefs $R/sys/kernel/tracing || echo "vmrun-init: no tracefs"
 mount -t debugfs debugfs $R/sys/kernel/debug || echo "vmrun-init: no debugfs"
 mount -t bpf bpf $R/sys/fs/bpf || echo "vmrun-init: no bpffs"
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || echo "vmrun-init: no cgroup2"
-cp /cmd.sh $R/tmp/vmrun-cmd.sh
+cp /cmd.sh $R/dev/shm/vmrun-cmd.sh || fail "cannot copy the command script"
 echo; echo "RUNQLAT_VM_START:$(cat /nonce)"
-HOME=/root TERM=dumb LANG=C.UTF-8 PATH=@GUEST_PATH@ chroot $R /bin/sh /tmp/vmrun-cmd.sh
+TERM=dumb LANG=C.UTF-8 PATH=@GUEST_PATH@ chroot $R /bin/sh /dev/shm/vmrun-cmd.sh
 rc=$?
 echo; echo "RUNQLAT_VM_EXIT=$rc:$(cat /nonce)"
 sync
@@ -119,7 +122,11 @@ echo o > /proc/sysrq-trigger
 """.replace("@GUEST_PATH@", GUEST_PATH)
 
 HARNESS_VERSION = hashlib.sha256(
-    (INIT_SCRIPT + repr(WANTED_MODULES) + "v2").encode()).hexdigest()[:16]
+    (INIT_SCRIPT + repr(WANTED_MODULES) + "v3").encode()).hexdigest()[:16]
+
+# Writable tmpfs layered over these host directories in the guest, unless
+# the guest command needs something beneath one of them (see _tmpfs_dirs).
+TMPFS_DIRS = ("tmp", "run", "var/tmp")
 
 
 class VMError(RuntimeError):
@@ -152,21 +159,34 @@ def _apt_update(extra_opts=()) -> None:
         _apt_updated = True
 
 
-def ensure_host_tools() -> None:
-    """Install qemu-system-x86 via apt if it is missing (needs root)."""
-    if shutil.which(QEMU):
+def _ensure_tool(binary: str, package: str) -> None:
+    """apt-get install `package` when `binary` is not on PATH (needs root)."""
+    if shutil.which(binary):
         return
     if os.geteuid() != 0:
-        raise VMError(f"{QEMU} missing and not root: cannot apt-get install")
+        raise VMError(f"{binary} missing and not root: cannot apt-get install {package}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-           "qemu-system-x86"]
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]
     log(" ".join(cmd))
     if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
-        _apt_update()
+        _apt_update()  # a fresh machine may have no or stale package lists
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    if not shutil.which(QEMU):
-        raise VMError(f"{QEMU} still missing after apt-get install")
+    if not shutil.which(binary):
+        raise VMError(f"{binary} still missing after apt-get install {package}")
+
+
+def ensure_host_tools() -> None:
+    """Install what booting a guest needs on the host, when it is missing.
+
+    Only qemu is installed (it pulls seabios).  Busybox-static is downloaded
+    and unpacked under build/vm rather than installed, the initramfs cpio is
+    written by this module, and modules are decompressed in Python (zstd is
+    fetched on demand, see _ko_bytes), so no cpio or busybox package is needed.
+    """
+    for binary in ("apt-get", "apt-cache", "dpkg-deb"):
+        if not shutil.which(binary):
+            raise VMError(f"{binary} missing: the VM harness needs a Debian host")
+    _ensure_tool(QEMU, "qemu-system-x86")
 
 
 def _backports_opts() -> list[str]:
@@ -286,6 +306,7 @@ def _ko_bytes(path: Path) -> bytes:
     if path.name.endswith(".xz"):
         return lzma.decompress(data)
     if path.name.endswith(".zst"):
+        _ensure_tool("zstd", "zstd")
         return subprocess.run(["zstd", "-dc", str(path)], check=True,
                               capture_output=True).stdout
     if path.name.endswith(".gz"):
@@ -447,7 +468,23 @@ def fetch_kernel(series: str) -> Path:
         stamp.unlink()
     debdir = BUILD / "debs"
     debs = sorted(debdir.glob(f"{pkg}_*.deb")) if debdir.exists() else []
-    deb = debs[-1] if debs else _apt_download(pkg, debdir, opts)
+    if debs:
+        deb = debs[-1]
+    else:
+        try:
+            deb = _apt_download(pkg, debdir, opts)
+        except subprocess.CalledProcessError:
+            # Package lists older than the mirror: the version they name is gone.
+            _apt_update(opts)
+            pkg, opts = resolve_package(series)
+            deb = _apt_download(pkg, debdir, opts)
+        want = f"{pkg} {HARNESS_VERSION}"
+    # Debs of this series' earlier ABIs are dead weight (~100 MB each).  The
+    # glob of "6.1" does not match "6.12.*": the character after "6.1" differs.
+    for stale in debdir.glob(f"linux-image-{series}.*.deb"):
+        if stale != deb:
+            log(f"removing superseded {stale.name}")
+            stale.unlink()
     root = kdir / "root"
     shutil.rmtree(root, ignore_errors=True)
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
@@ -470,6 +507,19 @@ def fetch_kernel(series: str) -> Path:
     return kdir
 
 
+def _tmpfs_dirs(keep: list[str]) -> list[str]:
+    """TMPFS_DIRS minus those that would hide one of the `keep` paths."""
+    out = []
+    for d in TMPFS_DIRS:
+        top = Path("/", d)
+        hidden = [k for k in keep if Path(k) == top or top in Path(k).parents]
+        if hidden:
+            log(f"not layering tmpfs over /{d}: the guest needs {hidden[0]}")
+        else:
+            out.append(d)
+    return out
+
+
 def _cmd_script(argv: list[str], cwd: str, env: dict[str, str]) -> str:
     lines = ["set +e"]
     for k, v in env.items():
@@ -477,6 +527,14 @@ def _cmd_script(argv: list[str], cwd: str, env: dict[str, str]) -> str:
     lines.append(f"cd {shlex.quote(cwd)} || exit 127")
     lines.append(" ".join(shlex.quote(a) for a in argv))
     return "\n".join(lines) + "\n"
+
+
+def _remove_stale_initrds(kdir: Path) -> None:
+    """Per-run initrds of harness processes that died before cleaning up."""
+    for f in kdir.glob("initrd-*-*.img"):
+        pid = f.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            f.unlink(missing_ok=True)
 
 
 def run_in_guest(series: str, argv: list[str], timeout: float = 300,
@@ -496,14 +554,23 @@ def run_in_guest(series: str, argv: list[str], timeout: float = 300,
     ensure_host_tools()
     kdir = fetch_kernel(series)
     nonce = secrets.token_hex(8)
-    genv = {"PYTHONDONTWRITEBYTECODE": "1", "RUNQLAT_IN_VM": series}
+    argv = list(map(str, argv))
+    cwd = str(cwd or REPO)
+    keep = [os.path.realpath(p) for p in (cwd, REPO, sys.prefix,
+                                          shutil.which(argv[0]) or argv[0])]
+    tmpfs = _tmpfs_dirs(keep)
+    scratch = "/tmp" if "tmp" in tmpfs else "/dev/shm"
+    genv = {"HOME": scratch, "TMPDIR": scratch,
+            "PYTHONDONTWRITEBYTECODE": "1", "RUNQLAT_IN_VM": series}
     genv.update(env or {})
     c = Cpio()
-    c.file("cmd.sh", _cmd_script(list(map(str, argv)), str(cwd or REPO),
-                                 genv).encode(), 0o755)
+    c.file("cmd.sh", _cmd_script(argv, cwd, genv).encode(), 0o755)
     c.file("nonce", nonce.encode() + b"\n")
+    c.file("tmpfs_dirs", ("\n".join(tmpfs) + "\n").encode())
     extra = gzip.compress(c.finish())
-    fd, initrd = tempfile.mkstemp(prefix="initrd-", suffix=".img", dir=kdir)
+    _remove_stale_initrds(kdir)
+    fd, initrd = tempfile.mkstemp(prefix=f"initrd-{os.getpid()}-",
+                                  suffix=".img", dir=kdir)
     with os.fdopen(fd, "wb") as f:
         f.write((kdir / "initrd.img").read_bytes())
         f.write(extra)
@@ -536,9 +603,11 @@ def run_in_guest(series: str, argv: list[str], timeout: float = 300,
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        proc.kill()
-        proc.wait()
     finally:
+        # Also on KeyboardInterrupt or a failing echo: never leave qemu behind.
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         th.join(5)
         try:
             os.unlink(initrd)
