@@ -1,0 +1,501 @@
+# SPDX-License-Identifier: (GPL-2.0 OR MIT)
+"""Scheduler hot-path cost of runqlat-core against an empty program and
+libbpf-tools runqlat, and the tracer's user-space figures (issue 5).
+
+Run through bench/run.sh (it installs what this needs). One run: every
+configuration once per round, in an order rotated each round, medians over
+the rounds. The workload is `perf bench sched pipe` pinned to CPU 1; tracers'
+user space is pinned to CPU 0. BPF cost is run_time_ns / run_cnt of each
+program over the workload, from the kernel's own accounting
+(kernel.bpf_stats_enabled=1 for the run, put back after).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import (BENCH, CLK_TCK, OUT, REPO, Procs, Sysctl, cpu_busy, cpu_ticks, exit_on_signals, free_port,
+                    log, machine, map_ids, maps_info, prog_counters, prog_names, role, runqlat_core,
+                    scrape, status_kb, wait_attached)
+
+sys.path.insert(0, str(REPO / "python"))
+
+WORKLOAD_CPU = "1"
+TRACER_CPU = "0"
+SETTLE_S = 0.5  # after attach, before counting: lets the tracer's own start-up finish
+
+CONFIGS = (
+    ("none", "no tracer"),
+    ("empty", "empty tp_btf program"),
+    ("runqlat", "libbpf-tools runqlat"),
+    ("all", "runqlat-core, all tasks"),
+    ("outside", "runqlat-core -p, workload outside"),
+    ("inside", "runqlat-core -p, workload inside"),
+    ("perproc", "runqlat-core -P, all tasks"),
+)
+OURS = ("all", "outside", "inside", "perproc")
+
+
+def tracer_argv(cfg: str, gate_pid: int, idle_pid: int) -> list[str] | None:
+    rqc = runqlat_core()
+    argv = {
+        "none": None,
+        "empty": [sys.executable, str(BENCH / "empty_loader.py"), str(OUT / "empty.bpf.o")],
+        "runqlat": ["/usr/sbin/runqlat"],
+        "all": rqc + ["run", "--output", "json"],
+        "outside": rqc + ["run", "--output", "json", "-p", str(idle_pid)],
+        # the workload is exec'd by the gate shell, its forked worker followed
+        "inside": rqc + ["run", "--output", "json", "-p", str(gate_pid), "--follow-children"],
+        "perproc": rqc + ["run", "--output", "json", "-P"],
+    }[cfg]
+    return argv and ["taskset", "-c", TRACER_CPU] + argv
+
+
+def recorded_events(log_path: Path) -> int | None:
+    """Sum of counts in runqlat-core's JSON output at exit (None: not JSON)."""
+    total, seen = 0, False
+    try:
+        lines = log_path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "count" in rec:
+            total += int(rec["count"])
+            seen = True
+    return total if seen else None
+
+
+def one_run(procs: Procs, cfg: str, loops: int, idle_pid: int, tag: str) -> dict:
+    """The workload once under cfg's tracer: ops/s and each program's counter deltas."""
+    # The gate holds the workload until the tracer is attached; its PID is the
+    # workload's, so "inside" can name it before it runs.
+    gate = procs.start(["sh", "-c", f"read _ && exec taskset -c {WORKLOAD_CPU} "
+                                    f"perf bench sched pipe -l {loops}"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = tracer_argv(cfg, gate.pid, idle_pid)
+    tracer, log_path, rec = None, OUT / "logs" / f"{tag}-{cfg}.log", {"cfg": cfg}
+    try:
+        if argv:
+            with open(log_path, "w") as lf:
+                tracer = procs.start(argv, stdout=lf, stderr=subprocess.STDOUT)
+            wait_attached(tracer)
+            time.sleep(SETTLE_S)
+            before = prog_counters(tracer.pid)
+        gate.stdin.write("\n")
+        gate.stdin.close()
+        out = gate.stdout.read()
+        gate.wait()
+        if tracer:
+            after = prog_counters(tracer.pid)
+            names = prog_names(after)  # while the programs exist
+            rec["tracer_rc"] = procs.stop(tracer)
+            progs = {}
+            for pid_, (rt, cnt) in after.items():
+                rt0, cnt0 = before.get(pid_, (0, 0))
+                progs[names.get(pid_, str(pid_))] = (rt - rt0, cnt - cnt0)
+            rec["progs"] = progs
+            if cfg in OURS:
+                rec["recorded"] = recorded_events(log_path)
+    finally:
+        if tracer:
+            procs.stop(tracer)
+        procs.stop(gate, signal.SIGKILL, 0)
+    m = re.search(r"(\d+)\s+ops/sec", out)
+    if not m:
+        raise RuntimeError(f"perf bench printed no ops/sec under {cfg}:\n{out}")
+    rec["ops"] = int(m.group(1))
+    return rec
+
+
+def per_role(progs: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """ns per event of the wakeup and switch handlers, and of all three weighted by events."""
+    acc = {"wakeup": [0, 0], "switch": [0, 0], "all": [0, 0]}
+    for name, (rt, cnt) in progs.items():
+        r = role(name)
+        if r == "other":
+            continue
+        key = "switch" if r == "switch" else "wakeup"
+        for k in (key, "all"):
+            acc[k][0] += rt
+            acc[k][1] += cnt
+    return {k: (rt / cnt if cnt else float("nan")) for k, (rt, cnt) in acc.items()}
+
+
+def hot_path(procs: Procs, rounds: int, loops: int, warmup_loops: int) -> dict:
+    idle = procs.start(["sleep", "infinity"])  # the tracked set of "outside": a process that never runs
+    results: dict[str, list[dict]] = {c: [] for c, _ in CONFIGS}
+    names = [c for c, _ in CONFIGS]
+    log(f"bench: warm-up, every configuration once ({warmup_loops} loops)")
+    for cfg in names:
+        one_run(procs, cfg, warmup_loops, idle.pid, "warmup")
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for cfg in order:
+            rec = one_run(procs, cfg, loops, idle.pid, f"round{r + 1}")
+            rec["round"] = r + 1
+            results[cfg].append(rec)
+            log(f"bench: round {r + 1}/{rounds} {cfg:8s} {rec['ops']:>8d} ops/s"
+                + (f"  {per_role(rec['progs'])['all']:6.0f} ns/event" if "progs" in rec else ""))
+    procs.stop(idle, signal.SIGKILL, 0)
+    return results
+
+
+def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
+    none_by_round = {r["round"]: r["ops"] for r in results["none"]}
+    summary = {}
+    for cfg, recs in results.items():
+        s = {"ops": statistics.median(r["ops"] for r in recs),
+             "ops_min": min(r["ops"] for r in recs), "ops_max": max(r["ops"] for r in recs),
+             "slowdown_pct": statistics.median(100.0 * (1 - r["ops"] / none_by_round[r["round"]]) for r in recs)}
+        if recs and "progs" in recs[0]:
+            roles = [per_role(r["progs"]) for r in recs]
+            for k in ("wakeup", "switch", "all"):
+                s[f"{k}_ns"] = statistics.median(x[k] for x in roles)
+            s["all_ns_min"] = min(x["all"] for x in roles)
+            s["all_ns_max"] = max(x["all"] for x in roles)
+            s["events_per_op"] = statistics.median(
+                sum(c for n, (_, c) in r["progs"].items() if role(n) != "other") / (r["ops"] or 1) for r in recs)
+            other = [sum(rt for n, (rt, _) in r["progs"].items() if role(n) == "other") for r in recs]
+            s["other_progs_ns_total"] = statistics.median(other)
+        rec = [r.get("recorded") for r in recs if r.get("recorded") is not None]
+        if rec:
+            s["recorded"] = statistics.median(rec)
+        rcs = {r.get("tracer_rc") for r in recs if "tracer_rc" in r}
+        if rcs - {0, None, -2, 130}:
+            s["tracer_rcs"] = sorted(x for x in rcs if x is not None)
+        summary[cfg] = s
+    if "all_ns" in summary.get("runqlat", {}):
+        base = summary["runqlat"]["all_ns"]
+        for cfg in ("runqlat",) + OURS:
+            if "all_ns" in summary.get(cfg, {}):
+                summary[cfg]["ratio_runqlat"] = summary[cfg]["all_ns"] / base
+    if "all_ns" in summary.get("empty", {}):
+        for cfg in ("runqlat",) + OURS:
+            if "all_ns" in summary.get(cfg, {}):
+                summary[cfg]["over_empty_ns"] = summary[cfg]["all_ns"] - summary["empty"]["all_ns"]
+    return summary
+
+
+def hot_path_table(summary: dict[str, dict]) -> str:
+    head = ("configuration", "wakeup ns", "switch ns", "ns/event", "+ns vs empty", "x runqlat",
+            "ops/s", "slowdown")
+    rows = []
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for cfg, label in CONFIGS:
+        s = summary[cfg]
+        rows.append((label, f(s.get("wakeup_ns"), ".0f"), f(s.get("switch_ns"), ".0f"),
+                     f(s.get("all_ns"), ".0f"), f(s.get("over_empty_ns"), "+.0f"),
+                     f(s.get("ratio_runqlat"), ".2f"), f"{s['ops']:,.0f}",
+                     "-" if cfg == "none" else f"{s['slowdown_pct']:.1f}%"))
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i])
+                                       for i, c in enumerate(r)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+# -- user space --
+
+def median_s(fn, n: int) -> float:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def startup(procs: Procs, n: int = 5) -> dict:
+    from runqlat.tracer import Options, Tracer
+    opened = []
+    for _ in range(n):
+        t = Tracer(Options())
+        t0 = time.perf_counter()
+        t.open()
+        opened.append(time.perf_counter() - t0)
+        t.close()
+    cli = []
+    for _ in range(n):
+        p = procs.start(["taskset", "-c", TRACER_CPU] + runqlat_core() + ["run", "--quiet"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cli.append(wait_attached(p))
+        procs.stop(p)
+    return {"load_attach_s": statistics.median(opened), "cli_to_attached_s": statistics.median(cli)}
+
+
+def target_updates(n_rounds: int = 5) -> dict:
+    """Tracer.set_targets with 10,000 PIDs (numbers above any pid_max: they only fill the map)."""
+    from runqlat.abi import AggMode
+    from runqlat.tracer import Options, Tracer
+    a = set(range(5_000_000, 5_010_000))
+    b = set(range(5_010_000, 5_020_000))
+    b2 = set(sorted(b)[1000:]) | set(range(5_020_000, 5_021_000))
+    times = {"add_10k": [], "replace_10k": [], "change_1k": [], "clear_10k": []}
+    with Tracer(Options(agg=AggMode.PID)).open() as t:
+        for _ in range(n_rounds):
+            for key, s in (("add_10k", a), ("replace_10k", b), ("change_1k", b2), ("clear_10k", set())):
+                t0 = time.perf_counter()
+                t.set_targets(pids=s)
+                times[key].append(time.perf_counter() - t0)
+        max_tracked = t.obj.map("tracked_pids").max_entries
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["tracked_pids_max_entries"] = max_tracked
+    return out
+
+
+def spawn_sleepers(procs: Procs, n: int, lo_ms: int, hi_ms: int, pidfile: Path):
+    if pidfile.exists():
+        pidfile.unlink()
+    p = procs.start([str(OUT / "procs"), "sleepers", str(n), str(lo_ms), str(hi_ms), str(pidfile)])
+    t0 = time.monotonic()
+    while not pidfile.exists():
+        if p.poll() is not None or time.monotonic() - t0 > 300:
+            raise RuntimeError(f"procs sleepers {n} did not start")
+        time.sleep(0.1)
+    got = len(pidfile.read_text().split())
+    if got != n:
+        raise RuntimeError(f"procs sleepers: {got} of {n} processes started")
+    return p
+
+
+def measure_tracer(p, seconds: float) -> dict:
+    t0, c0 = time.monotonic(), cpu_ticks(p.pid)
+    time.sleep(seconds)
+    t1, c1 = time.monotonic(), cpu_ticks(p.pid)
+    return {"cpu_pct": 100.0 * (c1 - c0) / CLK_TCK / (t1 - t0),
+            "rss_mb": status_kb(p.pid, "VmRSS") / 1024, "hwm_mb": status_kb(p.pid, "VmHWM") / 1024}
+
+
+def keys_last_interval(path: Path) -> int:
+    """Distinct processes in the last complete interval of a JSON output file."""
+    by_ts: dict[float, set] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "pid" in rec:
+            by_ts.setdefault(rec.get("ts"), set()).add(rec["pid"])
+    stamps = sorted(k for k in by_ts if k is not None)
+    return len(by_ts[stamps[-2]]) if len(stamps) >= 2 else (len(by_ts[stamps[-1]]) if stamps else 0)
+
+
+def thousand_tracked(procs: Procs, seconds: float) -> dict:
+    """1,000 tracked processes waking every 10-50 ms, -P, 1 s interval: tracer CPU and RSS."""
+    pidfile = OUT / "pids-1000"
+    sleepers = spawn_sleepers(procs, 1000, 10, 50, pidfile)
+    out = {}
+    try:
+        for fmt in ("text", "json"):
+            dest = OUT / f"us-1000.{fmt}"
+            dest.unlink(missing_ok=True)  # the CLI appends
+            argv = runqlat_core() + ["run", "1", "-P", "--pids-file", str(pidfile), "--output", fmt,
+                                     "--output-file", str(dest)]
+            p = procs.start(argv, stdout=subprocess.DEVNULL, stderr=open(OUT / "logs" / f"us-1000-{fmt}.log", "w"))
+            wait_attached(p)
+            time.sleep(3)  # first intervals: every process gets its histogram
+            out[fmt] = measure_tracer(p, seconds)
+            procs.stop(p)
+            if fmt == "json":
+                out[fmt]["keys_per_interval"] = keys_last_interval(dest)
+    finally:
+        procs.stop(sleepers, signal.SIGTERM)
+    return out
+
+
+def ten_thousand_live(procs: Procs, seconds: float) -> dict:
+    """10,000 live tracked processes (waking every 0.5-1.5 s), -P, 1 s interval: maps and tracer."""
+    pidfile = OUT / "pids-10000"
+    t0 = time.monotonic()
+    sleepers = spawn_sleepers(procs, 10_000, 500, 1500, pidfile)
+    spawn_s = time.monotonic() - t0
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    out = {"spawn_s": spawn_s}
+    try:
+        argv = runqlat_core() + ["run", "1", "-P", "--pids-file", str(pidfile), "--metrics-addr", addr]
+        p = procs.start(argv, stdout=subprocess.DEVNULL, stderr=open(OUT / "logs" / "us-10000.log", "w"))
+        wait_attached(p)
+        time.sleep(8)  # every process wakes (<= 1.5 s) and an interval or more passes
+        out.update(measure_tracer(p, seconds))
+        # one scrape, after the CPU sample: with 10,000 histograms it is large
+        t0 = time.monotonic()
+        m = scrape(addr, timeout=120)
+        out["scrape_s"] = time.monotonic() - t0
+        out["scrape_series"] = len(m)
+        used = {re.search(r'map="([^"]+)"', k).group(1): v for k, v in m.items()
+                if k.startswith("runqlat_map_used_entries{")}
+        out["tracked_processes"] = m.get("runqlat_tracked_processes")
+        out["drops"] = {k: v for k, v in m.items() if k.startswith("runqlat_dropped_events_total") and v}
+        maps = maps_info(map_ids(p.pid))
+        out["maps"] = {name: {"type": mi.get("type"), "max_entries": mi.get("max_entries"),
+                              "value_size": mi.get("bytes_value"), "bytes_memlock": mi.get("bytes_memlock"),
+                              "used": used.get(name)} for name, mi in maps.items()}
+        procs.stop(p)
+    finally:
+        procs.stop(sleepers, signal.SIGTERM, 30)
+    return out
+
+
+def user_space_text(us: dict) -> str:
+    L = []
+    su, tu = us.get("startup"), us.get("targets")
+    if su:
+        L.append(f"start-up: load + attach (Tracer.open) {su['load_attach_s'] * 1000:.0f} ms; "
+                 f"`runqlat-core run` exec to attached {su['cli_to_attached_s'] * 1000:.0f} ms")
+    if tu:
+        L.append(f"tracked set update (Tracer.set_targets, tracked_pids max_entries {tu['tracked_pids_max_entries']:,}): "
+                 f"add 10,000 PIDs {tu['add_10k'] * 1000:.1f} ms; replace them by 10,000 others "
+                 f"{tu['replace_10k'] * 1000:.1f} ms; change 1,000 {tu['change_1k'] * 1000:.1f} ms; "
+                 f"clear 10,000 {tu['clear_10k'] * 1000:.1f} ms")
+    th = us.get("thousand")
+    if th:
+        for fmt, r in th.items():
+            extra = f", {r['keys_per_interval']:,} processes per interval" if "keys_per_interval" in r else ""
+            L.append(f"1,000 tracked processes (waking every 10-50 ms), -P, 1 s interval, --output {fmt}: "
+                     f"CPU {r['cpu_pct']:.2f}% of one core, RSS {r['rss_mb']:.1f} MB (peak {r['hwm_mb']:.1f}){extra}")
+    tk = us.get("ten_thousand")
+    if tk:
+        L.append(f"10,000 live tracked processes (waking every 0.5-1.5 s), -P, 1 s interval, text output: "
+                 f"CPU {tk['cpu_pct']:.1f}% of one core, RSS {tk['rss_mb']:.1f} MB (peak {tk['hwm_mb']:.1f}), "
+                 f"tracked {tk.get('tracked_processes') or 0:,.0f}; one /metrics scrape "
+                 f"{tk['scrape_s']:.1f} s, {tk['scrape_series']:,} series")
+        for name, mi in sorted(tk["maps"].items()):
+            used = mi.get("used")
+            L.append(f"    map {name:18s} {mi['type']:>20s}  max_entries {mi['max_entries']:>7,}  "
+                     f"used {('-' if used is None else format(int(used), ',')):>7s}  "
+                     f"memory {mi['bytes_memlock'] / 2**20:8.2f} MiB")
+        total = sum(mi["bytes_memlock"] for mi in tk["maps"].values())
+        L.append(f"    all maps: {total / 2**20:.1f} MiB (bpftool bytes_memlock)")
+        if tk.get("drops"):
+            L.append(f"    drops: {tk['drops']}")
+    return "\n".join(L)
+
+
+def targets_text(summary: dict, us: dict) -> str:
+    L = []
+
+    def check(ok, text):
+        L.append(f"[{'met' if ok else 'MISSED'}] {text}")
+
+    s, e = summary, summary.get("empty", {})
+    if "ratio_runqlat" in s.get("all", {}):
+        check(s["all"]["ratio_runqlat"] <= 0.4,
+              f"all tasks: {s['all']['ratio_runqlat']:.2f}x runqlat per event (target <= 0.4x)")
+    if "over_empty_ns" in s.get("outside", {}):
+        check(s["outside"]["over_empty_ns"] <= 30,
+              f"untracked tasks: {s['outside']['over_empty_ns']:+.0f} ns/event over the empty program (target <= 30)")
+    if e:
+        for cfg in OURS:
+            if cfg in s:
+                d = s[cfg]["slowdown_pct"] - e["slowdown_pct"]
+                check(d <= 5, f"{dict(CONFIGS)[cfg]}: slowdown {d:+.1f} points over the empty program's (target <= 5)")
+    th = us.get("thousand", {}).get("text")
+    if th:
+        check(th["cpu_pct"] < 2, f"1,000 tracked, -P, 1 s: CPU {th['cpu_pct']:.2f}% of one core (target < 2%)")
+        check(th["rss_mb"] < 60, f"1,000 tracked, -P, 1 s: RSS {th['rss_mb']:.1f} MB (target < 60 MB)")
+    tu = us.get("targets")
+    if tu:
+        worst = max(tu["add_10k"], tu["replace_10k"])
+        check(worst < 0.1, f"updating a 10,000-PID set: {worst * 1000:.1f} ms (target < 100 ms)")
+    su = us.get("startup")
+    if su:
+        check(su["load_attach_s"] < 1, f"start-up (load + attach): {su['load_attach_s'] * 1000:.0f} ms (target < 1 s)")
+    return "\n".join(L)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 5)))
+    ap.add_argument("--loops", type=int, default=int(os.environ.get("BENCH_LOOPS", 500_000)),
+                    help="perf bench sched pipe loops per run")
+    ap.add_argument("--measure-s", type=float, default=10.0, help="seconds of tracer CPU sampling")
+    ap.add_argument("--skip", action="append", default=[], choices=("hot", "user"),
+                    help="leave out the hot-path table or the user-space figures")
+    a = ap.parse_args()
+
+    exit_on_signals()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    (OUT / "logs").mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    busy = cpu_busy()
+    stamp = dt.datetime.now(dt.timezone.utc)
+    procs = Procs()
+    summary, us, results = {}, {}, {}
+    try:
+        with Sysctl("kernel.bpf_stats_enabled", "1"):
+            if "hot" not in a.skip:
+                results = hot_path(procs, a.rounds, a.loops, max(a.loops // 5, 10_000))
+                summary = summarize(results)
+            if "user" not in a.skip:
+                log("bench: user space: start-up")
+                us["startup"] = startup(procs)
+                log("bench: user space: tracked set updates")
+                us["targets"] = target_updates()
+                log("bench: user space: 1,000 tracked processes")
+                us["thousand"] = thousand_tracked(procs, a.measure_s)
+                log("bench: user space: 10,000 live tracked processes")
+                us["ten_thousand"] = ten_thousand_live(procs, a.measure_s)
+    finally:
+        procs.stop_all()
+    took = time.monotonic() - started
+
+    parts = [f"runqlat-core benchmark, {stamp:%Y-%m-%d %H:%M} UTC, {machine()}",
+             "other load before the run: " + ", ".join(f"CPU{c} {b:.0f}% busy" for c, b in busy.items())
+             + f"; load average at the end {Path('/proc/loadavg').read_text().split()[0]}"]
+    if summary:
+        parts.append(f"perf bench sched pipe -l {a.loops:,} on CPU {WORKLOAD_CPU} (tracers on CPU "
+                     f"{TRACER_CPU}); medians of {a.rounds} interleaved rounds; ns/event = BPF run_time_ns / "
+                     f"run_cnt over the workload (kernel.bpf_stats_enabled=1); wakeup = sched_wakeup + "
+                     f"sched_wakeup_new; ns/event weights both handlers by their event counts\n")
+        parts.append(hot_path_table(summary))
+        notes = []
+        for cfg, label in CONFIGS:
+            s = summary[cfg]
+            if s.get("tracer_rcs"):
+                notes.append(f"note: {label}: tracer exit codes {s['tracer_rcs']}")
+        if "recorded" in summary.get("inside", {}):
+            notes.append(f"check: workload inside recorded {summary['inside']['recorded']:,.0f} latencies, "
+                         f"workload outside {summary.get('outside', {}).get('recorded', 0):,.0f}, "
+                         f"for {a.loops:,} loops")
+        if notes:
+            parts.append("\n".join(notes))
+    if us:
+        parts.append("\nuser space (runqlat-core)\n" + user_space_text(us))
+    tt = targets_text(summary, us)
+    if tt:
+        parts.append("\ntargets (issue 5)\n" + tt)
+    parts.append(f"\nbench took {took / 60:.1f} min")
+    report = "\n".join(parts)
+    print(report)
+    name = f"{stamp:%Y%m%dT%H%M%SZ}"
+    (OUT / f"table-{name}.txt").write_text(report + "\n")
+    (OUT / f"results-{name}.json").write_text(json.dumps(
+        {"date": stamp.isoformat(), "machine": machine(), "loops": a.loops, "rounds": a.rounds,
+         "summary": summary, "runs": results, "user_space": us, "took_s": took}, indent=1, default=str))
+    for link, target in (("table.txt", f"table-{name}.txt"), ("results.json", f"results-{name}.json")):
+        (OUT / link).unlink(missing_ok=True)
+        (OUT / link).symlink_to(target)
+    log(f"bench: written {OUT / ('table-' + name + '.txt')} and results-{name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

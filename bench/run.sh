@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: (GPL-2.0 OR MIT)
+# The performance benchmark of issue 5: scheduler hot-path cost of runqlat-core
+# against an empty program and libbpf-tools runqlat, plus user-space figures.
+# Needs no arguments (bench.py's options pass through: --rounds, --loops, --skip).
+# Installs the Debian packages it needs, sets up the checkout if it is not yet,
+# prints one report and keeps it in bench/out/. Run as root; takes ~8 minutes.
+set -euo pipefail
+cd "$(dirname "$0")"
+[ "$(id -u)" = 0 ] || { echo "run.sh: run as root (it loads BPF programs)" >&2; exit 1; }
+
+PKGS=(linux-perf libbpf-tools stress-ng clang llvm bpftool gcc libc6-dev libbpf-dev util-linux)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "run.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# the tracer's own venv and BPF object (setup.sh does nothing that is done)
+if [ ! -x ../.venv/bin/runqlat-core ] || [ ! -f ../python/runqlat/data/runqlat.bpf.o ]; then
+    bash ../scripts/setup.sh
+fi
+make -s -C ../bpf
+make -s
+exec ../.venv/bin/python bench.py "$@"
