@@ -8,6 +8,8 @@ real scraper reads.
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import socket
 import sys
@@ -524,3 +526,42 @@ def test_concurrent_scrapes():
         for t in threads:
             t.join(timeout=30)
     assert results == [True] * 50
+
+
+def test_failing_scrape_is_a_500_and_one_log_line(caplog, capfd):
+    """A library error while reading the maps answers 500 and logs one line, not a traceback
+    per scrape; the next good scrape works; a real bug keeps its traceback."""
+    from runqlat.errors import LibbpfError
+    state = {"fail": LibbpfError("reading map hists", errno.ENOMEM)}
+
+    def source():
+        if state["fail"] is not None:
+            raise state["fail"]
+        return snapshot(Mode.PID)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    caplog.set_level(logging.WARNING, logger="runqlat")
+    with MetricsServer(f"127.0.0.1:{port}", Collector(source, bpf_stats=lambda: False)):
+        for _ in range(3):
+            with pytest.raises(urllib.error.HTTPError) as ei:
+                fetch(url)
+            assert ei.value.code == 500
+            body = ei.value.read().decode()
+            assert body.count("\n") == 1 and "reading map hists" in body
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "reading map hists" in warnings[0]  # once, not per scrape
+
+        state["fail"] = None
+        assert fetch(url)[0] == 200
+        state["fail"] = OSError(errno.ENOENT, "No such file or directory", "/proc/123/status")
+        with pytest.raises(urllib.error.HTTPError):
+            fetch(url)
+        assert "Traceback" not in capfd.readouterr().err
+
+        state["fail"] = TypeError("a bug")
+        with pytest.raises(urllib.error.HTTPError):
+            fetch(url)
+    assert "Traceback" in capfd.readouterr().err
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "/proc/123/status" in warnings[1]

@@ -21,7 +21,7 @@ from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, RunqlatError
 from .hist import is_slot_boundary, power_of_two_bounds_ns
 from .monitor import Snapshot
 
@@ -155,6 +155,28 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+def _one_line_failures(app):
+    """A scrape that fails on a library or OS error answers 500 and logs one line,
+    not a traceback per scrape for as long as the problem lasts; the same problem
+    is logged again only after a scrape has worked. Bugs keep their traceback."""
+    last = {"error": None}
+
+    def guarded(environ, start_response):
+        try:
+            out = app(environ, start_response)
+        except (RunqlatError, OSError) as exc:
+            msg = str(exc) or type(exc).__name__
+            if msg != last["error"]:
+                last["error"] = msg
+                log.warning("metrics scrape failed: %s", msg)
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"scrape failed: {msg}\n".encode()]
+        last["error"] = None
+        return out
+
+    return guarded
+
+
 class MetricsServer:
     """/metrics on HOST:PORT, in a thread; close() stops it."""
 
@@ -162,7 +184,7 @@ class MetricsServer:
         host, port = parse_addr(addr)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
-        app = make_wsgi_app(self.registry)
+        app = _one_line_failures(make_wsgi_app(self.registry))
         cls = _V6Server if ":" in host else _Server
         try:
             self.httpd = make_server(host, port, app, server_class=cls, handler_class=_QuietHandler)
