@@ -1,20 +1,37 @@
-"""CPU contention for tests: busy-loop processes pinned to one CPU.
+"""Workloads for integration tests: busy loops pinned to one CPU, and the CLI running.
 
 n busy loops on one CPU make each of them wait for the other n - 1 on every
 turn: run-queue latency of about (n - 1) scheduler slices, a few milliseconds
 under CFS/EEVDF defaults. Shared by the tests that need a known workload.
+
+TracerRun / the `tracer_cli` fixture: `runqlat-core run ... -o json` in the
+background, its JSON lines collected as they come, waited on with timeouts,
+and its BPF programs (ids read from its file descriptors) checked to be gone
+after it exits on SIGTERM.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
+
+import pytest
+
+from helpers import need_tool, unavailable  # also puts python/ on sys.path
+from runqlat import abi, elf
 
 # The child pins itself before it spins, so no turn is ever taken on another CPU.
-_LOOP = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nsys.stdout.write('ready\\n')\nsys.stdout.flush()\nwhile True:\n    pass\n"
+# An optional second argument renames the process (its comm), to tell it apart in a listing.
+_LOOP = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\n"
+         "if len(sys.argv) > 2:\n    open('/proc/self/comm', 'w').write(sys.argv[2])\n"
+         "sys.stdout.write('ready\\n')\nsys.stdout.flush()\nwhile True:\n    pass\n")
 
 
 def pick_cpu() -> int:
@@ -25,12 +42,13 @@ def pick_cpu() -> int:
 class BusyLoops:
     """`n` processes spinning on `cpu`; pids in `.pids`. A context manager; close() is safe twice."""
 
-    def __init__(self, n: int = 3, cpu: int | None = None):
+    def __init__(self, n: int = 3, cpu: int | None = None, name: str | None = None):
         self.cpu = pick_cpu() if cpu is None else cpu
+        argv = [sys.executable, "-c", _LOOP, str(self.cpu)] + ([name] if name else [])
         self.procs: list[subprocess.Popen] = []
         try:
             for _ in range(n):
-                p = subprocess.Popen([sys.executable, "-c", _LOOP, str(self.cpu)], stdin=subprocess.DEVNULL,
+                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, text=True)
                 self.procs.append(p)
             for p in self.procs:
@@ -66,3 +84,216 @@ class BusyLoops:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- the CLI running in the background -------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+# the kernel keeps BPF_OBJ_NAME_LEN - 1 = 15 characters of a program name
+PROG_NAMES = frozenset(p[:15] for p in abi.PROGRAMS)
+
+
+def require_bpf() -> None:
+    """What a test that runs the tracer needs; missing: a skip, or a failure under CI=true."""
+    if os.geteuid() != 0:
+        unavailable("loading BPF programs needs root")
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        unavailable("the kernel has no BTF (/sys/kernel/btf/vmlinux)")
+    if not elf.default_object_path().exists():
+        pytest.fail(f"{elf.default_object_path()} is not built: run 'make -C bpf'", pytrace=False)
+    need_tool("bpftool", "bpftool")
+
+
+def _bpftool(*args: str):
+    r = subprocess.run(["bpftool", *args, "--json"], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"bpftool {' '.join(args)} failed: {r.stderr.strip()}")
+    return json.loads(r.stdout or "null")
+
+
+def loaded_programs() -> dict[int, str]:
+    """id -> name of every loaded program that has one of our names."""
+    return {p["id"]: p["name"] for p in _bpftool("prog", "show") if p.get("name") in PROG_NAMES}
+
+
+def held_bpf_ids(pid: int, kind: str = "prog") -> set[int]:
+    """Ids of the BPF programs (kind 'prog', through program and link fds) or maps ('map') a process holds."""
+    targets = {"prog": ("anon_inode:bpf-prog", "anon_inode:bpf_link"), "map": ("anon_inode:bpf-map",)}[kind]
+    out = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") not in targets:
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        m = re.search(rf"^{kind}_id:\s*(\d+)", info, flags=re.M)
+        if m:
+            out.add(int(m.group(1)))
+    return out
+
+
+class TracerRun:
+    """`runqlat-core run ARGS` in the background; its stdout is read as JSON lines as they come.
+
+    records: every parsed line, in order; stderr: every stderr line. Use through the
+    `tracer_cli` fixture, which stops it (SIGTERM) and checks its programs are gone.
+    """
+
+    # Above the busy loops and whatever else runs on a shared host: a tracer starved
+    # for a whole interval prints late or merges intervals, which would hide what
+    # the tests look for (a lost interval, a late update) behind unrelated load.
+    NICE = -10
+
+    def __init__(self, args, env: dict | None = None):
+        self.args = [str(a) for a in args]
+        self.records: list[dict] = []
+        self.stderr: list[str] = []
+        self.garbage: list[str] = []   # stdout lines that are not JSON
+        self._cond = threading.Condition()
+        self._prog_ids: set[int] = set()
+        self.returncode: int | None = None
+        full_env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, "-m", "runqlat", "run", *self.args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1, env=full_env, cwd=str(ROOT))
+        try:  # still one thread now; the threads it starts inherit the priority
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, self.NICE)
+        except OSError:
+            pass
+        self._threads = [threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),
+                         threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, stream, is_stdout: bool) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            with self._cond:
+                if not is_stdout:
+                    self.stderr.append(line)
+                elif line.strip():
+                    try:
+                        self.records.append(json.loads(line))
+                    except ValueError:
+                        self.garbage.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def describe(self) -> str:
+        with self._cond:
+            err = "\n".join(self.stderr[-20:])
+            n = len(self.records)
+        return f"runqlat-core run {' '.join(self.args)}: {n} records, exit status {self.proc.poll()}, " \
+               f"stderr:\n{err}"
+
+    def wait_for(self, pred, timeout: float, since: int = 0) -> dict:
+        """The first record (from index `since`) for which pred is true; fails after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        i = since
+        with self._cond:
+            while True:
+                while i < len(self.records):
+                    if pred(self.records[i]):
+                        return self.records[i]
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not any(t.is_alive() for t in self._threads)):
+                    raise AssertionError(f"no matching record within {timeout} s; {self.describe()}")
+                self._cond.wait(min(left, 0.2))
+
+    def intervals(self) -> list[float]:
+        """The distinct interval timestamps seen so far, in order."""
+        with self._cond:
+            return sorted({r["ts"] for r in self.records})
+
+    def wait_intervals(self, n: int, after: float | None = None, timeout: float | None = None) -> None:
+        """Wait until n intervals ending after time `after` (default: now) have been printed."""
+        after = time.time() if after is None else after
+        timeout = 2.0 * n + 3.0 if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len({r["ts"] for r in self.records if r["ts"] > after}) < n:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"fewer than {n} intervals within {timeout} s; {self.describe()}")
+                self._cond.wait(0.2)
+
+    def prog_ids(self) -> set[int]:
+        """Ids of our BPF programs this tracer process holds (also remembered for the exit check)."""
+        ids = held_bpf_ids(self.proc.pid) & set(loaded_programs())
+        self._prog_ids |= ids
+        return ids
+
+    def map_id(self, name: str) -> int:
+        held = held_bpf_ids(self.proc.pid, "map")
+        for m in _bpftool("map", "show"):
+            if m["id"] in held and m.get("name") == name[:15]:
+                return m["id"]
+        raise AssertionError(f"the tracer holds no map named {name}")
+
+    def map_u32_keys(self, name: str) -> set[int]:
+        """Keys of a map with u32 keys (e.g. tracked_pids), as the kernel has them now."""
+        entries = _bpftool("map", "dump", "id", str(self.map_id(name))) or []
+        return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little") for e in entries}
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, wait; the exit status. Safe to call twice."""
+        if self.returncode is not None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self._prog_ids |= held_bpf_ids(self.proc.pid) & set(loaded_programs())
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+                self.returncode = -signal.SIGKILL
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.returncode is None:
+            self.returncode = self.proc.returncode
+        return self.returncode
+
+    def programs_left(self, timeout: float = 3.0) -> set[int]:
+        """Of the programs this tracer held, those still loaded (freeing is deferred: wait a little)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self._prog_ids & set(loaded_programs())
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def tracer_cli():
+    """start(*args, env=None) -> TracerRun. At teardown every tracer started is stopped; one that
+    did not exit 0 on SIGTERM, or whose BPF programs outlive it, fails the test."""
+    started: list[TracerRun] = []
+
+    def start(*args, env: dict | None = None) -> TracerRun:
+        require_bpf()
+        t = TracerRun(args, env)
+        started.append(t)
+        return t
+
+    yield start
+    problems = []
+    for t in started:
+        rc = t.stop()
+        if rc != 0:
+            problems.append(f"exit status {rc} after SIGTERM; {t.describe()}")
+        left = t.programs_left()
+        if left:
+            problems.append(f"BPF programs {sorted(left)} still loaded after the tracer exited")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
