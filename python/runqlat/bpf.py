@@ -31,6 +31,9 @@ _PROG_INFO_SIZE = 232
 _PROG_ID_OFF, _RUN_TIME_OFF, _RUN_CNT_OFF = 4, 192, 200
 
 
+_raw_alloc = ffi.new_allocator(should_clear_after_alloc=False)
+
+
 def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
     """Per-CPU map values hold one copy per possible CPU."""
     try:
@@ -57,6 +60,8 @@ class Map:
         self.ncpus = possible_cpus() if percpu else 1
         self.value_size = ((vsize + 7) // 8 * 8) * self.ncpus if percpu else vsize
         self._batch_ok = os.environ.get("RUNQLAT_FORCE_NO_BATCH") != "1"
+        self._bufs = None
+        self._last_n = 0
 
     def lookup(self, key: bytes) -> bytes | None:
         val = ffi.new("char[]", self.value_size)
@@ -111,11 +116,20 @@ class Map:
                 vals.append(v)
         return b"".join(keys), b"".join(vals), len(keys)
 
+    def _buffers(self, chunk: int):
+        """Key and value buffers for `chunk` entries, kept between reads (not zeroed:
+        the kernel writes what we read back)."""
+        if self._bufs is None or self._bufs[0] < chunk:
+            self._bufs = (chunk, _raw_alloc("char[]", chunk * self.key_size),
+                          _raw_alloc("char[]", chunk * self.value_size))
+        return self._bufs[1], self._bufs[2]
+
     def _items_batch(self) -> tuple[bytes, bytes, int]:
         l = _ffi.lib()
-        chunk = max(1, min(self.max_entries, 4096))
-        keys = ffi.new("char[]", chunk * self.key_size)
-        vals = ffi.new("char[]", chunk * self.value_size)
+        # sized from the last read, so a map of thousands of per-CPU histograms
+        # does not cost a buffer for max_entries of them
+        chunk = max(1, min(self.max_entries, 4096, self._last_n + self._last_n // 4 + 64))
+        keys, vals = self._buffers(chunk)
         token_size = max(self.key_size, 8)
         in_b, out_b = ffi.NULL, ffi.new("char[]", token_size)
         count = ffi.new("uint32_t *")
@@ -129,14 +143,16 @@ class Map:
                 if rc == -_errno.ENOSPC and chunk < self.max_entries:
                     # one hash bucket holds more than a chunk: retry bigger
                     chunk = min(self.max_entries, chunk * 4)
-                    keys = ffi.new("char[]", chunk * self.key_size)
-                    vals = ffi.new("char[]", chunk * self.value_size)
+                    keys, vals = self._buffers(chunk)
                     continue
                 check(rc, f"batch lookup in map {self.name}")
             kparts.append(ffi.buffer(keys, n * self.key_size)[:])
             vparts.append(ffi.buffer(vals, n * self.value_size)[:])
             total += n
             if rc == -_errno.ENOENT:
+                self._last_n = total
+                if len(kparts) == 1:
+                    return kparts[0], vparts[0], total
                 return b"".join(kparts), b"".join(vparts), total
             if in_b == ffi.NULL:
                 in_b = ffi.new("char[]", token_size)

@@ -160,11 +160,17 @@ class Printer:
         from .hist import Histogram
         from .monitor import Mode
         deltas = []
+        keyed = snap.mode != Mode.GLOBAL
         for labels, h in snap.hists.items():
             old = self.prev.get(labels)
-            d = h - old if old is not None and old.count <= h.count else h
             self.prev[labels] = h
-            if d.count or snap.mode == Mode.GLOBAL:
+            if old is None or old.count > h.count:  # new, or its key was reused
+                d = h
+            elif old.count == h.count and keyed:
+                continue  # nothing new: keyed modes show only what had events
+            else:
+                d = h - old
+            if d.count or not keyed:
                 deltas.append((labels, d))
         for labels in snap.gone:
             self.prev.pop(labels, None)
@@ -179,29 +185,50 @@ class Printer:
         self.last_ts = snap.ts
 
     def _text(self, snap, deltas) -> None:
-        from .hist import log2_buckets, render_log2, summary_line
+        from .hist import log2_matrix, percentiles_ns, render_log2, summary_line, trim
+        import numpy as np
         unit = "msecs" if self.unit_ns == 1_000_000 else "usecs"
-        w = self.out.write
-        w("\n")
+        mat = np.stack([d.slots for _, d in deltas])
+        log2 = log2_matrix(mat, self.unit_ns)
+        pcts = percentiles_ns(mat, (0.5, 0.9, 0.99))
+        parts = ["\n"]
         if self.timestamp:
-            w(time.strftime("%H:%M:%S", time.localtime(snap.ts)) + "\n")
-        for labels, d in deltas:
-            head = _mode_header(snap.mode, d.labels or dict(zip(snap.mode.labels, labels)))
+            parts.append(time.strftime("%H:%M:%S", time.localtime(snap.ts)) + "\n")
+        for i, (labels, d) in enumerate(deltas):
+            head = _mode_header(snap.mode, dict(zip(snap.mode.labels, labels)))
             if head:
-                w("\n" + head + "\n")
-            w(render_log2(log2_buckets(d, self.unit_ns), unit) + "\n")
-            w(summary_line(d, self.unit_ns) + "\n")
+                parts.append("\n" + head + "\n")
+            parts.append(render_log2(trim(log2[i]), unit) + "\n")
+            parts.append(summary_line(d, self.unit_ns, pcts[i]) + "\n")
+        self.out.write("".join(parts))
 
     def _json(self, snap, deltas, interval_s) -> None:
-        from .hist import bucket_list
-        for labels, d in deltas:
-            obj = {"ts": round(snap.ts, 3), "interval_s": interval_s, "mode": snap.mode.value}
-            for k, v in zip(snap.mode.labels, labels):
-                obj[k] = int(v) if k in ("pid", "tid", "pidns") else v
-            obj.update(count=d.count, sum_ns=d.sum_ns, mean_ns=round(d.mean_ns, 1),
-                       p50_ns=round(d.percentile_ns(0.5), 1), p90_ns=round(d.percentile_ns(0.9), 1),
-                       p99_ns=round(d.percentile_ns(0.99), 1), buckets=bucket_list(d))
-            self.out.write(json.dumps(obj) + "\n")
+        from .hist import UPPER_NS_INT, percentiles_ns
+        import numpy as np
+        mat = np.stack([d.slots for _, d in deltas])
+        pcts = np.round(percentiles_ns(mat, (0.5, 0.9, 0.99)), 1).tolist()
+        rows, cols = np.nonzero(mat)
+        les, counts = UPPER_NS_INT[cols].tolist(), mat[rows, cols].tolist()
+        ends = np.searchsorted(rows, np.arange(1, len(deltas) + 1)).tolist()
+        ts = round(snap.ts, 3)
+        head = f'{{"ts": {json.dumps(ts)}, "interval_s": {json.dumps(interval_s)}, "mode": "{snap.mode.value}"'
+        names = snap.mode.labels
+        lines, start = [], 0
+        for i, (labels, d) in enumerate(deltas):
+            parts = [head]
+            for k, v in zip(names, labels):
+                parts.append(f', "{k}": {v}' if k in ("pid", "tid", "pidns") else f', "{k}": {json.dumps(v)}')
+            p50, p90, p99 = pcts[i]
+            mean = round(d.mean_ns, 1)
+            parts.append(f', "count": {d.count}, "sum_ns": {d.sum_ns}, "mean_ns": {mean!r}, '
+                         f'"p50_ns": {p50!r}, "p90_ns": {p90!r}, "p99_ns": {p99!r}, "buckets": [')
+            end = ends[i]
+            # most of a line: formatted directly, the encoder is several times slower
+            parts.append(", ".join(f'{{"le_ns": {les[j]}, "count": {counts[j]}}}' for j in range(start, end)))
+            parts.append("]}\n")
+            start = end
+            lines.append("".join(parts))
+        self.out.write("".join(lines))
 
 
 # -- helpers -------------------------------------------------------------------
@@ -211,6 +238,17 @@ class _Formatter(logging.Formatter):
         level = {logging.WARNING: "warning", logging.ERROR: "error", logging.INFO: "info",
                  logging.DEBUG: "debug"}.get(record.levelno, record.levelname.lower())
         return f"{PROG}: {level}: {record.getMessage()}"
+
+
+def _steady_memory() -> None:
+    """Keep glibc from raising its mmap threshold as big per-interval buffers are
+    freed: with it fixed, multi-MB arrays go back to the kernel after each read
+    instead of staying in the heap, so a tracer that runs for days stays small."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -317,6 +355,7 @@ def run(
 ):
     """Trace run-queue latency and print histograms (and serve metrics)."""
     _setup_logging(verbose)
+    _steady_memory()
     cli_cfg = RunConfig(interval=interval, count=count, milliseconds=milliseconds, timestamp=timestamp,
                         per_process=per_process, per_thread=per_thread, pidnss=pidnss,
                         per_container=per_container, per_cgroup=per_cgroup, pids=list(pid or []),
@@ -338,13 +377,15 @@ def run(
 
 
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
-    from .metrics import Collector, MetricsServer, parse_buckets
     from .monitor import Mode, Monitor
     from .tracer import Options, Tracer
 
     mode = _pick_mode(cfg)
     sources = _sources(cfg)
-    bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
+    bounds = None
+    if cfg.buckets or cfg.metrics_addr:  # prometheus_client is loaded only for the exporter
+        from .metrics import Collector, MetricsServer, parse_buckets
+        bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
     if sources.pids_file:
         from .targets import read_pids_file
         read_pids_file(sources.pids_file)  # a missing file is an error before anything loads

@@ -76,17 +76,7 @@ class Histogram:
 
         The error is at most one slot width: 12.5% of the value above 1 us.
         """
-        total = int(self.slots.sum())
-        if total == 0:
-            return 0.0
-        rank = q * total
-        cum = np.cumsum(self.slots.astype(np.float64))
-        s = int(np.searchsorted(cum, rank, side="left"))
-        s = min(s, HIST_SLOTS - 1)
-        below = cum[s - 1] if s else 0.0
-        in_slot = float(self.slots[s])
-        frac = (rank - below) / in_slot if in_slot else 1.0
-        return float(LOWER_NS[s] + frac * (UPPER_NS[s] - LOWER_NS[s]))
+        return float(percentiles_ns(self.slots, (q,))[0, 0])
 
     def cumulative_le(self, bounds_ns: list[int]) -> list[int]:
         """Counts of events <= each bound. Bounds must be slot boundaries."""
@@ -97,6 +87,28 @@ class Histogram:
             n = int(np.searchsorted(UPPER_NS, b, side="right"))
             out.append(int(cum[n - 1]) if n else 0)
         return out
+
+
+def percentiles_ns(slots: np.ndarray, qs) -> np.ndarray:
+    """Quantiles of many histograms at once: slots (n, HIST_SLOTS) or one row -> (n, len(qs)).
+
+    Linear within the slot that holds the rank; 0 for an empty histogram.
+    """
+    s2 = np.atleast_2d(slots).astype(np.float64)
+    n = s2.shape[0]
+    cum = np.cumsum(s2, axis=1)
+    total = cum[:, -1]
+    rows = np.arange(n)
+    out = np.zeros((n, len(qs)))
+    for j, q in enumerate(qs):
+        rank = q * total
+        idx = np.minimum((cum < rank[:, None]).sum(axis=1), HIST_SLOTS - 1)  # first slot with cum >= rank
+        below = np.where(idx > 0, cum[rows, np.maximum(idx - 1, 0)], 0.0)
+        in_slot = s2[rows, idx]
+        frac = np.where(in_slot > 0, (rank - below) / np.where(in_slot > 0, in_slot, 1.0), 1.0)
+        val = LOWER_NS[idx] + frac * (UPPER_NS[idx] - LOWER_NS[idx])
+        out[:, j] = np.where(total > 0, val, 0.0)
+    return out
 
 
 def is_slot_boundary(ns: int) -> bool:
@@ -112,25 +124,51 @@ def power_of_two_bounds_ns(lo_us: int = 1, hi_s: float = 16.0) -> list[int]:
     return out
 
 
-def log2_buckets(h: Histogram, unit_ns: int) -> list[int]:
-    """runqlat's buckets: index k counts values v (in unit) with log2(v) == k, 0 and 1 in 0.
+def _log2_index(unit_ns: int) -> np.ndarray:
+    """runqlat's log2 bucket of each fine slot (value in unit; 0 and 1 share bucket 0).
 
     In microseconds every bucket is a union of whole fine slots, so the counts
     are exact. In milliseconds a fine slot can straddle a bucket edge; it is
     counted where its midpoint lies (each such slot is at most 12.5% wide).
     """
-    counts: list[int] = []
-    nz = np.nonzero(h.slots)[0]
-    for s in nz:
+    out = np.zeros(HIST_SLOTS, dtype=np.int64)
+    for s in range(HIST_SLOTS):
         if unit_ns == 1000 and s < OVERFLOW_SLOT:
             v = int(LOWER_NS[s]) // 1000
         else:
             v = int((LOWER_NS[s] + min(UPPER_NS[s], LATENCY_MAX_NS)) / 2) // unit_ns
-        k = max(v.bit_length() - 1, 0)
-        if k >= len(counts):
-            counts.extend([0] * (k + 1 - len(counts)))
-        counts[k] += int(h.slots[s])
-    return counts
+        out[s] = max(v.bit_length() - 1, 0)
+    return out
+
+
+_LOG2_INDEX: dict[int, np.ndarray] = {}
+
+
+def log2_matrix(slots: np.ndarray, unit_ns: int) -> np.ndarray:
+    """runqlat's buckets for many histograms at once: (n, HIST_SLOTS) -> (n, K)."""
+    idx = _LOG2_INDEX.get(unit_ns)
+    if idx is None:
+        idx = _LOG2_INDEX[unit_ns] = _log2_index(unit_ns)
+    s2 = np.atleast_2d(slots)
+    out = np.zeros((s2.shape[0], int(idx[-1]) + 1), dtype=np.uint64)
+    buckets, first = np.unique(idx, return_index=True)  # idx never decreases: runs of slots
+    out[:, buckets] = np.add.reduceat(s2, first, axis=1)
+    return out
+
+
+def trim(counts) -> list[int]:
+    """A row of log2_matrix as runqlat shows it: up to the last non-empty bucket."""
+    nz = np.flatnonzero(counts)
+    return [int(c) for c in counts[: nz[-1] + 1]] if nz.size else []
+
+
+def log2_buckets(h: Histogram, unit_ns: int) -> list[int]:
+    """runqlat's buckets: index k counts values v (in unit) with log2(v) == k, 0 and 1 in 0."""
+    return trim(log2_matrix(h.slots, unit_ns)[0])
+
+
+_BARS: dict[int, list[str]] = {}
+_PREFIX: dict[tuple[bool, int], str] = {}
 
 
 def render_log2(counts: list[int], unit_name: str, width: int = 40) -> str:
@@ -140,13 +178,16 @@ def render_log2(counts: list[int], unit_name: str, width: int = 40) -> str:
     top = max(counts) or 1
     narrow = len(counts) <= 32
     pad, label_w, num_w = (5, 19, 10) if narrow else (15, 29, 20)
+    bars = _BARS.get(width)
+    if bars is None:
+        bars = _BARS[width] = ["|" + "*" * n + " " * (width - n) + "|" for n in range(width + 1)]
     lines = [f"{'':<{pad}}{unit_name:<{label_w}} : count    distribution"]
     for k, c in enumerate(counts):
-        lo = 0 if k == 0 else 1 << k
-        hi = (1 << (k + 1)) - 1
-        stars = c * width // top
-        bar = "*" * stars + " " * (width - stars)
-        lines.append(f"{lo:>{num_w}} -> {hi:<{num_w}} : {c:<8} |{bar}|")
+        prefix = _PREFIX.get((narrow, k))
+        if prefix is None:
+            lo, hi = (0 if k == 0 else 1 << k), (1 << (k + 1)) - 1
+            prefix = _PREFIX[(narrow, k)] = f"{lo:>{num_w}} -> {hi:<{num_w}} : "
+        lines.append(f"{prefix}{c:<8} {bars[c * width // top]}")
     return "\n".join(lines)
 
 
@@ -156,16 +197,22 @@ def fmt_duration(ns: float, unit_ns: int) -> str:
     return f"{v:.1f} {unit}" if v < 100 else f"{v:.0f} {unit}"
 
 
-def summary_line(h: Histogram, unit_ns: int) -> str:
+def summary_line(h: Histogram, unit_ns: int, pcts=None) -> str:
+    """count, average and p50/p90/p99 (pcts: those three precomputed, in ns)."""
     if not h.count:
         return "count 0"
+    if pcts is None:
+        pcts = percentiles_ns(h.slots, (0.5, 0.9, 0.99))[0]
     parts = [f"count {h.count}", f"avg {fmt_duration(h.mean_ns, unit_ns)}"]
-    for q in (0.5, 0.9, 0.99):
-        parts.append(f"p{round(q * 100)} {fmt_duration(h.percentile_ns(q), unit_ns)}")
+    for q, v in zip((50, 90, 99), pcts):
+        parts.append(f"p{q} {fmt_duration(v, unit_ns)}")
     return "  ".join(parts)
+
+
+UPPER_NS_INT = np.array([slot_upper_ns(s) for s in range(HIST_SLOTS)], dtype=np.int64)
 
 
 def bucket_list(h: Histogram) -> list[dict]:
     """Non-empty fine slots for JSON: every value counted is below le_ns."""
-    nz = np.nonzero(h.slots)[0]
-    return [{"le_ns": int(UPPER_NS[s]), "count": int(h.slots[s])} for s in nz]
+    nz = np.flatnonzero(h.slots)
+    return [{"le_ns": le, "count": c} for le, c in zip(UPPER_NS_INT[nz].tolist(), h.slots[nz].tolist())]

@@ -169,6 +169,7 @@ class Monitor:
         self._next_pidns_scan = 0.0
         self._tracked_processes = 0
         self._tracked_tgids: set[int] | None = None
+        self._live_tgids: set[int] = set()
         self.set_sources(sources, initial=True)
 
     # -- what to track --
@@ -320,7 +321,12 @@ class Monitor:
         if m == Mode.GLOBAL:
             return ()
         if m in (Mode.PID, Mode.TID):
-            if not os.path.exists(f"{self.proc}/{key}"):
+            if m == Mode.PID and self._tracked_tgids is not None:
+                # the kernel drops a process from tracked_pids when it exits:
+                # membership alone says it is alive and still wanted
+                return (str(key), h.labels.get("comm", "")) if key in self._tracked_tgids else None
+            alive = key in self._live_tgids if m == Mode.PID else os.path.exists(f"{self.proc}/{key}")
+            if not alive:
                 return None
             if self._tracked_tgids is not None:
                 tgid = key if m == Mode.PID else _tgid(self.proc, key)
@@ -376,6 +382,9 @@ class Monitor:
             only_pids = self.sources.uses_pids and not self.sources.uses_groups
             self._tracked_tgids = (set(t.kernel_tracked_pids()) if only_pids and
                                    self.mode in (Mode.PID, Mode.TID) else None)
+            if self.mode == Mode.PID and self._tracked_tgids is None:
+                # one directory read instead of a stat per process
+                self._live_tgids = {int(d) for d in os.listdir(self.proc) if d.isdigit()}
             if self.mode == Mode.PIDNS:
                 self._scan_pidns()
             if self.mode in (Mode.CGROUP, Mode.CONTAINER) and raw:
@@ -396,7 +405,8 @@ class Monitor:
                     gone_keys[key] = self._key_labels.get(key) or self._fallback_label(key, h)
                     continue
                 self._key_labels[key] = lab
-                self._add(hists, lab, h)
+                # raw histograms are fresh objects: a label's first one is used as is
+                hists[lab] = hists[lab] + h if lab in hists else h
             for lab, b in self._base.items():
                 if lab in hists:
                     hists[lab] = hists[lab] + b

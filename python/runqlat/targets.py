@@ -56,10 +56,9 @@ def read_pids_file(path: Path) -> PidsFile:
 def start_time(pid: int, proc: str = "/proc") -> int | None:
     """The process's start time in clock ticks since boot, None if it does not exist."""
     try:
-        stat = Path(f"{proc}/{pid}/stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    except OSError:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # gone, or not ours to read
         return None
     # comm (field 2) may hold spaces and ')': split after the last ')'
     rest = stat[stat.rfind(b")") + 2:].split()

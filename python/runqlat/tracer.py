@@ -272,15 +272,17 @@ class Tracer:
         slots = arr["slots"].sum(axis=1, dtype=np.uint64)
         counts = arr["count"].sum(axis=1, dtype=np.uint64)
         sums = arr["sum_ns"].sum(axis=1, dtype=np.uint64)
+        # comm: the first CPU copy that has one (every CPU that counted wrote it)
+        comms = arr["comm"][:, 0].copy()
+        for cpu in range(1, m.ncpus):
+            empty = comms == b""
+            if not empty.any():
+                break
+            comms[empty] = arr["comm"][empty, cpu]
         out = {}
         for i, key in enumerate(keys):
-            comm = b""
-            for c in arr["comm"][i]:
-                if c:
-                    comm = c
-                    break
             h = Histogram(slots[i], int(counts[i]), int(sums[i]), key=key)
-            h.labels["comm"] = comm.split(b"\0", 1)[0].decode(errors="replace")
+            h.labels["comm"] = comms[i].split(b"\0", 1)[0].decode(errors="replace")
             out[key] = h
         return out
 
