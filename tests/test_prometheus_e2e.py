@@ -213,7 +213,8 @@ class Tracer:
         try:
             return self.lines.get(timeout=timeout)
         except queue.Empty:
-            pytest.fail(f"no output line from the tracer within {timeout} s:\n{self.stderr()}")
+            pytest.fail(f"no output line from the tracer within {timeout:.1f} s (exit status "
+                        f"{self.proc.poll()}):\n{self.stderr()}")
 
     def terminate(self) -> int:
         """SIGTERM and the exit status (the tracer is killed if it does not stop)."""
@@ -394,17 +395,25 @@ def test_prometheus_sees_run_queue_latency_of_the_tracked_process(prerequisites,
 
             # 3 CPU hogs on one CPU: each waits while the other two run a slice,
             # i.e. a few to a few tens of ms whatever the tick and scheduler;
-            # seconds (or 1e6 times more) would mean wrong units or buckets
-            p99 = prom.scalar("histogram_quantile(0.99, sum by (le) "
-                              f'(rate({HIST}_bucket{{pid="{tracked}"}}[5s])))')
-            rate = prom.scalar(f"rate({sel}[5s])")
-            # the exact sum agrees with the buckets about the scale
-            mean = prom.scalar(f'rate({HIST}_sum{{pid="{tracked}"}}[5s]) / rate({sel}[5s])')
+            # seconds (or 1e6 times more) would mean wrong units or buckets.
+            # Two scrapes suffice on a quiet machine; on a loaded one the counts
+            # may not have moved within the 5 s window yet, so ask again a while.
+            deadline = time.monotonic() + 30
+            while True:
+                p99 = prom.scalar("histogram_quantile(0.99, sum by (le) "
+                                  f'(rate({HIST}_bucket{{pid="{tracked}"}}[5s])))')
+                rate = prom.scalar(f"rate({sel}[5s])")
+                # the exact sum agrees with the buckets about the scale
+                mean = prom.scalar(f'rate({HIST}_sum{{pid="{tracked}"}}[5s]) / rate({sel}[5s])')
+                if (p99 is not None and rate) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             print(f"prometheus: p99 {p99} s, mean {mean} s, {rate} events/s")
             assert p99 is not None, prom.query(f'{HIST}_bucket{{pid="{tracked}"}}')
-            assert 0.001 < p99 < 0.5, f"p99 {p99} s"
+            assert 0.0005 < p99 < 0.5, f"p99 {p99} s"
             assert rate is not None and rate > 0
-            assert mean is not None and 0.0005 < mean < 0.5, f"mean {mean} s"
+            # (the mean can be lower than p99 suggests when other short tasks share the CPU)
+            assert mean is not None and 0.00005 < mean < 0.5, f"mean {mean} s"
             # only the tracked process has a series
             assert not prom.query(f'{HIST}_count{{pid="{untracked}"}}')
             pids = {r["metric"]["pid"] for r in prom.query(f"{HIST}_count")}
@@ -464,30 +473,36 @@ def test_scrapes_while_the_pids_file_changes(prerequisites, tmp_path):
         writer = threading.Thread(target=rewrite, daemon=True)
         try:
             tracer.wait_serving()
+            deadline = time.monotonic() + 20
+            while str(a) not in pid_series(parse_exposition(*http_get(tracer.metrics_url)[1:])):
+                assert time.monotonic() < deadline, f"no series for pid {a}:\n{tracer.stderr()}"
+                time.sleep(0.2)
             writer.start()
             for i in range(20):
                 status, ctype, body = http_get(tracer.metrics_url, OPENMETRICS if i % 2 else None)
                 assert status == 200, body
                 fams = parse_exposition(ctype, body)
-                assert str(a) in pid_series(fams) or i < 2  # a is tracked throughout
                 assert fams[HIST].type == "histogram"
+                assert str(a) in pid_series(fams), f"scrape {i}: a is in every version of the file"
                 time.sleep(0.1)
             stop.set()
             writer.join(timeout=5)
             assert rewrites[0] > 20
             # the last word wins: b is tracked within the file watch interval. A series
-            # of b retired by an earlier rewrite shows once only: wait for two in a row.
+            # of b retired by an earlier rewrite shows once only, so wait until b has been
+            # in every scrape for a while (also past the monitor's 1 s window for late
+            # re-creations of a retired key, see monitor.snapshot)
             tmp = tmp_path / "pids.new"
             tmp.write_text(f"{a}\n{b}\n")
             os.rename(tmp, pids_file)
-            deadline = time.monotonic() + 15
-            in_a_row = 0
-            while in_a_row < 2:
+            deadline = time.monotonic() + 20
+            since = None
+            while since is None or time.monotonic() - since < 1.5:
                 time.sleep(0.3)
                 status, ctype, body = http_get(tracer.metrics_url)
                 assert status == 200
-                seen = pid_series(parse_exposition(ctype, body))
-                in_a_row = in_a_row + 1 if {str(a), str(b)} <= seen else 0
+                both = {str(a), str(b)} <= pid_series(parse_exposition(ctype, body))
+                since = (since or time.monotonic()) if both else None
                 assert time.monotonic() < deadline, f"b={b} not tracked after the change:\n{body[-2000:]}"
             # b exits: its series is scraped once more (count never lower), then dropped
             before = count_of(parse_exposition(ctype, body), b)
@@ -515,7 +530,7 @@ def test_fifty_concurrent_scrapes_do_not_disturb_the_tracer(prerequisites, tmp_p
                         other_cpus(busy.cpu), tmp_path / "tracer.err")
         try:
             tracer.wait_serving()
-            first = json.loads(tracer.next_line(timeout=15))
+            first = json.loads(tracer.next_line(timeout=30))
             assert first["pid"] == tracked
 
             results: list = []
@@ -544,7 +559,7 @@ def test_fifty_concurrent_scrapes_do_not_disturb_the_tracer(prerequisites, tmp_p
 
             assert tracer.proc.poll() is None, tracer.stderr()
             # the interval output goes on: a line stamped after the burst arrives
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while True:
                 obj = json.loads(tracer.next_line(timeout=max(0.1, deadline - time.monotonic())))
                 assert obj["mode"] == "pid" and obj["pid"] == tracked
