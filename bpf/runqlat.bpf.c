@@ -249,8 +249,19 @@ static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid
 	return bpf_map_lookup_elem(&task_ctx_hash, &tid);
 }
 
-/* t became runnable at now: start its clock if it is tracked. */
-static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 now, bool storage)
+/*
+ * The clock is read only when a tracked task needs it: most events on a busy
+ * machine are of untracked tasks, and for them the read is pure cost.
+ */
+static __always_inline __u64 clock_ns(__u64 *now)
+{
+	if (!*now)
+		*now = bpf_ktime_get_ns();
+	return *now;
+}
+
+/* t became runnable: start its clock if it is tracked. */
+static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *now, bool storage)
 {
 	struct task_ctx *c;
 	__u32 gen, cg_gen;
@@ -267,7 +278,7 @@ static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 now
 	if (c->gen != gen || c->cgroup_gen != cg_gen)
 		decide(c, t, gen, cg_gen, live.filter);
 	if (c->tracked)
-		c->enqueued_ns = now;
+		c->enqueued_ns = clock_ns(now);
 }
 
 static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_struct *t, bool direct)
@@ -297,8 +308,8 @@ static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_str
 	return bpf_map_lookup_elem(&hists, &key);
 }
 
-/* t is switched in at now: record its wait if its clock was running. */
-static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 now, bool storage, bool direct)
+/* t is switched in: record its wait if its clock was running. */
+static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 *now, bool storage, bool direct)
 {
 	struct task_ctx *c;
 	struct hist *h;
@@ -310,7 +321,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 	c = ctx_get(t, tid, storage, false);
 	if (!c || !c->enqueued_ns)
 		return;
-	delta = (__s64)(now - c->enqueued_ns);
+	delta = (__s64)(clock_ns(now) - c->enqueued_ns);
 	c->enqueued_ns = 0;
 	if (delta < 0) {
 		count_drop(DROP_NEGATIVE);
@@ -345,19 +356,21 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 
 static __always_inline int on_wakeup(struct task_struct *t, bool storage, bool direct)
 {
-	enqueued(t, TASK_PID(direct, t), bpf_ktime_get_ns(), storage);
+	__u64 now = 0;
+
+	enqueued(t, TASK_PID(direct, t), &now, storage);
 	return 0;
 }
 
 static __always_inline int on_switch(struct task_struct *prev, struct task_struct *next, bool storage, bool direct)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = 0; /* read once, when first needed */
 	long state = direct && bpf_core_field_exists(prev->__state) ? prev->__state : task_state(prev);
 
 	/* preempted (or yielded): still runnable, so back on the run queue now */
 	if (state == TASK_RUNNING)
-		enqueued(prev, TASK_PID(direct, prev), now, storage);
-	switched_in(next, TASK_PID(direct, next), now, storage, direct);
+		enqueued(prev, TASK_PID(direct, prev), &now, storage);
+	switched_in(next, TASK_PID(direct, next), &now, storage, direct);
 	return 0;
 }
 
