@@ -177,7 +177,10 @@ class Printer:
         if snap.mode == Mode.GLOBAL and not deltas:
             deltas.append(((), Histogram.empty()))
         deltas.sort(key=lambda x: _sort_key(x[0]))
-        if self.fmt == "json":
+        if not deltas:  # a keyed mode with no events this interval: no histogram to print
+            if self.fmt != "json":
+                self.out.write("\n" + (time.strftime("%H:%M:%S\n", time.localtime(snap.ts)) if self.timestamp else ""))
+        elif self.fmt == "json":
             self._json(snap, deltas, interval_s)
         else:
             self._text(snap, deltas)
