@@ -15,12 +15,16 @@ Steps, each printing PASS/FAIL lines:
     `Tracer(Options())`, the path `run` takes) become the line
     ``RUNQLAT features: attach=... timestamps=... batch=...`` that the host
     test checks: the CLI's text and JSON output do not say which path it took.
- 1. Workload: 3 busy-loop children pinned to CPU 0, kept for all later steps.
+ 1. Workload: 3 busy-loop children pinned to CPU 0.  They are stopped while
+    each tracer starts (its Python start-up and BPF load take most of a run
+    under TCG, and a spinning vCPU would halve the speed of the other on a
+    2-core host) and continued when its first line arrives, when it is
+    attached; so every run below measures them busy from its 2nd interval.
  2. `run -p CHILD --output json 1 6`: each line matches the JSON schema of
     notes/INTERFACE.md (global mode), counts are > 0, and the summed sum_ns
     agrees within 5% with the child's run_delay (field 2 of
     /proc/PID/schedstat, kernel.task_delayacct=1 while the check runs).
- 3. `run -P --output json 1 1`: per-process objects ("pid", "comm") with the
+ 3. `run -P --output json 1 2`: per-process objects ("pid", "comm") with the
     schema; every busy child appears with count > 0 and its own comm.
  4. `run 1 2` (text): `usecs : count distribution` tables with counts and
     star bars.
@@ -30,14 +34,16 @@ unknown moment after it starts (Python start-up and the BPF load take tens of
 seconds under TCG) and its lines reach us with a delay, so wall-clock windows
 cannot be lined up with its intervals to 5%.  Instead the target does not wait
 at all outside a window that the tracer is known to cover completely: it is
-SIGSTOPped (a stopped task is off the run queue: neither side accounts
-anything for it) before the tracer starts, continued when the tracer's first
-line arrives (the tracer is attached by then), stopped again two lines later,
-and its run_delay is read at both stops.  The tracer's sum over all intervals
-must equal that delta: both sides account each wait at the same sched_switch.
-The intervals before the continue and after the second stop must count
-nothing, which also proves that -p leaves out the other busy children, and
-an interval must end after the second stop (else a wait could be missing).
+stopped (a stopped task is off the run queue: neither side accounts anything
+for it) while the tracer starts, continued with the other children when the
+tracer's first line arrives (the tracer is attached by then), stopped again
+two lines later, and its run_delay is read just before the continue and
+after the second stop.  The tracer's sum over all intervals must equal that
+delta: both sides account each wait at the same sched_switch.  The first
+interval and those after the second stop, while the other two children still
+spin on the same CPU, must count nothing (which also proves that -p leaves
+them out), and an interval must end after the second stop (else a wait could
+be missing).
 
 Exits 0 only if every check passed; the last line is
 ``guest_check RESULT: ok=N failed=M kernel=RELEASE``.
@@ -58,7 +64,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 REL_TOL = 0.05
-TRACER_TIMEOUT = 150
+TRACER_TIMEOUT = 240  # per command; a loaded 2-core host can make TCG crawl
 BUSY_CPU = 0
 BUSY_CHILDREN = 3
 SCHEDSTAT_INTERVALS = 6
@@ -97,16 +103,65 @@ def comm_of(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-def busy_child(cpu: int) -> int:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.sched_setaffinity(0, {cpu})
-            while True:
+def task_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP pid and wait until it is off the CPU and off the run queue."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while task_state(pid) != "T":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} did not stop within 10 s")
+        time.sleep(0.005)
+    # 'T' is set just before the final switch-out; a preemption in between
+    # would put it back on the CPU once more (a wait both sides count).
+    time.sleep(0.05)
+
+
+class Workload:
+    """Busy-loop children pinned to one CPU, stopped and continued together."""
+
+    def __init__(self, n: int, cpu: int):
+        self.pids: list[int] = []
+        for _ in range(n):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.sched_setaffinity(0, {cpu})
+                    while True:
+                        pass
+                finally:
+                    os._exit(0)
+            self.pids.append(pid)
+
+    def stop(self) -> None:
+        for pid in self.pids:
+            stop(pid)
+
+    def cont(self) -> None:
+        for pid in self.pids:
+            os.kill(pid, signal.SIGCONT)
+
+    def on_first_line(self):
+        """An on_line callback that continues the children at the first line."""
+        seen = []
+
+        def on_line(_now, _line):
+            if not seen:
+                seen.append(True)
+                self.cont()
+        return on_line
+
+    def kill(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
                 pass
-        finally:
-            os._exit(0)
-    return pid
 
 
 def tracer_env() -> dict[str, str]:
@@ -306,26 +361,9 @@ def by_interval(objs) -> list[list[tuple[float, dict]]]:
 # steps 2-4
 # --------------------------------------------------------------------------
 
-def task_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
-def stop(pid: int) -> None:
-    """SIGSTOP pid and wait until it is off the CPU and off the run queue."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 10
-    while task_state(pid) != "T":
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"pid {pid} did not stop within 10 s")
-        time.sleep(0.005)
-    # 'T' is set just before the final switch-out; a preemption in between
-    # would put it back on the CPU once more (a wait both sides count).
-    time.sleep(0.05)
-
-
-def check_schedstat(target: int, env) -> None:
+def check_schedstat(work: Workload, env) -> None:
     what = "run -p PID --output json"
+    target = work.pids[0]
     n = SCHEDSTAT_INTERVALS
     st: dict[str, float] = {}
 
@@ -334,18 +372,17 @@ def check_schedstat(target: int, env) -> None:
         if st["lines"] == 1:
             st["rd_cont"] = run_delay_ns(target)
             st["cont_wall"] = time.time()
-            os.kill(target, signal.SIGCONT)
+            work.cont()
         elif st["lines"] == 1 + ACTIVE_INTERVALS:
             stop(target)
             st["rd_stop"] = run_delay_ns(target)
             st["stop_wall"] = time.time()
 
-    stop(target)
     try:
         rc, lines, err = runqlat(
             ["run", "-p", str(target), "--output", "json", "1", str(n)], env, on_line)
     finally:
-        os.kill(target, signal.SIGCONT)  # busy again for the next steps
+        work.stop()
     check_rc(rc, err, what)
     objs = parse_json_lines(lines, what, "global")
     if not objs:
@@ -387,10 +424,15 @@ def check_schedstat(target: int, env) -> None:
         info("hint: the sums look cumulative (not per-interval deltas)")
 
 
-def check_per_process(kids: list[int], env) -> None:
+def check_per_process(work: Workload, env) -> None:
     what = "run -P --output json"
+    kids = work.pids
     comms = {k: comm_of(k) for k in kids}
-    rc, lines, err = runqlat(["run", "-P", "--output", "json", "1", "1"], env)
+    try:
+        rc, lines, err = runqlat(["run", "-P", "--output", "json", "1", "2"], env,
+                                 work.on_first_line())
+    finally:
+        work.stop()
     check_rc(rc, err, what)
     objs = parse_json_lines(lines, what, "pid")
     if not objs:
@@ -398,7 +440,7 @@ def check_per_process(kids: list[int], env) -> None:
     intervals = by_interval(objs)
     info(f"{len(intervals)} intervals, processes per interval: "
          f"{[len(iv) for iv in intervals]}")
-    check(len(intervals) == 1, f"{what}: 1 interval reported", f"got {len(intervals)}")
+    check(len(intervals) == 2, f"{what}: 2 intervals reported", f"got {len(intervals)}")
     seen: dict[int, tuple[int, str]] = {}
     for _, o in objs:
         if o.get("pid") in comms:
@@ -414,9 +456,12 @@ def check_per_process(kids: list[int], env) -> None:
              if wrong else ""))
 
 
-def check_text(env) -> None:
+def check_text(work: Workload, env) -> None:
     what = "run (text)"
-    rc, lines, err = runqlat(["run", "1", "2"], env)
+    try:
+        rc, lines, err = runqlat(["run", "1", "2"], env, work.on_first_line())
+    finally:
+        work.stop()
     check_rc(rc, err, what)
     text = [line for _, line in lines]
     print("--- text output ---\n" + "\n".join(text[-40:]), flush=True)
@@ -438,7 +483,7 @@ def main() -> int:
         return 1
     knob = Path("/proc/sys/kernel/task_delayacct")
     old = knob.read_text().strip() if knob.exists() else None
-    kids: list[int] = []
+    work = None
     t0 = time.monotonic()
     try:
         if old is not None:
@@ -446,23 +491,20 @@ def main() -> int:
             info(f"kernel.task_delayacct {old} -> 1")
         env = tracer_env()
         report_load_path(env)
-        kids = [busy_child(BUSY_CPU) for _ in range(BUSY_CHILDREN)]
-        time.sleep(1.0)  # let them pin themselves and start contending
-        info(f"busy children {kids} pinned to CPU {BUSY_CPU}")
-        for name, step in (("schedstat", lambda: check_schedstat(kids[0], env)),
-                           ("per-process", lambda: check_per_process(kids, env)),
-                           ("text", lambda: check_text(env))):
+        work = Workload(BUSY_CHILDREN, BUSY_CPU)
+        time.sleep(0.5)  # let them pin themselves
+        work.stop()
+        info(f"busy children {work.pids} pinned to CPU {BUSY_CPU}")
+        for name, step in (("schedstat", check_schedstat),
+                           ("per-process", check_per_process),
+                           ("text", check_text)):
             try:
-                step()
+                step(work, env)
             except Exception as e:  # report it and go on with the next step
                 check(False, f"{name} step ran without an exception", repr(e))
     finally:
-        for k in kids:
-            try:
-                os.kill(k, signal.SIGKILL)
-                os.waitpid(k, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+        if work is not None:
+            work.kill()
         if old is not None:
             knob.write_text(old + "\n")
     failed = [n for ok, n in results if not ok]

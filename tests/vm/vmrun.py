@@ -46,6 +46,7 @@ security_model=none needs to read every file).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import io
@@ -442,30 +443,36 @@ def fetch_kernel(series: str) -> Path:
     Returns the directory build/vm/<series>/ which contains ``vmlinuz``,
     ``initrd.img`` (busybox + modules), ``config`` and ``package`` (the
     Debian package name_version).  Cached: nothing is redone when the stamp
-    matches the package resolved from apt and the harness version.
+    matches the package resolved from apt and the harness version.  Without
+    apt (offline) the package of the last fetch is used, rebuilt from its
+    cached .deb if the harness changed since.
     """
     if series in _fetched:
         return _fetched[series]
     kdir = BUILD / series
+    kdir.mkdir(parents=True, exist_ok=True)
+    # Two test runs on one machine must not extract into the same tree.
+    with open(BUILD / f"{series}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _fetched[series] = _fetch_locked(series, kdir)
+    return kdir
+
+
+def _fetch_locked(series: str, kdir: Path) -> Path:
     stamp = kdir / "stamp"
     try:
         pkg, opts = resolve_package(series)
     except (VMError, OSError, subprocess.CalledProcessError) as e:
-        # Offline / no apt: fall back to a previous complete fetch.
-        if stamp.exists() and (kdir / "vmlinuz").exists():
-            log(f"cannot resolve {series} via apt ({e}); using cached kernel")
-            _fetched[series] = kdir
-            return kdir
-        raise
+        if not stamp.exists():
+            raise
+        pkg, opts = stamp.read_text().split()[0], []
+        log(f"cannot resolve {series} via apt ({e}); using {pkg} from the last fetch")
     want = f"{pkg} {HARNESS_VERSION}"
     if (stamp.exists() and stamp.read_text().strip() == want
             and (kdir / "vmlinuz").exists() and (kdir / "initrd.img").exists()):
-        _fetched[series] = kdir
         return kdir
     t0 = time.monotonic()
-    kdir.mkdir(parents=True, exist_ok=True)
-    if stamp.exists():
-        stamp.unlink()
+    stamp.unlink(missing_ok=True)
     debdir = BUILD / "debs"
     debs = sorted(debdir.glob(f"{pkg}_*.deb")) if debdir.exists() else []
     if debs:
@@ -487,23 +494,24 @@ def fetch_kernel(series: str) -> Path:
             stale.unlink()
     root = kdir / "root"
     shutil.rmtree(root, ignore_errors=True)
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-    vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
-    if not vmlinuz:
-        raise VMError(f"no /boot/vmlinuz-* in {deb}")
-    kver = vmlinuz[0].name[len("vmlinuz-"):]
-    shutil.copy2(vmlinuz[0], kdir / "vmlinuz")
-    cfg = root / "boot" / f"config-{kver}"
-    if cfg.exists():
-        shutil.copy2(cfg, kdir / "config")
-    build_initramfs(kdir, root / "lib" / "modules" / kver)
+    try:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
+        if not vmlinuz:
+            raise VMError(f"no /boot/vmlinuz-* in {deb}")
+        kver = vmlinuz[0].name[len("vmlinuz-"):]
+        shutil.copy2(vmlinuz[0], kdir / "vmlinuz")
+        cfg = root / "boot" / f"config-{kver}"
+        if cfg.exists():
+            shutil.copy2(cfg, kdir / "config")
+        build_initramfs(kdir, root / "lib" / "modules" / kver)
+    finally:
+        # The extracted tree (mostly modules) is large and no longer needed.
+        shutil.rmtree(root, ignore_errors=True)
     (kdir / "package").write_text(deb.name + "\n")
     (kdir / "kver").write_text(kver + "\n")
-    # The extracted modules tree is large and no longer needed.
-    shutil.rmtree(root, ignore_errors=True)
     stamp.write_text(want + "\n")
     log(f"kernel {series}: {deb.name} ready in {time.monotonic() - t0:.1f}s")
-    _fetched[series] = kdir
     return kdir
 
 
