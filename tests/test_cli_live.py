@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from workload import BusyLoops, TracerRun, pick_cpu, require_bpf, tracer_cli  # noqa: F401 (fixture)
+from workload import BusyLoops, TracerRun, require_bpf, tracer_cli, usable_cpu  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
 
@@ -102,7 +102,7 @@ def _warnings(t: TracerRun) -> list[str]:
 
 def test_pids_file_rewritten_three_ways(tmp_path, tracer_cli):
     require_bpf()
-    with BusyLoops(3, pick_cpu()) as loops:
+    with BusyLoops(3, usable_cpu()) as loops:
         a, b, c = loops.pids
         pids_file = tmp_path / "pids"
         pids_file.write_text(f"{a}\n")
@@ -157,7 +157,7 @@ def test_pids_file_rewritten_three_ways(tmp_path, tracer_cli):
 
 def test_pids_file_bad_line_and_empty_file(tmp_path, tracer_cli):
     require_bpf()
-    with BusyLoops(3, pick_cpu()) as loops:
+    with BusyLoops(3, usable_cpu()) as loops:
         a, b, other = loops.pids
         pids_file = tmp_path / "pids"
         pids_file.write_text(f"{a}\n")
@@ -189,6 +189,24 @@ def test_pids_file_bad_line_and_empty_file(tmp_path, tracer_cli):
     assert len(_warnings(t)) == 2, t.stderr
 
 
+
+@pytest.mark.parametrize("output", ["json", "text"])
+def test_interval_with_nothing_to_show_keeps_the_tracer_running(output, tracer_cli):
+    """Keyed modes print only keys with events: an interval in which the one
+    tracked process never waited has nothing to print, and that is no error."""
+    require_bpf()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        t = tracer_cli("-P", "-T", "-p", sleeper.pid, "-o", output, INTERVAL, 3)
+        assert t.proc.wait(timeout=FIRST_LINE_S + 3 * INTERVAL) == 0, t.describe()
+        assert t.stop() == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not t.records and not [line for line in t.stderr if "error" in line], t.describe()
+    if output == "text":
+        assert len(t.garbage) == 3, t.garbage  # a timestamp per interval, and no histogram
+
 # -- PID churn -----------------------------------------------------------------
 
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
@@ -217,7 +235,7 @@ def test_exited_pid_leaves_the_set_and_its_reuse_is_not_counted(tmp_path, tracer
     require_bpf()
     if not NS_LAST_PID.exists():
         pytest.fail(f"{NS_LAST_PID} is missing (kernel without CONFIG_CHECKPOINT_RESTORE?)", pytrace=False)
-    cpu = pick_cpu()
+    cpu = usable_cpu()
     reuse = None
     with BusyLoops(1, cpu, name="rq-heartbeat") as heartbeat, BusyLoops(1, cpu, name="rq-victim") as victim:
         hb, old = heartbeat.pids[0], victim.pids[0]
@@ -227,7 +245,8 @@ def test_exited_pid_leaves_the_set_and_its_reuse_is_not_counted(tmp_path, tracer
         t.wait_for(lambda r: r.get("pid") == old and r["count"] > 0, FIRST_LINE_S)
         assert {hb, old} <= t.map_u32_keys("tracked_pids")
 
-        victim.close()  # SIGKILL and reap: the number is free once wait() returns
+        victim.procs[0].kill()
+        victim.procs[0].wait(timeout=60)  # reaped: the number is free, and the exit has run
         exited = time.time()
         # the kernel side took it out at exit, before user space could look
         assert old not in t.map_u32_keys("tracked_pids")
@@ -271,7 +290,7 @@ for line in sys.stdin:
 
 def test_follow_children_counts_a_forked_child(tmp_path, tracer_cli):
     require_bpf()
-    cpu = pick_cpu()
+    cpu = usable_cpu()
     parent = subprocess.Popen([sys.executable, "-c", _FORKER, str(cpu)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     child = None
@@ -358,7 +377,7 @@ def test_cgroup_process_moved_in_is_counted(path_form, tracer_cli):
     group.mkdir()
     try:
         inner.mkdir()
-        with BusyLoops(3, pick_cpu()) as loops:
+        with BusyLoops(3, usable_cpu()) as loops:
             hb, mover, outside = loops.pids
             try:
                 # a process in a child cgroup from the start: the subtree is tracked,

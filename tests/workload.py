@@ -39,6 +39,45 @@ def pick_cpu() -> int:
     return max(os.sched_getaffinity(0))
 
 
+def usable_cpu(probe_s: float = 0.3) -> int:
+    """pick_cpu(), unless a busy loop hardly gets to run there while it would on another CPU.
+
+    On a shared host one CPU can be taken over by unrelated load (seen: a stray busy loop
+    left every other task pinned to its CPU a few ms a second), and loops pinned there
+    would show no waits for seconds. One probe loop per CPU for `probe_s`: the highest
+    CPU whose probe ran at least half as long as the best one.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) == 1:
+        return cpus[0]
+    probes = {c: subprocess.Popen(["taskset", "-c", str(c), "sh", "-c", "while :; do :; done"],
+                                  stdin=subprocess.DEVNULL) for c in cpus}
+    ran = {c: 0 for c in cpus}
+    try:
+        time.sleep(0.1)  # past exec
+        ran = {c: -_run_ns(p.pid) for c, p in probes.items()}
+        time.sleep(probe_s)
+        ran = {c: ran[c] + _run_ns(p.pid) for c, p in probes.items()}
+    finally:
+        # all moved to the freest CPU first: a loop stuck behind a hog takes seconds to die
+        freest = max(cpus, key=lambda c: ran[c])
+        for p in probes.values():
+            try:
+                os.sched_setaffinity(p.pid, {freest})
+            except OSError:
+                pass
+            p.kill()
+        for p in probes.values():
+            p.wait()
+    best = max(ran.values())
+    return max(c for c in cpus if ran[c] >= best / 2)
+
+
+def _run_ns(pid: int) -> int:
+    """Time the task has run on a CPU (the first field of /proc/PID/schedstat)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
 class BusyLoops:
     """`n` processes spinning on `cpu`; pids in `.pids`. A context manager; close() is safe twice."""
 
