@@ -248,3 +248,15 @@ def test_container_cli_lists_none_on_fake_state(tmp_path, monkeypatch):
 def test_version():
     res = invoke("version")
     assert res.exit_code == 0 and res.output.startswith("runqlat-core ")
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_keyed_interval_without_events_prints_no_histogram(fmt):
+    out = io.StringIO()
+    p = cli.Printer(out, fmt, 1000, False)
+    idle = _hist([5_000])
+    p.emit(_snap(Mode.PID, {("2", "idle"): idle}), 1.0)
+    out.truncate(0), out.seek(0)
+    p.emit(_snap(Mode.PID, {("2", "idle"): idle}), 1.0)  # nothing new
+    p.emit(_snap(Mode.PID, {}), 1.0)                     # nothing at all
+    assert "usecs" not in out.getvalue() and "{" not in out.getvalue()
