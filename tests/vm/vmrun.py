@@ -46,6 +46,7 @@ security_model=none needs to read every file).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import gzip
 import hashlib
@@ -56,6 +57,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -537,6 +539,16 @@ def _cmd_script(argv: list[str], cwd: str, env: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _die_with_parent() -> None:
+    """In the qemu child: get SIGKILL when the harness dies.
+
+    The finally clause in run_in_guest covers exceptions, but a SIGTERM
+    (a CI time limit, `kill`) ends Python without running it.
+    """
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _remove_stale_initrds(kdir: Path) -> None:
     """Per-run initrds of harness processes that died before cleaning up."""
     for f in kdir.glob("initrd-*-*.img"):
@@ -592,7 +604,8 @@ def run_in_guest(series: str, argv: list[str], timeout: float = 300,
     lines: list[str] = []
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)
 
     def reader():
         assert proc.stdout is not None
