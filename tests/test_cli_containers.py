@@ -16,7 +16,7 @@ import pytest
 
 from containerd_env import ContainerdEnv, ContainerdUnavailable
 from helpers import unavailable
-from runqlat.containers import STATE_ENV
+from runqlat.containers import STATE_ENV, discover
 from runqlat.monitor import CONTAINER_SCAN_S
 from workload import require_bpf, tracer_cli  # noqa: F401 (fixture)
 
@@ -44,6 +44,19 @@ def env():
         e.close()
 
 
+def _wait_counted(t, env, cid: str, timeout: float, after: float = 0.0) -> dict:
+    """The first record with counts for container `cid` after time `after`; on a timeout,
+    the message says what containerd and our discovery saw."""
+    try:
+        return t.wait_for(lambda r: r.get("container_id") == cid and r["count"] > 0 and r["ts"] > after,
+                          timeout)
+    except AssertionError as exc:
+        tasks = env._ctr("task", "ls", check=False).stdout
+        seen = [(c.id, c.init_pid, c.cgroup) for c in discover(containerd_state_dirs=[env.task_state_dir])
+                if c.namespace == env.namespace]
+        raise AssertionError(f"{exc}\nctr task ls:\n{tasks}\ndiscovered now: {seen}") from None
+
+
 def _records(t, cid: str, after: float = 0.0) -> list[dict]:
     return [r for r in t.records if r.get("container_id") == cid and r["ts"] > after]
 
@@ -61,15 +74,14 @@ def test_all_containers_per_container(env, tracer_cli):
         env.run(idle, "sleep 1000")
         t = tracer_cli("--all-containers", "--per-container", "-o", "json", INTERVAL,
                        env={STATE_ENV: env.task_state_dir})
-        first = t.wait_for(lambda r: r.get("container_id") == busy and r["count"] > 0, FIRST_LINE_S)
+        first = _wait_counted(t, env, busy, FIRST_LINE_S)
         assert first["container_name"] == busy  # ctr names a container by its id
         assert first["p50_ns"] > 0 and first["sum_ns"] > 0
         t.wait_intervals(2)
 
         started = time.time()
         env.run(third, SPIN)
-        picked = t.wait_for(lambda r: r.get("container_id") == third and r["count"] > 0 and r["ts"] > started,
-                            CHANGE_S)["ts"]
+        picked = _wait_counted(t, env, third, CHANGE_S, after=started)["ts"]
         t.wait_intervals(2)
 
         stopped = time.time()
@@ -106,7 +118,7 @@ def test_container_by_unique_prefix_tracks_only_that_one(env, tracer_cli):
         env.run(beta, SPIN)
         t = tracer_cli("--container", f"solo-{tag}-a", "--per-container", "-o", "json", INTERVAL,
                        env={STATE_ENV: env.task_state_dir})
-        first = t.wait_for(lambda r: r.get("container_id") == alpha and r["count"] > 0, FIRST_LINE_S)
+        first = _wait_counted(t, env, alpha, FIRST_LINE_S)
         t.wait_intervals(3)
         assert t.stop() == 0, t.describe()
     finally:
