@@ -76,13 +76,13 @@ def test_pids_file_is_a_directory(tmp_path):
 
 @pytest.mark.parametrize("value,fragment", [("abc", "not a number"), ("0", "outside"), (",", "at least one")])
 def test_bad_buckets(value, fragment):
-    assert_one_line_error(invoke("run", "--buckets", value, "1", "1"), 1, "--buckets", fragment)
+    assert_one_line_error(invoke("run", "--buckets", value, "1", "1"), 2, "--buckets", fragment)
 
 
 @pytest.mark.parametrize("value,fragment", [("localhost:http", "expected HOST:PORT"),
                                             ("127.0.0.1:70000", "out of range")])
 def test_bad_metrics_addr(value, fragment):
-    assert_one_line_error(invoke("run", "--metrics-addr", value, "1", "1"), 1, fragment)
+    assert_one_line_error(invoke("run", "--metrics-addr", value, "1", "1"), 2, fragment)
 
 
 def test_missing_btf(monkeypatch):

@@ -254,11 +254,24 @@ def _steady_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test runners swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
-        root.removeHandler(h)
-    h = logging.StreamHandler(sys.stderr)
+        if isinstance(h, _StderrHandler):
+            root.removeHandler(h)
+    h = _StderrHandler()
     h.setFormatter(_Formatter())
     root.addHandler(h)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -387,14 +400,16 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     sources = _sources(cfg)
     bounds = None
     if cfg.buckets or cfg.metrics_addr:  # prometheus_client is loaded only for the exporter
-        from .metrics import Collector, MetricsServer, parse_buckets
-        bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
+        from .metrics import Collector, MetricsServer, parse_addr, parse_buckets
+        try:
+            bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
+            if cfg.metrics_addr:
+                parse_addr(cfg.metrics_addr)
+        except InputError as exc:
+            raise UsageError(str(exc)) from None
     if sources.pids_file:
         from .targets import read_pids_file
         read_pids_file(sources.pids_file)  # a missing file is an error before anything loads
-    if cfg.metrics_addr:
-        from .metrics import parse_addr
-        parse_addr(cfg.metrics_addr)
     stop = threading.Event()
     reload_wanted = threading.Event()
 
@@ -413,16 +428,22 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
             opts = Options(agg=mode.agg, follow_children=cfg.follow_children,
                            watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
                            max_tracked=cfg.max_tracked or 0, initial_filter=sources.filter)
+            server = None
+            if cfg.metrics_addr:
+                # bound before loading anything: a port in use fails fast and alone
+                snapshot = {}
+                server = stack.enter_context(MetricsServer(
+                    cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds), start=False))
             tracer = stack.enter_context(Tracer(opts))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
             monitor = Monitor(tracer, mode, sources)
             printing = not cfg.quiet
             if printing:
                 monitor.register("print")
-            if cfg.metrics_addr:
+            if server is not None:
                 monitor.register("scrape")
-                server = stack.enter_context(MetricsServer(
-                    cfg.metrics_addr, Collector(lambda: monitor.snapshot("scrape"), bounds)))
+                snapshot["source"] = lambda: monitor.snapshot("scrape")
+                server.start()
                 log.info("serving metrics at http://%s/metrics", server.address)
             out = sys.stdout
             if cfg.output_file:

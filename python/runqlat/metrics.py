@@ -151,6 +151,8 @@ class _V6Server(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 30  # an idle client must not hold a server thread forever
+
     def log_message(self, *args):  # scrapes are not news
         pass
 
@@ -178,9 +180,12 @@ def _one_line_failures(app):
 
 
 class MetricsServer:
-    """/metrics on HOST:PORT, in a thread; close() stops it."""
+    """/metrics on HOST:PORT, in a thread; close() stops it.
 
-    def __init__(self, addr: str, collector: Collector):
+    The port is bound at construction (so a port in use is reported before
+    anything else is set up); serving starts with start() (or at once)."""
+
+    def __init__(self, addr: str, collector: Collector, start: bool = True):
         host, port = parse_addr(addr)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
@@ -200,15 +205,25 @@ class MetricsServer:
         except socket.gaierror as exc:
             raise InputError(f"--metrics-addr {addr}: cannot resolve {host}: {exc.strerror}") from None
         self.address = f"{host}:{self.httpd.server_port}" if ":" not in host else f"[{host}]:{self.httpd.server_port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
-        self._thread.start()
+        self._thread = None
+        self._closed = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._thread is not None:
             self.httpd.shutdown()
-            self.httpd.server_close()
             self._thread.join(timeout=5)
             self._thread = None
+        self.httpd.server_close()
 
     def __enter__(self):
         return self

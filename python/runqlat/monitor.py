@@ -393,8 +393,12 @@ class Monitor:
             hists: dict[Labels, Histogram] = {}
             gone_keys: dict[int, Labels] = {}
             late_keys: list[int] = []
+            now = time.monotonic()  # a pending wait has ended and been seen within a second
+            self._retired_at = {k: ts for k, ts in self._retired_at.items() if now - ts < 1.0}
             for key, h in raw.items():
                 lab = self._label_of(key, h)
+                if lab is not None:
+                    self._retired_at.pop(key, None)  # back in the set: a new life, not a late wait
                 if lab is None:
                     if key in self._retired_at:
                         # a run-queue wait that began while its owner was tracked and ended
@@ -428,8 +432,6 @@ class Monitor:
                     self._add(self._stash[c], lab, h)
             if gone_keys or late_keys:
                 t.delete_hists(list(gone_keys) + late_keys)
-            now = time.monotonic()  # any pending wait has ended and been seen a second on
-            self._retired_at = {k: ts for k, ts in self._retired_at.items() if now - ts < 1.0}
             self._retired_at.update(dict.fromkeys(gone_keys, now))
             gone = set()
             if consumer is not None:
