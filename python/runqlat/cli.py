@@ -463,7 +463,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
 
 
 def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config) -> int:
-    start = time.monotonic()
+    start = last_emit = time.monotonic()
     next_print = start + cfg.interval if cfg.interval else None
     printed = 0
     while not stop.is_set():
@@ -482,7 +482,10 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
             monitor.warn.once("refresh:" + str(exc), "while updating the tracked set: %s", exc)
         if next_print is not None and time.monotonic() >= next_print:
             if printing:
-                printer.emit(monitor.snapshot("print"), cfg.interval)
+                now = time.monotonic()
+                # the time this interval really covered (more than asked if we fell behind)
+                printer.emit(monitor.snapshot("print"), round(now - last_emit, 3))
+                last_emit = now
             printed += 1
             next_print += cfg.interval
             if next_print < time.monotonic():  # we fell behind (suspend): do not burst
