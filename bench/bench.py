@@ -88,7 +88,7 @@ def one_run(procs: Procs, cfg: str, loops: int, idle_pid: int, tag: str) -> dict
                                     f"perf bench sched pipe -l {loops}"],
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     argv = tracer_argv(cfg, gate.pid, idle_pid)
-    tracer, log_path, rec = None, OUT / "logs" / f"{tag}-{cfg}.log", {"cfg": cfg}
+    tracer, log_path, rec = None, OUT / "logs" / f"{tag}-{cfg}.log", {"cfg": cfg, "loops": loops}
     try:
         if argv:
             with open(log_path, "w") as lf:
@@ -178,7 +178,10 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
             s["all_ns_min"] = min(x["all"] for x in roles)
             s["all_ns_max"] = max(x["all"] for x in roles)
             s["events_per_op"] = statistics.median(
-                sum(c for n, (_, c) in r["progs"].items() if role(n) != "other") / (r["ops"] or 1) for r in recs)
+                sum(c for n, (_, c) in r["progs"].items() if role(n) != "other") / r["loops"] for r in recs)
+            # BPF time per workload operation: robust to the machine's noise, unlike ops/s
+            s["ns_per_op"] = statistics.median(
+                sum(rt for n, (rt, _) in r["progs"].items() if role(n) != "other") / r["loops"] for r in recs)
             other = [sum(rt for n, (rt, _) in r["progs"].items() if role(n) == "other") for r in recs]
             s["other_progs_ns_total"] = statistics.median(other)
         rec = [r.get("recorded") for r in recs if r.get("recorded") is not None]
@@ -202,7 +205,7 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
 
 def hot_path_table(summary: dict[str, dict]) -> str:
     head = ("configuration", "wakeup ns", "switch ns", "ns/event", "+ns vs empty", "x runqlat",
-            "ops/s", "slowdown")
+            "BPF ns/op", "ops/s", "slowdown")
     rows = []
 
     def f(v, fmt):
@@ -210,12 +213,12 @@ def hot_path_table(summary: dict[str, dict]) -> str:
 
     for cfg, label in CONFIGS:
         if cfg not in summary:
-            rows.append((label, "-", "-", "-", "-", "-", "failed", "-"))
+            rows.append((label, "-", "-", "-", "-", "-", "-", "failed", "-"))
             continue
         s = summary[cfg]
         rows.append((label, f(s.get("wakeup_ns"), ".0f"), f(s.get("switch_ns"), ".0f"),
                      f(s.get("all_ns"), ".0f"), f(s.get("over_empty_ns"), "+.0f"),
-                     f(s.get("ratio_runqlat"), ".2f"), f"{s['ops']:,.0f}",
+                     f(s.get("ratio_runqlat"), ".2f"), f(s.get("ns_per_op"), ",.0f"), f"{s['ops']:,.0f}",
                      "-" if cfg == "none" else f"{s['slowdown_pct']:.1f}%"))
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i])
@@ -420,6 +423,14 @@ def targets_text(summary: dict, us: dict) -> str:
             if cfg in s:
                 d = s[cfg]["slowdown_pct"] - e["slowdown_pct"]
                 check(d <= 5, f"{dict(CONFIGS)[cfg]}: slowdown {d:+.1f} points over the empty program's (target <= 5)")
+    none_ops = s.get("none", {}).get("ops")
+    if e.get("ns_per_op") is not None and none_ops:
+        op_ns = 1e9 / none_ops
+        for cfg in OURS:
+            if s.get(cfg, {}).get("ns_per_op") is not None:
+                L.append(f"[estimate] {dict(CONFIGS)[cfg]}: BPF time over the empty program's is "
+                         f"{100 * (s[cfg]['ns_per_op'] - e['ns_per_op']) / op_ns:+.1f}% of an untraced loop "
+                         f"({op_ns / 1000:.1f} us): the slowdown it explains, free of the machine's noise")
     th = us.get("thousand", {}).get("text")
     if th:
         check(th["cpu_pct"] < 2, f"1,000 tracked, -P, 1 s: CPU {th['cpu_pct']:.2f}% of one core (target < 2%)")
@@ -483,7 +494,8 @@ def main() -> int:
         parts.append(f"perf bench sched pipe -l {a.loops:,} on CPU {WORKLOAD_CPU} (tracers on CPU "
                      f"{TRACER_CPU}); medians of {a.rounds} interleaved rounds; ns/event = BPF run_time_ns / "
                      f"run_cnt over the workload (kernel.bpf_stats_enabled=1); wakeup = sched_wakeup + "
-                     f"sched_wakeup_new; ns/event weights both handlers by their event counts\n")
+                     f"sched_wakeup_new; ns/event weights both handlers by their event counts; BPF ns/op = BPF time "
+                     f"per workload loop (all CPUs' events during the run / loops)\n")
         parts.append(hot_path_table(summary))
         notes = [f"failed run: {f}" for f in results.get("failures", [])]
         for cfg, label in CONFIGS:
