@@ -324,7 +324,8 @@ def thousand_tracked(procs: Procs, seconds: float) -> dict:
             dest.unlink(missing_ok=True)  # the CLI appends
             argv = runqlat_core() + ["run", "1", "-P", "--pids-file", str(pidfile), "--output", fmt,
                                      "--output-file", str(dest)]
-            p = procs.start(argv, stdout=subprocess.DEVNULL, stderr=open(OUT / "logs" / f"us-1000-{fmt}.log", "w"))
+            with open(OUT / "logs" / f"us-1000-{fmt}.log", "w") as lf:
+                p = procs.start(argv, stdout=subprocess.DEVNULL, stderr=lf)
             wait_attached(p)
             time.sleep(3)  # first intervals: every process gets its histogram
             out[fmt] = measure_tracer(p, seconds)
@@ -347,7 +348,8 @@ def ten_thousand_live(procs: Procs, seconds: float) -> dict:
     out = {"spawn_s": spawn_s}
     try:
         argv = runqlat_core() + ["run", "1", "-P", "--pids-file", str(pidfile), "--metrics-addr", addr]
-        p = procs.start(argv, stdout=subprocess.DEVNULL, stderr=open(OUT / "logs" / "us-10000.log", "w"))
+        with open(OUT / "logs" / "us-10000.log", "w") as lf:
+            p = procs.start(argv, stdout=subprocess.DEVNULL, stderr=lf)
         wait_attached(p)
         time.sleep(8)  # every process wakes (<= 1.5 s) and an interval or more passes
         out.update(measure_tracer(p, seconds))

@@ -4,7 +4,8 @@
 # against an empty program and libbpf-tools runqlat, plus user-space figures.
 # Needs no arguments (bench.py's options pass through: --rounds, --loops, --skip).
 # Installs the Debian packages it needs, sets up the checkout if it is not yet,
-# prints one report and keeps it in bench/out/. Run as root; takes ~8 minutes.
+# prints one report and keeps it in bench/out/. Run as root; takes 3-4 minutes
+# on an idle 2-CPU machine (longer on a busy one).
 set -euo pipefail
 cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "run.sh: run as root (it loads BPF programs)" >&2; exit 1; }
