@@ -95,6 +95,10 @@ class Collector:
         for reason, n in sorted(snap.drops.items()):
             c.add_metric([reason], n)
         yield c
+        c = CounterMetricFamily("runqlat_retired_series_dropped",
+                                "Final histograms of exited owners dropped before any scrape read them")
+        c.add_metric([], getattr(snap, "retired_dropped", 0))
+        yield c
         cap = GaugeMetricFamily("runqlat_map_capacity_entries", "Size of a BPF map", labels=["map"])
         used = GaugeMetricFamily("runqlat_map_used_entries", "Entries in use in a BPF map", labels=["map"])
         for name, (capacity, n) in sorted(snap.maps.items()):

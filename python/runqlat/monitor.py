@@ -33,6 +33,9 @@ from .tracer import Tracer
 log = logging.getLogger("runqlat")
 
 CONTAINER_SCAN_S = 2.0
+# Final values of exited processes kept for a consumer that has not read them yet;
+# beyond this (a scrape-less exporter under heavy churn) they are counted, not kept.
+MAX_PENDING_FINALS = 20_000
 PIDNS_SCAN_S = 2.0
 
 
@@ -120,6 +123,7 @@ class Snapshot:
     progs: dict[str, tuple[int, int, int]]
     features: dict[str, str]
     gone: set = field(default_factory=set)  # labels shown for the last time
+    retired_dropped: int = 0  # final values of exited owners no consumer could be handed
 
 
 def _tgid(proc: str, tid: int) -> int | None:
@@ -170,6 +174,8 @@ class Monitor:
         self._tracked_processes = 0
         self._tracked_tgids: set[int] | None = None
         self._live_tgids: set[int] = set()
+        self.retired_dropped = 0
+        self.last_collect = 0.0
         self.set_sources(sources, initial=True)
 
     # -- what to track --
@@ -377,79 +383,96 @@ class Monitor:
     def snapshot(self, consumer: str | None = None) -> Snapshot:
         with self.lock:
             t = self.tracer
-            raw = t.read_hists()
-            # with only PIDs as the filter, a process taken out of the set retires too
-            only_pids = self.sources.uses_pids and not self.sources.uses_groups
-            self._tracked_tgids = (set(t.kernel_tracked_pids()) if only_pids and
-                                   self.mode in (Mode.PID, Mode.TID) else None)
-            if self.mode == Mode.PID and self._tracked_tgids is None:
-                # one directory read instead of a stat per process
-                self._live_tgids = {int(d) for d in os.listdir(self.proc) if d.isdigit()}
-            if self.mode == Mode.PIDNS:
-                self._scan_pidns()
-            if self.mode in (Mode.CGROUP, Mode.CONTAINER) and raw:
-                if any(k not in self._cgtree._by_id for k in raw):
-                    self._cgtree.scan(min_age=1.0)
-            hists: dict[Labels, Histogram] = {}
-            gone_keys: dict[int, Labels] = {}
-            late_keys: list[int] = []
-            now = time.monotonic()  # a pending wait has ended and been seen within a second
-            self._retired_at = {k: ts for k, ts in self._retired_at.items() if now - ts < 1.0}
-            for key, h in raw.items():
-                lab = self._label_of(key, h)
-                if lab is not None:
-                    self._retired_at.pop(key, None)  # back in the set: a new life, not a late wait
-                if lab is None:
-                    if key in self._retired_at:
-                        # a run-queue wait that began while its owner was tracked and ended
-                        # after the retirement re-created the kernel entry: its final value
-                        # was handed out already, so drop it rather than show the key again
-                        late_keys.append(key)
-                        continue
-                    gone_keys[key] = self._key_labels.get(key) or self._fallback_label(key, h)
-                    continue
-                self._key_labels[key] = lab
-                # raw histograms are fresh objects: a label's first one is used as is
-                hists[lab] = hists[lab] + h if lab in hists else h
-            for lab, b in self._base.items():
-                if lab in hists:
-                    hists[lab] = hists[lab] + b
-            # retire what is gone: its final value goes to every consumer once
-            finals: dict[Labels, Histogram] = {}
-            for key, lab in gone_keys.items():
-                h = raw[key]
-                if lab in hists:  # the label lives on (another cgroup of the same container)
-                    self._add(self._base, lab, h)
-                    hists[lab] = hists[lab] + h
-                else:
-                    self._add(finals, lab, h)
-                self._key_labels.pop(key, None)
-            for lab, h in finals.items():
-                b = self._base.pop(lab, None)
-                if b is not None:
-                    h = h + b
-                for c in self._consumers:
-                    self._add(self._stash[c], lab, h)
-            if gone_keys or late_keys:
-                t.delete_hists(list(gone_keys) + late_keys)
-            self._retired_at.update(dict.fromkeys(gone_keys, now))
-            gone = set()
-            if consumer is not None:
-                live_labels = set(hists)
-                for lab, h in self._stash.get(consumer, {}).items():
-                    self._add(hists, lab, h)
-                    if lab not in live_labels:
-                        gone.add(lab)
-                self._stash[consumer] = {}
-            for lab, h in hists.items():
-                h.labels = dict(zip(self.mode.labels, lab))
+            hists, gone = self._collect(consumer)
             return Snapshot(
                 ts=time.time(), mode=self.mode, hists=hists,
                 tracked_processes=self._count_processes(),
                 tracked_containers=len(self._containers),
                 drops=t.drops(), maps=t.map_fill(), progs=t.prog_stats(),
-                features=dict(t.features), gone=gone,
+                features=dict(t.features), gone=gone, retired_dropped=self.retired_dropped,
             )
+
+    def maintain(self) -> None:
+        """Retire what is gone even when nobody reads (e.g. --quiet between scrapes),
+        so the kernel's histogram map stays bounded under process churn."""
+        with self.lock:
+            self._collect(None)
+
+    def _collect(self, consumer: str | None):
+        """Labelled cumulative histograms now (plus, for a consumer, the final values
+        of what retired since it last read), retiring gone keys on the way."""
+        t = self.tracer
+        self.last_collect = time.monotonic()
+        raw = t.read_hists()
+        # with only PIDs as the filter, a process taken out of the set retires too
+        only_pids = self.sources.uses_pids and not self.sources.uses_groups
+        self._tracked_tgids = (set(t.kernel_tracked_pids()) if only_pids and
+                               self.mode in (Mode.PID, Mode.TID) else None)
+        if self.mode == Mode.PID and self._tracked_tgids is None:
+            # one directory read instead of a stat per process
+            self._live_tgids = {int(d) for d in os.listdir(self.proc) if d.isdigit()}
+        if self.mode == Mode.PIDNS:
+            self._scan_pidns()
+        if self.mode in (Mode.CGROUP, Mode.CONTAINER) and raw:
+            if any(k not in self._cgtree._by_id for k in raw):
+                self._cgtree.scan(min_age=1.0)
+        hists: dict[Labels, Histogram] = {}
+        gone_keys: dict[int, Labels] = {}
+        late_keys: list[int] = []
+        now = time.monotonic()  # a pending wait has ended and been seen within a second
+        self._retired_at = {k: ts for k, ts in self._retired_at.items() if now - ts < 1.0}
+        for key, h in raw.items():
+            lab = self._label_of(key, h)
+            if lab is not None:
+                self._retired_at.pop(key, None)  # back in the set: a new life, not a late wait
+            if lab is None:
+                if key in self._retired_at:
+                    # a run-queue wait that began while its owner was tracked and ended
+                    # after the retirement re-created the kernel entry: its final value
+                    # was handed out already, so drop it rather than show the key again
+                    late_keys.append(key)
+                    continue
+                gone_keys[key] = self._key_labels.get(key) or self._fallback_label(key, h)
+                continue
+            self._key_labels[key] = lab
+            # raw histograms are fresh objects: a label's first one is used as is
+            hists[lab] = hists[lab] + h if lab in hists else h
+        for lab, b in self._base.items():
+            if lab in hists:
+                hists[lab] = hists[lab] + b
+        # retire what is gone: its final value goes to every consumer once
+        finals: dict[Labels, Histogram] = {}
+        for key, lab in gone_keys.items():
+            h = raw[key]
+            if lab in hists:  # the label lives on (another cgroup of the same container)
+                self._add(self._base, lab, h)
+                hists[lab] = hists[lab] + h
+            else:
+                self._add(finals, lab, h)
+            self._key_labels.pop(key, None)
+        for lab, h in finals.items():
+            b = self._base.pop(lab, None)
+            if b is not None:
+                h = h + b
+            for c in self._consumers:
+                if len(self._stash[c]) < MAX_PENDING_FINALS or lab in self._stash[c]:
+                    self._add(self._stash[c], lab, h)
+                else:  # a consumer that does not read while thousands of processes exit
+                    self.retired_dropped += 1
+        if gone_keys or late_keys:
+            t.delete_hists(list(gone_keys) + late_keys)
+        self._retired_at.update(dict.fromkeys(gone_keys, now))
+        gone = set()
+        if consumer is not None:
+            live_labels = set(hists)
+            for lab, h in self._stash.get(consumer, {}).items():
+                self._add(hists, lab, h)
+                if lab not in live_labels:
+                    gone.add(lab)
+            self._stash[consumer] = {}
+        for lab, h in hists.items():
+            h.labels = dict(zip(self.mode.labels, lab))
+        return hists, gone
 
     @staticmethod
     def _add(d: dict, lab: Labels, h: Histogram) -> None:
