@@ -1,0 +1,44 @@
+"""Process churn against the live monitor (root): the kernel's histogram map stays
+bounded when nothing reads (a --quiet exporter between scrapes), and a consumer that
+never reads cannot make the tracer hold final values without limit."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from helpers import unavailable
+from runqlat import monitor as monitor_mod
+from runqlat.monitor import Mode, Monitor, Sources
+from runqlat.tracer import Options, Tracer
+
+pytestmark = pytest.mark.bpf
+
+
+def _churn(n: int) -> None:
+    for _ in range(n):  # short-lived processes, each with a wait or two
+        subprocess.run(["sh", "-c", "i=0; while [ $i -lt 200 ]; do i=$((i+1)); done"], check=True)
+
+
+def test_exited_processes_retire_without_readers(monkeypatch):
+    if os.geteuid() != 0:
+        unavailable("loading BPF programs needs root")
+    monkeypatch.setattr(monitor_mod, "MAX_PENDING_FINALS", 10)
+    with Tracer(Options(agg=Mode.PID.agg)) as tr:
+        mon = Monitor(tr, Mode.PID, Sources())
+        mon.register("scrape")  # registered, never reads: its pending finals must stay bounded
+        for _ in range(4):
+            _churn(60)
+            mon.maintain()
+        import struct
+        keys = [struct.unpack("<Q", k)[0] for k in tr.obj.map("hists").keys()]
+        dead = [k for k in keys if not os.path.exists(f"/proc/{k}")]
+        # 240 processes came and went: their histograms are gone from the kernel map
+        # (a process that exited since the last maintain() may still be there)
+        assert len(dead) <= 5, (len(dead), len(keys))
+        assert mon.retired_dropped > 0
+        assert len(mon._stash["scrape"]) <= 10
+        snap = mon.snapshot("scrape")
+        assert snap.retired_dropped == mon.retired_dropped
