@@ -243,15 +243,29 @@ class _Formatter(logging.Formatter):
         return f"{PROG}: {level}: {record.getMessage()}"
 
 
+_libc = None
+
+
 def _steady_memory() -> None:
     """Keep glibc from raising its mmap threshold as big per-interval buffers are
     freed: with it fixed, multi-MB arrays go back to the kernel after each read
     instead of staying in the heap, so a tracer that runs for days stays small."""
+    global _libc
     import ctypes
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+        _libc = ctypes.CDLL("libc.so.6")
+        _libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
+        _libc = None  # not glibc: nothing to tune
+
+
+def _trim_memory() -> None:
+    """Give the heap's free tail back after an interval's temporaries are gone."""
+    if _libc is not None:
+        try:
+            _libc.malloc_trim(0)
+        except AttributeError:
+            pass
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -492,6 +506,7 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
                 # the time this interval really covered (more than asked if we fell behind)
                 printer.emit(monitor.snapshot("print"), round(now - last_emit, 3))
                 last_emit = now
+                _trim_memory()
             printed += 1
             next_print += cfg.interval
             if next_print < time.monotonic():  # we fell behind (suspend): do not burst
