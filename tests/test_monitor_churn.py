@@ -42,3 +42,24 @@ def test_exited_processes_retire_without_readers(monkeypatch):
         assert len(mon._stash["scrape"]) <= 10
         snap = mon.snapshot("scrape")
         assert snap.retired_dropped == mon.retired_dropped
+
+
+def test_exporter_folds_processes_it_never_saw():
+    if os.geteuid() != 0:
+        unavailable("loading BPF programs needs root")
+    with Tracer(Options(agg=Mode.PID.agg)) as tr:
+        mon = Monitor(tr, Mode.PID, Sources())
+        mon.register("scrape", fold_unseen=True)
+        first = mon.snapshot("scrape")
+        _churn(100)  # born and gone between two scrapes
+        mon.maintain()
+        snap = mon.snapshot("scrape")
+        exited = snap.hists.get(mon.exited_label)
+        assert exited is not None and exited.count > 0
+        assert not [lab for lab in snap.gone if lab != mon.exited_label]  # no one-scrape series
+        # counts only go up: the folded series is cumulative across scrapes
+        _churn(20)
+        mon.maintain()
+        again = mon.snapshot("scrape").hists[mon.exited_label]
+        assert again.count >= exited.count
+        assert first.hists.get(mon.exited_label) is None

@@ -455,7 +455,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
             if printing:
                 monitor.register("print")
             if server is not None:
-                monitor.register("scrape")
+                monitor.register("scrape", fold_unseen=True)
                 snapshot["source"] = lambda: monitor.snapshot("scrape")
                 server.start()
                 log.info("serving metrics at http://%s/metrics", server.address)

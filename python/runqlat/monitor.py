@@ -163,6 +163,8 @@ class Monitor:
         self._state_dirs = containerd_state_dirs
         self._consumers: set[str] = set()
         self._stash: dict[str, dict[Labels, Histogram]] = {}
+        self._seen: dict[str, set] = {}              # labels a folding consumer has read
+        self._exited: dict[str, Histogram] = {}      # its folded never-seen owners
         self._base: dict[Labels, Histogram] = {}   # finals of retired keys whose label lives on
         self._key_labels: dict[int, Labels] = {}
         self._retired_at: dict[int, float] = {}    # keys retired in the last second -> when
@@ -315,11 +317,26 @@ class Monitor:
         return list(self._containers)
 
     # -- reading --
-    def register(self, consumer: str) -> None:
-        """A consumer (e.g. 'print', 'scrape') sees every retired histogram once."""
+    def register(self, consumer: str, fold_unseen: bool = False) -> None:
+        """A consumer (e.g. 'print', 'scrape') sees every retired histogram once.
+
+        fold_unseen (the exporter): an owner that came and went between two reads
+        of this consumer was never exported under its own labels; a series that
+        would exist for one scrape only is useless to Prometheus and, under heavy
+        process churn, is most of the page. Its counts go into one cumulative
+        series labelled EXITED instead, so totals stay complete and bounded.
+        """
         with self.lock:
             self._consumers.add(consumer)
             self._stash.setdefault(consumer, {})
+            if fold_unseen:
+                self._seen[consumer] = set()
+
+    @property
+    def exited_label(self) -> Labels:
+        """Labels of the series that folds owners gone before they were exported."""
+        n = len(self.mode.labels)
+        return ("(exited)",) + ("",) * (n - 1) if n else ()
 
     def _label_of(self, key: int, h: Histogram) -> Labels | None:
         """Labels of a kernel key, None when its owner is gone."""
@@ -455,6 +472,12 @@ class Monitor:
             if b is not None:
                 h = h + b
             for c in self._consumers:
+                seen = self._seen.get(c)
+                if seen is not None and lab not in seen:
+                    self._exited[c] = self._exited[c] + h if c in self._exited else h
+                    continue
+                if seen is not None:
+                    seen.discard(lab)
                 if len(self._stash[c]) < MAX_PENDING_FINALS or lab in self._stash[c]:
                     self._add(self._stash[c], lab, h)
                 else:  # a consumer that does not read while thousands of processes exit
@@ -470,6 +493,13 @@ class Monitor:
                 if lab not in live_labels:
                     gone.add(lab)
             self._stash[consumer] = {}
+            seen = self._seen.get(consumer)
+            if seen is not None:
+                seen.update(lab for lab in hists if lab not in gone)
+                if consumer in self._exited:
+                    exited = self.exited_label
+                    hists[exited] = hists[exited] + self._exited[consumer] if exited in hists \
+                        else self._exited[consumer]
         for lab, h in hists.items():
             h.labels = dict(zip(self.mode.labels, lab))
         return hists, gone
