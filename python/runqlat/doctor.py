@@ -32,6 +32,13 @@ def _cap_eff() -> int:
     return 0
 
 
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except OSError:  # e.g. not readable without privileges
+        return False
+
+
 def _sysctl(name: str) -> str | None:
     try:
         return Path("/proc/sys/" + name.replace(".", "/")).read_text().strip()
@@ -56,7 +63,8 @@ def run_checks() -> list[Check]:
     elif caps & (1 << CAP_BPF) and caps & (1 << CAP_PERFMON):
         add("privileges", "ok", "CAP_BPF and CAP_PERFMON")
     else:
-        add("privileges", "FAIL", "not root and no CAP_BPF+CAP_PERFMON: run as root (sudo)")
+        who = "root without its capabilities" if os.geteuid() == 0 else "not root"
+        add("privileges", "FAIL", f"{who} and no CAP_BPF+CAP_PERFMON: run as root (sudo)")
 
     unpriv = _sysctl("kernel.unprivileged_bpf_disabled")
     if unpriv is not None:
@@ -94,8 +102,13 @@ def run_checks() -> list[Check]:
             ts = probe_map_type(BPF_MAP_TYPE_TASK_STORAGE)
         except Exception:  # a probe failing is an answer too
             ts = False
-        add("task storage", "ok" if ts else "warn",
-            "BPF_MAP_TYPE_TASK_STORAGE available" if ts else "not available: timestamps go to a hash map")
+        privileged = not any(c.name == "privileges" and c.status == "FAIL" for c in out)
+        if ts:
+            add("task storage", "ok", "BPF_MAP_TYPE_TASK_STORAGE available")
+        elif privileged:
+            add("task storage", "warn", "not available: timestamps go to a hash map")
+        else:
+            add("task storage", "info", "cannot probe without privileges")
 
     if lib_ok and obj_ok and btf.exists():
         out.extend(_trial_load())
@@ -109,7 +122,7 @@ def run_checks() -> list[Check]:
         add("cgroup v2", "ok", f"{mnt}" + (" (hybrid: v1 controllers beside it)" if hybrid else ""))
 
     from .containers import DEFAULT_CONTAINERD_STATE_DIRS
-    dirs = [d for d in DEFAULT_CONTAINERD_STATE_DIRS if Path(d).is_dir()]
+    dirs = [d for d in DEFAULT_CONTAINERD_STATE_DIRS if _is_dir(d)]
     add("containerd", "info", ", ".join(dirs) if dirs else "no containerd state dir (fine without containers)")
 
     acct = _sysctl("kernel.task_delayacct")
