@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -154,7 +153,6 @@ class Printer:
         self.unit_ns = unit_ns
         self.timestamp = timestamp
         self.prev: dict = {}
-        self.last_ts: float | None = None
 
     def emit(self, snap, interval_s: float | None) -> None:
         from .hist import Histogram
@@ -185,7 +183,6 @@ class Printer:
         else:
             self._text(snap, deltas)
         self.out.flush()
-        self.last_ts = snap.ts
 
     def _text(self, snap, deltas) -> None:
         from .hist import log2_matrix, percentiles_ns, render_log2, summary_line, trim

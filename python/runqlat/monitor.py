@@ -49,15 +49,18 @@ class Mode(str, enum.Enum):
 
     @property
     def agg(self) -> AggMode:
-        return {Mode.GLOBAL: AggMode.GLOBAL, Mode.PID: AggMode.PID, Mode.TID: AggMode.TID,
-                Mode.PIDNS: AggMode.PIDNS, Mode.CONTAINER: AggMode.CGROUP,
-                Mode.CGROUP: AggMode.CGROUP}[self]
+        return _MODE_AGG[self]
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return {Mode.GLOBAL: (), Mode.PID: ("pid", "comm"), Mode.TID: ("tid", "comm"),
+        return _MODE_LABELS[self]
+
+
+_MODE_AGG = {Mode.GLOBAL: AggMode.GLOBAL, Mode.PID: AggMode.PID, Mode.TID: AggMode.TID,
+             Mode.PIDNS: AggMode.PIDNS, Mode.CONTAINER: AggMode.CGROUP, Mode.CGROUP: AggMode.CGROUP}
+_MODE_LABELS = {Mode.GLOBAL: (), Mode.PID: ("pid", "comm"), Mode.TID: ("tid", "comm"),
                 Mode.PIDNS: ("pidns",), Mode.CONTAINER: ("container_id", "container_name"),
-                Mode.CGROUP: ("cgroup",)}[self]
+                Mode.CGROUP: ("cgroup",)}
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ class Monitor:
         self._next_pidns_scan = 0.0
         self._tracked_processes = 0
         self._tracked_tgids: set[int] | None = None
+        self._tracked_now: dict[int, int] = {}
         self._live_tgids: set[int] = set()
         self.retired_dropped = 0
         self.last_collect = 0.0
@@ -405,7 +409,8 @@ class Monitor:
                 ts=time.time(), mode=self.mode, hists=hists,
                 tracked_processes=self._count_processes(),
                 tracked_containers=len(self._containers),
-                drops=t.drops(), maps=t.map_fill(), progs=t.prog_stats(),
+                drops=t.drops(), maps=t.map_fill(tracked_pids_used=len(self._tracked_now)),
+                progs=t.prog_stats(),
                 features=dict(t.features), gone=gone, retired_dropped=self.retired_dropped,
             )
 
@@ -421,9 +426,11 @@ class Monitor:
         t = self.tracer
         self.last_collect = time.monotonic()
         raw = t.read_hists()
+        # tracked_pids read once per collection: retirement, the process count and map fill use it
+        self._tracked_now = t.kernel_tracked_pids() if self.sources.uses_pids else {}
         # with only PIDs as the filter, a process taken out of the set retires too
         only_pids = self.sources.uses_pids and not self.sources.uses_groups
-        self._tracked_tgids = (set(t.kernel_tracked_pids()) if only_pids and
+        self._tracked_tgids = (set(self._tracked_now) if only_pids and
                                self.mode in (Mode.PID, Mode.TID) else None)
         if self.mode == Mode.PID and self._tracked_tgids is None:
             # one directory read instead of a stat per process
@@ -512,7 +519,7 @@ class Monitor:
         s = self.sources
         if not s.uses_pids and not s.uses_groups:
             return sum(1 for d in os.listdir(self.proc) if d.isdigit())
-        n = len(self.tracer.kernel_tracked_pids()) if s.uses_pids else 0
+        n = len(self._tracked_now)
         if s.uses_groups and self._cgtree is not None:
             dirs = [self._cgtree.dir_of(p) for p in s.cgroups]
             dirs += [self._cgtree.dir_of(c.cgroup) for c in self._containers if c.cgroup]

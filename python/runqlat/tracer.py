@@ -256,7 +256,6 @@ class Tracer:
     # -- reading --
     def read_hists(self) -> dict[int, Histogram]:
         """Cumulative histograms by key, summed over CPUs."""
-        ncpu_val = abi.HIST_SIZE
         if self.opts.agg == AggMode.GLOBAL:
             m = self.obj.map("hist_global")
             raw = m.lookup(struct.pack("<I", 0)) or b""
@@ -298,9 +297,13 @@ class Tracer:
             out[r.name.lower()] = sum(struct.unpack(f"<{len(raw) // 8}Q", raw))
         return out
 
-    def map_fill(self) -> dict[str, tuple[int, int]]:
-        """(capacity, entries in use) of the maps that can fill up."""
-        out = {"tracked_pids": (self.obj.map("tracked_pids").max_entries, len(self.kernel_tracked_pids()))}
+    def map_fill(self, tracked_pids_used: int | None = None) -> dict[str, tuple[int, int]]:
+        """(capacity, entries in use) of the maps that can fill up.
+
+        tracked_pids_used: the caller's count from a read it just made (saves reading it again)."""
+        if tracked_pids_used is None:
+            tracked_pids_used = len(self.kernel_tracked_pids())
+        out = {"tracked_pids": (self.obj.map("tracked_pids").max_entries, tracked_pids_used)}
         if self.opts.agg != AggMode.GLOBAL:
             m = self.obj.map("hists")
             used = getattr(self, "_hists_used", None)
