@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # what the end-to-end tests run, installed in one go (the tests install any
 # that are still missing themselves, so a single test can run on its own)
-EXTRA_PKGS="containerd runc busybox-static prometheus qemu-system-x86 qemu-utils cpio dpkg-dev
-            fakeroot help2man" bash scripts/setup.sh
+EXTRA_PKGS="containerd runc busybox-static prometheus qemu-system-x86 systemd groff-base" \
+    bash scripts/setup.sh
 exec .venv/bin/python -m pytest -ra "$@" tests

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS.parent / "python"))
 
 from helpers import IN_CI, unavailable  # noqa: E402
+from workload import held_bpf_ids  # noqa: E402
 from runqlat import abi  # noqa: E402
 
 MUST_RUN_MARKERS = ("bpf", "vm")
@@ -64,24 +64,7 @@ def pytest_runtest_makereport(item, call):
 
 def _bpf_fd_prog_ids(pid: int | str) -> set[int]:
     """Program ids behind the BPF program and link fds a process holds."""
-    out = set()
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        fds = os.listdir(fd_dir)
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"{fd_dir}/{fd}")
-            if target not in ("anon_inode:bpf-prog", "anon_inode:bpf_link"):
-                continue
-            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        m = re.search(r"^prog_id:\s*(\d+)", info, flags=re.M)
-        if m:
-            out.add(int(m.group(1)))
-    return out
+    return held_bpf_ids(pid, "prog")
 
 
 def _in_this_session(pid: str) -> bool:

@@ -173,14 +173,6 @@ def sysctl(name: str, value: str):
         path.write_text(old)
 
 
-def cgroup2_mount() -> Path | None:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == "cgroup2":
-            return Path(parts[1])
-    return None
-
-
 class TempCgroup:
     """A cgroup v2 directory of our own; processes moved in are moved back out on close."""
 

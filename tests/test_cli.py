@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

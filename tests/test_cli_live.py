@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from runqlat.cgroups import cgroup2_mount
 from workload import BusyLoops, TracerRun, require_bpf, tracer_cli, usable_cpu  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
@@ -334,18 +335,6 @@ def test_follow_children_counts_a_forked_child(tmp_path, tracer_cli):
 
 # -- cgroup v2 -------------------------------------------------------------------
 
-def _cgroup2_mount() -> Path | None:
-    found = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == "cgroup2":
-            found.append(Path(parts[1]))
-    for pref in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-        if pref in found:
-            return pref
-    return found[0] if found else None
-
-
 def _own_cgroup(mount: Path) -> Path:
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         if line.startswith("0::"):
@@ -367,7 +356,7 @@ def _cgroup_of(pid: int) -> str:
 @pytest.mark.parametrize("path_form", ["absolute", "relative"])
 def test_cgroup_process_moved_in_is_counted(path_form, tracer_cli):
     require_bpf()
-    mount = _cgroup2_mount()
+    mount = cgroup2_mount()
     if mount is None:
         pytest.fail("no cgroup2 file system is mounted", pytrace=False)
     home = _own_cgroup(mount)

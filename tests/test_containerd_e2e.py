@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from containerd_env import ContainerdEnv, ContainerdUnavailable  # noqa: E402
+from runqlat.cgroups import cgroup2_mount  # noqa: E402
+from helpers import unavailable  # noqa: E402
 from runqlat.containers import STATE_ENV, discover, resolve  # noqa: E402
 
 pytestmark = pytest.mark.bpf
@@ -28,10 +30,7 @@ pytestmark = pytest.mark.bpf
 IN_CI = os.environ.get("CI") == "true"
 
 
-def _unavailable(reason: str):
-    if IN_CI:
-        pytest.fail(f"CI=true but {reason}")
-    pytest.skip(reason)
+_unavailable = unavailable  # a skip off CI, a failure under CI=true
 
 
 @pytest.fixture
@@ -57,18 +56,6 @@ def _host_pidns() -> int:
     return os.stat("/proc/self/ns/pid").st_ino
 
 
-def _unified_mount() -> Path | None:
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    for line in mounts:
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == "cgroup2":
-            return Path(parts[1])
-    return None
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -88,7 +75,7 @@ def _check(env: ContainerdEnv, c, cid: str, pid: int) -> None:
     assert c.pidns == os.stat(f"/proc/{pid}/ns/pid").st_ino
     # ctr's default cgroup path is /<namespace>/<id> (cgroupfs driver).
     assert c.cgroup == f"/{env.namespace}/{cid}", c.cgroup
-    unified = _unified_mount()
+    unified = cgroup2_mount()
     if unified is not None:
         procs = (unified / c.cgroup.lstrip("/") / "cgroup.procs").read_text().split()
         assert str(pid) in procs
@@ -192,10 +179,7 @@ def _positive(obj, key: str) -> bool:
 
 def test_cli_per_container_latency(env):
     help_text = _cli_help()
-    if not help_text or "--all-containers" not in help_text or "--per-container" not in help_text:
-        # Feature gate, not a missing machine prerequisite: the CLI flags
-        # land separately, so this is an explicit skip even on CI.
-        pytest.skip("runqlat CLI has no --all-containers/--per-container yet")
+    assert help_text and "--all-containers" in help_text and "--per-container" in help_text
     env.run("busy", "while :; do :; done")
     env.run("idle", "sleep 1000")
     r = subprocess.run(

@@ -18,12 +18,12 @@ import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
+from helpers import unavailable  # noqa: E402
 from runqlat import cli  # noqa: E402
 from runqlat.metrics import Collector, parse_addr, parse_buckets  # noqa: E402
 from runqlat.monitor import Mode  # noqa: E402
@@ -144,7 +144,7 @@ def test_unit_capabilities_allow_bpf_and_exist():
 def test_unit_verifies():
     tool = shutil.which("systemd-analyze")
     if not tool:
-        pytest.skip("systemd-analyze is not installed")
+        unavailable("systemd-analyze is not installed (package systemd)")
     r = subprocess.run([tool, "verify", "--man=no", str(UNIT)], capture_output=True, text=True)
     problems = []
     for line in (r.stdout + r.stderr).splitlines():
@@ -347,6 +347,6 @@ def test_man_page_documents_every_option():
 def test_man_page_renders_cleanly():
     groff = shutil.which("groff")
     if not groff:
-        pytest.skip("groff is not installed")
+        unavailable("groff is not installed (package groff-base)")
     r = subprocess.run([groff, "-man", "-ww", "-z", str(MANPAGE)], capture_output=True, text=True)
     assert r.returncode == 0 and not r.stderr, r.stderr

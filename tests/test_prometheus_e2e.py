@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
@@ -34,23 +33,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runqlat import abi  # noqa: E402
-from workload import BusyLoops, usable_cpu  # noqa: E402
+from helpers import unavailable  # noqa: E402
+from workload import BusyLoops, held_bpf_ids, loaded_programs, usable_cpu  # noqa: E402
 
 pytestmark = pytest.mark.bpf
 
 IN_CI = os.environ.get("CI") == "true"
 HIST = "runqlat_run_queue_latency_seconds"
 CLI = [sys.executable, "-m", "runqlat"]
-# what the kernel shows of our program names (BPF_OBJ_NAME_LEN is 16 with the NUL)
-PROG_NAMES = {p[:15] for p in abi.PROGRAMS}
+
+
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 
 
-def _unavailable(reason: str):
-    if IN_CI:
-        pytest.fail(f"CI=true but {reason}")
-    pytest.skip(reason)
+_unavailable = unavailable  # a skip off CI, a failure under CI=true
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -96,29 +92,7 @@ def count_of(fams: dict, pid: int) -> float:
 
 
 def our_programs() -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    return {p["id"] for p in json.loads(out.stdout or "[]") if p.get("name") in PROG_NAMES}
-
-
-def programs_held_by(pid: int | str) -> set[int]:
-    """IDs of the BPF programs a process holds (a program fd, or a link to one)."""
-    held = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return held
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") not in ("anon_inode:bpf-prog", "anon_inode:bpf_link"):
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                m = re.search(r"^prog_id:\s*(\d+)", f.read(), re.M)
-        except OSError:
-            continue
-        if m:
-            held.add(int(m.group(1)))
-    return held
+    return set(loaded_programs())
 
 
 def programs_held_by_processes() -> set[int]:
@@ -126,7 +100,7 @@ def programs_held_by_processes() -> set[int]:
     held = set()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            held |= programs_held_by(pid)
+            held |= held_bpf_ids(pid)
     return held
 
 
@@ -207,7 +181,7 @@ class Tracer:
                             f"{self.stderr()}")
             try:
                 if http_get(self.metrics_url, timeout=5)[0] == 200:
-                    self.prog_ids = programs_held_by(self.proc.pid) & our_programs()
+                    self.prog_ids = held_bpf_ids(self.proc.pid) & our_programs()
                     assert self.prog_ids, "the tracer serves metrics but holds none of our BPF programs"
                     return
             except OSError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import subprocess
 import time
 
@@ -22,7 +21,6 @@ from helpers import (
     SPIN_THREADS,
     TempCgroup,
     affinity,
-    cgroup2_mount,
     contention_cpu,
     schedstat,
     sysctl,
@@ -30,6 +28,7 @@ from helpers import (
     wait_for,
 )
 from runqlat import abi, bpf
+from runqlat.cgroups import cgroup2_mount
 from runqlat.abi import AggMode, DropReason, Filter, TrackedReason
 from runqlat.tracer import Options, Tracer
 
