@@ -11,6 +11,11 @@
  *    the decision is re-made only when user space bumps live_cfg.gen (the
  *    tracked set changed) or a task changed cgroup;
  *  - histograms are per-CPU: plain increments, no atomics, no lost counts;
+ *  - a per-key histogram (per process, thread, ...) is a row of a per-CPU
+ *    array: the row is found once per task and decision (hist_index, rows
+ *    handed out from the hist_free stack, given back by user space when the
+ *    key retires) and kept in the task's state, so recording is an array
+ *    access, not a hash lookup. Keys beyond the rows use the hists hash;
  *  - nothing is deleted on the hot path.
  * Fallbacks, picked by user space at load time with set_autoload():
  *  - *_h programs keep the per-task state in a hash keyed by thread id (kernels
@@ -77,7 +82,35 @@ struct {
 	__type(value, __u8);
 } tracked_pidns SEC(".maps");
 
-/* One histogram per key (tgid, tid, pidns inode, cgroup id). */
+/*
+ * Per-key histograms (key: tgid, tid, pidns inode or cgroup id). A key's
+ * histogram is the row hist_index names in hist_arr; a key that found no free
+ * row (all in use) has its histogram in hists instead. User space sizes all
+ * of them, fills hist_free with every row and gives rows back there once it
+ * has read a retired key's last value and zeroed its row.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hist);
+} hist_arr SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, __u64);   /* histogram key */
+	__type(value, __u32); /* row in hist_arr */
+} hist_index SEC(".maps");
+
+/* Free rows of hist_arr; a stack, so the rows in use stay packed at the front. */
+struct {
+	__uint(type, BPF_MAP_TYPE_STACK);
+	__uint(max_entries, 1);
+	__type(value, __u32);
+} hist_free SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -148,7 +181,7 @@ static __always_inline __u32 log2_u64(__u64 v)
 /* Slot of a latency in ns (scheme in runqlat.h); the inverse is in python/runqlat/hist.py. */
 static __always_inline __u32 hist_slot(__u64 ns)
 {
-	__u64 w = ns / HIST_UNIT_NS;
+	__u64 w = ns < HIST_DIV_LIMIT ? (ns * HIST_DIV_MULT) >> HIST_DIV_SHIFT : ns / HIST_UNIT_NS;
 	__u32 e;
 
 	if (w < HIST_SUB_COUNT)
@@ -194,6 +227,39 @@ static __always_inline bool cgroup_tracked(struct task_struct *t)
 	return false;
 }
 
+static __always_inline void set_comm(struct hist *h, struct task_struct *t)
+{
+	if (agg_mode == AGG_PID)
+		BPF_CORE_READ_STR_INTO(&h->comm, t, group_leader, comm);
+	else
+		BPF_CORE_READ_STR_INTO(&h->comm, t, comm);
+}
+
+/* The hist_arr row of a key, taking a free one for a new key. */
+static __always_inline __u32 index_of(__u64 key, struct task_struct *t)
+{
+	__u32 *found = bpf_map_lookup_elem(&hist_index, &key);
+	struct hist *h;
+	__u32 idx;
+
+	if (found)
+		return *found;
+	if (bpf_map_pop_elem(&hist_free, &idx))
+		return NO_INDEX; /* every row in use: this key lives in hists */
+	h = bpf_map_lookup_elem(&hist_arr, &idx);
+	if (!h)
+		return NO_INDEX;
+	set_comm(h, t);
+	if (bpf_map_update_elem(&hist_index, &key, &idx, BPF_NOEXIST)) {
+		/* another CPU gave this key a row first: give ours back, clean */
+		h->comm[0] = 0;
+		bpf_map_push_elem(&hist_free, &idx, 0);
+		found = bpf_map_lookup_elem(&hist_index, &key);
+		return found ? *found : NO_INDEX;
+	}
+	return idx;
+}
+
 /* The slow path: is t tracked, and under which histogram key. */
 static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u32 gen, __u32 cg_gen, __u32 filter)
 {
@@ -229,6 +295,7 @@ static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u32 g
 	default:
 		c->hist_key = 0;
 	}
+	c->hist_idx = tracked && agg_mode != AGG_GLOBAL ? index_of(c->hist_key, t) : NO_INDEX;
 }
 
 static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid, bool storage, bool create)
@@ -289,6 +356,11 @@ static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_str
 
 	if (agg_mode == AGG_GLOBAL)
 		return bpf_map_lookup_elem(&hist_global, &zero);
+	if (c->hist_idx != NO_INDEX) {
+		h = bpf_map_lookup_elem(&hist_arr, &c->hist_idx);
+		if (h)
+			return h;
+	}
 	key = c->hist_key;
 	h = bpf_map_lookup_elem(&hists, &key);
 	if (h)
@@ -297,10 +369,7 @@ static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_str
 	h = bpf_map_lookup_elem(&hist_scratch, &zero);
 	if (!h)
 		return NULL;
-	if (agg_mode == AGG_PID)
-		BPF_CORE_READ_STR_INTO(&h->comm, t, group_leader, comm);
-	else
-		BPF_CORE_READ_STR_INTO(&h->comm, t, comm);
+	set_comm(h, t);
 	if (bpf_map_update_elem(&hists, &key, h, BPF_NOEXIST) && !bpf_map_lookup_elem(&hists, &key)) {
 		count_drop(DROP_HIST_FULL);
 		return NULL;
@@ -313,6 +382,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 {
 	struct task_ctx *c;
 	struct hist *h;
+	__u32 gen, cg_gen;
 	__s64 delta;
 	__u64 slot;
 
@@ -323,6 +393,18 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 		return;
 	delta = (__s64)(clock_ns(now) - c->enqueued_ns);
 	c->enqueued_ns = 0;
+	gen = live.gen;
+	cg_gen = cgroup_gen;
+	if (c->gen != gen || c->cgroup_gen != cg_gen) {
+		/*
+		 * The tracked set changed (or user space retired keys) while t
+		 * waited: count the wait only if t is still tracked, under its
+		 * key and row as they are now.
+		 */
+		decide(c, t, gen, cg_gen, live.filter);
+		if (!c->tracked)
+			return;
+	}
 	if (delta < 0) {
 		count_drop(DROP_NEGATIVE);
 		return;

@@ -27,6 +27,15 @@
 #define HIST_MAX_EXP 25
 #define HIST_SLOTS ((HIST_MAX_EXP + 2) * HIST_SUB_COUNT + 1)
 
+/*
+ * ns / HIST_UNIT_NS as a multiply and shift, exact for every ns below
+ * HIST_DIV_LIMIT (2^31 ns, 2.1 s; checked exhaustively): the division is the
+ * dearest instruction of the hot path. Longer waits take the division.
+ */
+#define HIST_DIV_MULT 2199023256ULL /* ceil(2^38 / 125) */
+#define HIST_DIV_SHIFT 38
+#define HIST_DIV_LIMIT (1ULL << 31)
+
 /* A run-queue wait longer than this (10 minutes) is a lost event, not a latency. */
 #define LATENCY_MAX_NS 600000000000ULL
 
@@ -78,6 +87,9 @@ struct live_cfg {
 	__u32 filter;
 };
 
+/* task_ctx.hist_idx of a key without a hist_arr row: its histogram is in hists. */
+#define NO_INDEX 0xffffffffU
+
 /* Per-task state, in task storage or (fallback) a hash keyed by thread id. */
 struct task_ctx {
 	__u64 enqueued_ns; /* 0: not waiting on a run queue */
@@ -85,7 +97,7 @@ struct task_ctx {
 	__u32 gen;         /* live_cfg.gen the decision below was made under */
 	__u32 cgroup_gen;  /* cgroup_gen the decision was made under */
 	__u32 tracked;
-	__u32 pad;
+	__u32 hist_idx;    /* row of hist_key in hist_arr, or NO_INDEX */
 };
 
 #endif /* __RUNQLAT_H */

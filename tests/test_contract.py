@@ -35,7 +35,7 @@ def _strip_comments(text: str) -> str:
 
 def _c_eval(expr: str, known: dict[str, int]) -> int:
     expr = re.sub(r"\b(0x[0-9a-fA-F]+|\d+)[uUlL]*\b", r"\1", expr)
-    names = set(re.findall(r"[A-Za-z_]\w*", expr))
+    names = set(re.findall(r"\b[A-Za-z_]\w*", expr))
     unknown = names - known.keys()
     assert not unknown, f"cannot evaluate {expr!r}: {unknown}"
     return int(eval(expr, {"__builtins__": {}}, dict(known)))  # header arithmetic only: << * + ( )
@@ -192,6 +192,9 @@ MAP_SHAPES = {
     "tracked_pids": (4, 1),       # "<I" tgid -> __u8 reason
     "tracked_cgroups": (8, 1),    # "<Q" cgroup id
     "tracked_pidns": (4, 1),      # "<I" pidns inode
+    "hist_arr": (4, abi.HIST_SIZE),   # "<I" row
+    "hist_index": (8, 4),             # "<Q" key -> "<I" row
+    "hist_free": (0, 4),              # a stack of "<I" rows
     "hists": (8, abi.HIST_SIZE),  # "<Q" key
     "hist_global": (4, abi.HIST_SIZE),
     "hist_scratch": (4, abi.HIST_SIZE),
@@ -262,6 +265,10 @@ def test_c_hist_slot_matches_python(c_hist_slot):
         values |= {lo, lo + 1, max(lo - 1, 0), hist.slot_upper_ns(s) - 1}
     for k in range(64):
         values |= {1 << k, (1 << k) - 1, (1 << k) + 1}
+    # where the multiply-shift gives way to the division, and the largest multiples of 125 it takes
+    values |= {abi.HIST_DIV_LIMIT + d for d in range(-400, 400)}
+    top = (abi.HIST_DIV_LIMIT - 1) // abi.HIST_UNIT_NS * abi.HIST_UNIT_NS
+    values |= {top - abi.HIST_UNIT_NS * k + d for k in range(50) for d in (-1, 0, 1)}
     rng = np.random.default_rng(11)
     values |= {int(v) for v in rng.integers(0, 2**40, 5000, dtype=np.int64)}
     values |= {int(v) for v in np.exp(rng.uniform(0, 43, 5000)).astype(np.int64)}

@@ -35,7 +35,7 @@ from runqlat.tracer import Options, Tracer
 pytestmark = pytest.mark.bpf
 
 US, MS = 1000, 1_000_000
-FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BATCH")
+FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BATCH", "RUNQLAT_FORCE_HIST_HASH")
 
 
 # -- module fixtures: the contention, shared by every test --
@@ -131,6 +131,8 @@ PATHS = {
     "hash": ({"RUNQLAT_FORCE_HASH": "1"}, ("tp_btf", "hash")),
     "raw_tp": ({"RUNQLAT_FORCE_RAW_TP": "1"}, ("raw_tp", "hash")),
     "no_batch": ({"RUNQLAT_FORCE_NO_BATCH": "1"}, ("tp_btf", "task_storage")),
+    # histograms in the per-CPU hash instead of hist_arr rows (what keys beyond the rows use)
+    "hist_hash": ({"RUNQLAT_FORCE_HIST_HASH": "1"}, ("tp_btf", "task_storage")),
 }
 
 
@@ -192,7 +194,9 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
     if path == "no_batch":
         assert not hists_map._batch_ok and batch_calls == [], "RUNQLAT_FORCE_NO_BATCH=1 still used batch ops"
     else:
-        assert "hists" in batch_calls, "reading did not use batch map operations"
+        assert {"hists", "hist_index"} <= set(batch_calls), "reading did not use batch map operations"
+    in_row = path != "hist_hash"
+    assert (task.pid in tr._row_of) == in_row and (task.pid in tr._in_hash) != in_row
 
 
 # -- the tracked set changes while the programs run --
@@ -354,3 +358,48 @@ def test_stop_and_continue_leave_no_gap(hogs, delayacct):
     assert schedstat(t.pid)[0] == run0
     t.cont()
     wait_for(lambda: schedstat(t.pid)[0] > run0, timeout=2, what="the task to run again")
+
+
+def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
+    """One hist_arr row: the first key takes it, the next lives in the hash; an
+    exited key's row goes back zeroed, so the next key it serves starts from 0."""
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, max_rows=1))
+    assert tr.rows == 1
+    with Busy(cpus) as first, Busy(cpus) as second, Busy(cpus) as third:
+        tr.set_targets(pids={first.pid})
+        wait_for(lambda: first.pid in tr.read_hists(), timeout=3, what="a histogram for the first process")
+        tr.set_targets(pids={first.pid, second.pid})
+        wait_for(lambda: second.pid in tr.read_hists(), timeout=3, what="a histogram for the second process")
+        assert tr._row_of == {first.pid: 0} and tr._in_hash == {second.pid}
+        time.sleep(1.0)
+        h = tr.read_hists()
+        assert h[first.pid].count > 10 and h[second.pid].count > 10
+        assert tr.map_fill()["hist_arr"] == (1, 1)
+
+        first.close()  # gone: its last value read, its row retired, zeroed, reused
+        tr.set_targets(pids={second.pid})
+        tr.read_hists()
+        tr.delete_hists([first.pid])
+        assert tr._row_of == {}
+        time.sleep(0.2)
+        third.stop()
+        try:
+            tr.read_hists()  # releases the row
+            s0 = schedstat(third.pid)
+            tr.set_targets(pids={second.pid, third.pid})
+        finally:
+            third.cont()
+        time.sleep(1.5)
+        third.stop()
+        try:
+            h = tr.read_hists()
+            s1 = schedstat(third.pid)
+        finally:
+            third.cont()
+        assert tr._row_of == {third.pid: 0}, "the freed row was not handed to the next key"
+        ours, kernel = h[third.pid].sum_ns, s1[1] - s0[1]
+        detail = f"row reused: histogram {ours / 1e6:.2f} ms, schedstat {kernel / 1e6:.2f} ms"
+        assert kernel > 100 * MS, detail
+        # the first process's counts (seconds of waiting) would be in it if the row were not zeroed
+        assert abs(ours - kernel) <= 0.05 * kernel, detail
+        assert h[third.pid].labels["comm"] == "sh"

@@ -15,7 +15,11 @@ HIST_SUB_COUNT = 1 << HIST_SUB_BITS
 HIST_UNIT_NS = 125
 HIST_MAX_EXP = 25
 HIST_SLOTS = (HIST_MAX_EXP + 2) * HIST_SUB_COUNT + 1
+HIST_DIV_MULT = 2199023256  # ns / HIST_UNIT_NS as (ns * MULT) >> SHIFT below HIST_DIV_LIMIT
+HIST_DIV_SHIFT = 38
+HIST_DIV_LIMIT = 1 << 31
 LATENCY_MAX_NS = 600_000_000_000
+NO_INDEX = 0xFFFFFFFF  # task_ctx.hist_idx of a key whose histogram is in hists
 MAX_CGROUP_DEPTH = 16
 
 
@@ -61,12 +65,18 @@ RODATA_VARS = ("agg_mode", "follow_children", "watch_cgroup_moves")
 LIVE_VAR = "live"          # in section .data.live
 LIVE_SECTION = ".data.live"
 
+# Per-CPU maps: user space reads one value per possible CPU.
+PERCPU_MAPS = frozenset(("hist_arr", "hists", "hist_global", "hist_scratch", "drops"))
+
 MAPS = (
     "task_ctx_storage",
     "task_ctx_hash",
     "tracked_pids",
     "tracked_cgroups",
     "tracked_pidns",
+    "hist_arr",
+    "hist_index",
+    "hist_free",
     "hists",
     "hist_global",
     "hist_scratch",

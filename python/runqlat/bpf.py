@@ -11,7 +11,7 @@ import os
 import struct
 from pathlib import Path
 
-from . import _ffi
+from . import _ffi, abi
 from ._ffi import ffi
 from .errors import LibbpfError, check, error_for
 
@@ -73,6 +73,28 @@ class Map:
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         check(_ffi.lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of map {self.name}")
+
+    def push(self, value: bytes) -> None:
+        """Push onto a queue or stack map."""
+        check(_ffi.lib().bpf_map_update_elem(self.fd, ffi.NULL, value, BPF_ANY), f"push onto map {self.name}")
+
+    def rows(self, n: int) -> bytes:
+        """The values of entries 0..n-1 of an array map, back to back."""
+        n = min(n, self.max_entries)
+        if n <= 0:
+            return b""
+        if self._batch_ok:
+            l = _ffi.lib()
+            keys, vals = self._buffers(n)
+            count = ffi.new("uint32_t *", n)
+            opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+            rc = l.bpf_map_lookup_batch(self.fd, ffi.NULL, ffi.new("char[]", 8), keys, vals, count, opts)
+            if rc >= 0 or (rc == -_errno.ENOENT and count[0] == n):
+                return ffi.buffer(vals, n * self.value_size)[:]
+            if -rc not in _UNSUPPORTED:
+                check(rc, f"batch lookup in map {self.name}")
+            self._batch_ok = False
+        return b"".join(self.lookup(struct.pack("<I", i)) for i in range(n))
 
     def delete(self, key: bytes) -> bool:
         rc = _ffi.lib().bpf_map_delete_elem(self.fd, key)
@@ -283,7 +305,7 @@ class BpfObject:
     def map(self, name: str) -> Map:
         if name not in self._maps:
             ptr = self._map_ptrs[name] if name in self._map_ptrs else self._section_map(name)[1]
-            percpu = name in ("hists", "hist_global", "hist_scratch", "drops")
+            percpu = name in abi.PERCPU_MAPS
             self._maps[name] = Map(ptr, name, percpu)
         return self._maps[name]
 

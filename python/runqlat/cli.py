@@ -404,7 +404,7 @@ def run(
 
 
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
-    from .monitor import Mode, Monitor
+    from .monitor import Mode, Monitor, expected_keys
     from .tracer import Options, Tracer
 
     mode = _pick_mode(cfg)
@@ -438,7 +438,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
         with ExitStack() as stack:
             opts = Options(agg=mode.agg, follow_children=cfg.follow_children,
                            watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
-                           max_tracked=cfg.max_tracked or 0, initial_filter=sources.filter)
+                           max_tracked=cfg.max_tracked or 0, initial_filter=sources.filter,
+                           expected_keys=expected_keys(mode, sources))
             server = None
             if cfg.metrics_addr:
                 # bound before loading anything: a port in use fails fast and alone

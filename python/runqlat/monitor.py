@@ -129,6 +129,36 @@ class Snapshot:
     retired_dropped: int = 0  # final values of exited owners no consumer could be handed
 
 
+def expected_keys(mode: Mode, sources: Sources, proc: str = "/proc") -> int:
+    """Histogram keys to expect at start (sizes the kernel's array rows; more still fit)."""
+    if mode not in (Mode.PID, Mode.TID):
+        return 0  # a few namespaces or cgroups: the minimum is plenty
+    pids: set[int] | None = None
+    if sources.uses_pids and not sources.uses_groups:
+        pids = set(sources.pids)
+        if sources.pids_file:
+            try:
+                pids |= read_pids_file(sources.pids_file).pids
+            except InputError:
+                pass
+    if mode == Mode.PID:
+        if pids is not None:
+            return len(pids)
+        return sum(1 for d in os.listdir(proc) if d.isdigit())
+    if pids is None:
+        try:  # the fourth field of loadavg: runnable/existing tasks
+            return int(Path(proc, "loadavg").read_text().split()[3].split("/")[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+    n = 0
+    for p in pids:
+        try:
+            n += len(os.listdir(f"{proc}/{p}/task"))
+        except OSError:
+            pass
+    return n
+
+
 def _tgid(proc: str, tid: int) -> int | None:
     try:
         with open(f"{proc}/{tid}/status") as f:

@@ -10,6 +10,7 @@ import errno as _errno
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +18,20 @@ import numpy as np
 
 from . import abi, elf
 from .abi import AggMode, Filter
-from .bpf import BPF_MAP_TYPE_TASK_STORAGE, BpfObject, probe_map_type
+from .bpf import BPF_MAP_TYPE_TASK_STORAGE, BpfObject, possible_cpus, probe_map_type
 from .errors import KernelUnsupported, LibbpfError, PermissionDenied
 from .hist import Histogram
 
 log = logging.getLogger(__name__)
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
+
+# Kernel memory the hist_arr rows (preallocated, one copy per CPU) may take at most;
+# keys beyond the rows still work, through the hists hash.
+ROWS_BUDGET_BYTES = 64 << 20
+# A retired row is zeroed and handed out again no sooner than this: by then no
+# program that read the old generation can still be writing to it.
+ROW_QUARANTINE_S = 0.1
 
 
 def pid_max() -> int:
@@ -40,12 +48,16 @@ class Options:
     watch_cgroup_moves: bool = False
     max_tracked: int = 0     # tracked_pids entries; 0: from pid_max
     max_hists: int = 0       # hists entries; 0: chosen from the mode
+    max_rows: int = 0        # hist_arr rows; 0: from expected_keys and ROWS_BUDGET_BYTES
+    expected_keys: int = 0   # histogram keys expected at start (processes, threads, ...)
     max_groups: int = 4096   # tracked cgroups / pid namespaces
     # Filters active from the moment of attach (with empty sets until set_targets),
     # so nothing outside the user's choice is counted in between.
     initial_filter: Filter = Filter(0)
     force_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HASH") == "1")
     force_raw_tp: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_RAW_TP") == "1")
+    # no hist_arr rows: every key's histogram in the hists hash (RUNQLAT_FORCE_HIST_HASH; tests)
+    force_hist_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HIST_HASH") == "1")
     # BTF for CO-RE relocations instead of the running kernel's (RUNQLAT_CORE_BTF; tests)
     core_btf: str | None = field(default_factory=lambda: os.environ.get("RUNQLAT_CORE_BTF") or None)
 
@@ -74,6 +86,9 @@ class Tracer:
         self._cgroups: set[int] = set()
         self._pidns: set[int] = set()
         self._obj: BpfObject | None = None
+        self._row_of: dict[int, int] = {}       # key -> hist_arr row, as last read
+        self._in_hash: set[int] = set()         # keys last read from hists
+        self._retired_rows: list[tuple[float, list[int]]] = []
         self.info = elf.inspect(self.object_path)
 
     # -- lifetime --
@@ -98,6 +113,8 @@ class Tracer:
             try:
                 self._configure(obj, attach, store)
                 obj.load()
+                if not self.opts.force_hist_hash:
+                    self._free_rows(range(self.rows - 1, -1, -1))  # row 0 on top
                 self._attach(obj)
                 return self
             except PermissionDenied:
@@ -136,6 +153,8 @@ class Tracer:
     def _configure(self, obj: BpfObject, attach: str, store: str) -> None:
         o = self.opts
         self.features = {"attach": attach, "timestamps": store}
+        if o.agg != AggMode.GLOBAL:
+            self.features["histograms"] = "hash" if o.force_hist_hash else "array+hash"
         if o.core_btf:
             self.features["core_btf"] = o.core_btf
         wanted = set(abi.SCHED_PROGRAMS[(attach, store)])
@@ -158,6 +177,9 @@ class Tracer:
             obj.set_autocreate("task_ctx_storage", False)
         hists = o.max_hists or {AggMode.GLOBAL: 1, AggMode.PID: pm, AggMode.TID: pm}.get(o.agg, o.max_groups)
         obj.set_max_entries("hists", hists)
+        self.rows = self._row_count(hists)
+        for name in ("hist_arr", "hist_index", "hist_free"):
+            obj.set_max_entries(name, self.rows)
 
         v = self.info.variables
         sec, off, _ = v[abi.LIVE_VAR]
@@ -168,6 +190,21 @@ class Tracer:
                                ("watch_cgroup_moves", "<B", int(o.watch_cgroup_moves))):
             sec, off, _ = v[name]
             obj.write_initial(sec, off, struct.pack(fmt, val))
+
+    def _row_count(self, hists_max: int) -> int:
+        """hist_arr rows: the keys expected at start and room to grow, within the budget."""
+        o = self.opts
+        if o.agg == AggMode.GLOBAL or o.force_hist_hash:
+            return 1
+        if o.max_rows:
+            return o.max_rows
+        budget = max(1, ROWS_BUDGET_BYTES // (possible_cpus() * abi.HIST_SIZE))
+        return max(1, min(hists_max, budget, o.expected_keys + o.expected_keys // 4 + 64))
+
+    def _free_rows(self, rows) -> None:
+        m = self.obj.map("hist_free")
+        for r in rows:
+            m.push(struct.pack("<I", r))
 
     def _attach(self, obj: BpfObject) -> None:
         for name in self._wanted:
@@ -198,9 +235,13 @@ class Tracer:
             flt |= Filter.PIDNS
         if changed or flt != self._filter:
             self._filter = flt
-            self._gen += 1
-            self.obj.map(abi.LIVE_SECTION).update(struct.pack("<I", 0), struct.pack("<II", self._gen, int(flt)))
+            self._new_generation()
         return changed
+
+    def _new_generation(self) -> None:
+        """Every task re-decides (tracked? which key and row?) at its next event."""
+        self._gen += 1
+        self.obj.map(abi.LIVE_SECTION).update(struct.pack("<I", 0), struct.pack("<II", self._gen, int(self._filter)))
 
     def _sync_pids(self, wanted: set[int]) -> bool:
         m = self.obj.map("tracked_pids")
@@ -260,34 +301,89 @@ class Tracer:
             m = self.obj.map("hist_global")
             raw = m.lookup(struct.pack("<I", 0)) or b""
             keys, n = [0], 1
+            arr = np.frombuffer(raw, dtype=abi.HIST_DTYPE).reshape(n, m.ncpus)
         else:
-            m = self.obj.map("hists")
-            kb, raw, n = m.items()
-            keys = list(struct.unpack(f"<{n}Q", kb))
+            keys, arr = self._read_keyed()
+            n = len(keys)
         self._hists_used = n
         if n == 0:
             return {}
-        arr = np.frombuffer(raw, dtype=abi.HIST_DTYPE).reshape(n, m.ncpus)
+        ncpus = arr.shape[1]
         slots = arr["slots"].sum(axis=1, dtype=np.uint64)
         counts = arr["count"].sum(axis=1, dtype=np.uint64)
         sums = arr["sum_ns"].sum(axis=1, dtype=np.uint64)
         # comm: the first CPU copy that has one (every CPU that counted wrote it)
         comms = arr["comm"][:, 0].copy()
-        for cpu in range(1, m.ncpus):
+        for cpu in range(1, ncpus):
             empty = comms == b""
             if not empty.any():
                 break
             comms[empty] = arr["comm"][empty, cpu]
-        out = {}
+        out: dict[int, Histogram] = {}
         for i, key in enumerate(keys):
             h = Histogram(slots[i], int(counts[i]), int(sums[i]), key=key)
             h.labels["comm"] = comms[i].split(b"\0", 1)[0].decode(errors="replace")
+            if key in out:  # a key with a row and, from before it had one, a hists entry
+                prev = out[key]
+                h = prev + h
+                h.labels["comm"] = prev.labels["comm"] or h.labels.get("comm", "")
+                h.key = key
             out[key] = h
         return out
 
+    def _read_keyed(self) -> tuple[list[int], np.ndarray]:
+        """Keys and their per-CPU histograms: the hist_arr rows hist_index names, then hists."""
+        self._release_rows()
+        kb, vb, ni = self.obj.map("hist_index").items()
+        keys = list(struct.unpack(f"<{ni}Q", kb))
+        rows = np.frombuffer(vb, dtype="<u4", count=ni)
+        self._row_of = dict(zip(keys, rows.tolist()))
+        parts = []
+        if ni:
+            am = self.obj.map("hist_arr")
+            used = int(rows.max()) + 1  # rows are handed out from the front
+            raw = am.rows(used)
+            parts.append(np.frombuffer(raw, dtype=abi.HIST_DTYPE).reshape(used, am.ncpus)[rows])
+        hm = self.obj.map("hists")
+        kb, raw, nh = hm.items()
+        if nh:
+            hkeys = struct.unpack(f"<{nh}Q", kb)
+            keys.extend(hkeys)
+            parts.append(np.frombuffer(raw, dtype=abi.HIST_DTYPE).reshape(nh, hm.ncpus))
+        self._in_hash = set(hkeys) if nh else set()
+        if not parts:
+            return [], np.zeros((0, 1), dtype=abi.HIST_DTYPE)
+        return keys, parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def delete_hists(self, keys: list[int]) -> None:
-        if self.opts.agg != AggMode.GLOBAL:
-            self.obj.map("hists").delete_many([struct.pack("<Q", k) for k in keys])
+        """Forget retired keys (their last values have been read). Their rows go
+        back to the free stack after a quarantine, zeroed."""
+        if self.opts.agg == AggMode.GLOBAL:
+            return
+        rowed = [k for k in keys if k in self._row_of]
+        rows = [self._row_of.pop(k) for k in rowed]
+        if rows:
+            self.obj.map("hist_index").delete_many([struct.pack("<Q", k) for k in rowed])
+            # tasks that cached one of these rows find their row again before writing
+            self._new_generation()
+            self._retired_rows.append((time.monotonic(), rows))
+        hashed = [k for k in keys if k in self._in_hash]
+        if hashed:
+            self.obj.map("hists").delete_many([struct.pack("<Q", k) for k in hashed])
+            self._in_hash.difference_update(hashed)
+
+    def _release_rows(self) -> None:
+        """Zero retired rows past their quarantine and make them free again."""
+        if not self._retired_rows:
+            return
+        now = time.monotonic()
+        ready = [r for ts, rows in self._retired_rows if now - ts >= ROW_QUARANTINE_S for r in rows]
+        if not ready:
+            return
+        self._retired_rows = [(ts, rows) for ts, rows in self._retired_rows if now - ts < ROW_QUARANTINE_S]
+        m = self.obj.map("hist_arr")
+        m.update_batch(struct.pack(f"<{len(ready)}I", *ready), bytes(m.value_size * len(ready)), len(ready))
+        self._free_rows(ready)
 
     def drops(self) -> dict[str, int]:
         m = self.obj.map("drops")
@@ -307,7 +403,11 @@ class Tracer:
         if self.opts.agg != AggMode.GLOBAL:
             m = self.obj.map("hists")
             used = getattr(self, "_hists_used", None)
-            out["hists"] = (m.max_entries, used if used is not None else len(m.keys()))
+            if used is None:
+                used = len(m.keys()) + len(self.obj.map("hist_index").keys())
+            # every key has a row or a hists entry (rarely, for a moment, both)
+            out["hists"] = (m.max_entries + self.rows, used)
+            out["hist_arr"] = (self.rows, len(self._row_of))
         out["tracked_cgroups"] = (self.obj.map("tracked_cgroups").max_entries, len(self._cgroups))
         out["tracked_pidns"] = (self.obj.map("tracked_pidns").max_entries, len(self._pidns))
         if self.features.get("timestamps") == "hash":
