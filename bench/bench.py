@@ -393,7 +393,7 @@ def user_space_text(us: dict) -> str:
                  + ("timed out (120 s)" if tk["scrape_s"] is None else
                     f"{tk['scrape_s']:.1f} s, {tk['scrape_mb']:.1f} MB"))
         for name, mi in sorted(tk["maps"].items()):
-            if mi["bytes_memlock"] < 64 * 1024 and name not in ("hists", "tracked_pids"):
+            if mi["bytes_memlock"] < 64 * 1024 and name not in ("hists", "hist_arr", "hist_index", "tracked_pids"):
                 continue  # the fixed-size ones: in the total below
             used = mi.get("used")
             L.append(f"    map {name:18s} {mi['type']:>20s}  max_entries {mi['max_entries']:>7,}  "

@@ -191,7 +191,7 @@ def map_entries(map_id: int, key_size: int, max_entries: int) -> int | None:
         os.close(fd)
 
 
-def map_fill(pid: int, names=("hists", "tracked_pids")) -> dict[str, dict]:
+def map_fill(pid: int, names=("hists", "hist_index", "tracked_pids")) -> dict[str, dict]:
     """name -> {max_entries, used, bytes_memlock} of pid's maps with those names."""
     out = {}
     for name, mi in maps_info(map_ids(pid)).items():

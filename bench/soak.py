@@ -93,7 +93,9 @@ def sample(p, addr: str) -> dict:
     return {"t": time.monotonic(), "rss_mb": status_kb(p.pid, "VmRSS") / 1024,
             "cpu_s": cpu_ticks(p.pid) / CLK_TCK,
             "maps_mib": sum(mi["bytes_memlock"] for mi in fill.values()) / 2**20,
-            "hists": fill.get("hists", {}).get("used"), "tracked_pids": fill.get("tracked_pids", {}).get("used"),
+            # histogram keys: those with a hist_arr row plus those in the hists hash
+            "hists": sum(fill.get(m, {}).get("used") or 0 for m in ("hist_index", "hists")),
+            "tracked_pids": fill.get("tracked_pids", {}).get("used"),
             "scrape_s": scrape_s if text is not None else None,
             "scrape_kb": len(text) / 1024 if text is not None else None,
             "dropped": sum(v for k, v in m.items() if k.startswith("runqlat_dropped_events_total")) if m else None,
