@@ -361,8 +361,9 @@ def test_stop_and_continue_leave_no_gap(hogs, delayacct):
 
 
 def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
-    """One hist_arr row: the first key takes it, the next lives in the hash; an
-    exited key's row goes back zeroed, so the next key it serves starts from 0."""
+    """One hist_arr row: the first key takes it, the next lives in the hash; a
+    retired key's row goes back zeroed, so the next key it serves starts from 0,
+    and the retired key's task, still running, never writes to it again."""
     tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, max_rows=1))
     assert tr.rows == 1
     with Busy(cpus) as first, Busy(cpus) as second, Busy(cpus) as third:
@@ -376,7 +377,8 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
         assert h[first.pid].count > 10 and h[second.pid].count > 10
         assert tr.map_fill()["hist_arr"] == (1, 1)
 
-        first.close()  # gone: its last value read, its row retired, zeroed, reused
+        # out of the set while it keeps competing for the CPU: its last value read,
+        # its row retired, zeroed and reused
         tr.set_targets(pids={second.pid})
         tr.read_hists()
         tr.delete_hists([first.pid])
@@ -397,9 +399,10 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
         finally:
             third.cont()
         assert tr._row_of == {third.pid: 0}, "the freed row was not handed to the next key"
+        assert first.pid not in h, "a process out of the set was recorded again"
         ours, kernel = h[third.pid].sum_ns, s1[1] - s0[1]
         detail = f"row reused: histogram {ours / 1e6:.2f} ms, schedstat {kernel / 1e6:.2f} ms"
         assert kernel > 100 * MS, detail
-        # the first process's counts (seconds of waiting) would be in it if the row were not zeroed
+        # the first process's waits would be in it if the row were not zeroed or it still wrote there
         assert abs(ours - kernel) <= 0.05 * kernel, detail
         assert h[third.pid].labels["comm"] == "sh"
