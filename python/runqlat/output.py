@@ -1,0 +1,275 @@
+"""Interval output: what each histogram gained since the last print, as
+runqlat-style text or JSON lines. Pure: no BPF, no printing of its own (it
+writes to the file it is given).
+
+With 1,000 tracked processes an interval is 1,000 histograms and about 10,000
+text lines (or 20,000 JSON buckets) every second. So the work per line is done
+with numpy over the whole interval, each distinct line is formatted once
+(`_format_once`), and Python loops only per histogram; the result is written
+with one call. hist.render_log2 and hist.summary_line are the one-histogram
+forms of the same output (tests/test_output.py checks they agree byte for byte).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from .abi import HIST_SLOTS
+from .hist import (UPPER_NS_INT, Histogram, WIDE_FROM, log2_column_header, log2_matrix, log2_row_prefix,
+                   percentiles_ns, star_bars)
+from .monitor import Mode
+
+BAR_WIDTH = 40
+QUANTILES = (0.5, 0.9, 0.99)
+_NUMERIC_LABELS = ("pid", "tid", "pidns")
+
+
+def mode_header(mode: Mode, labels: dict) -> str:
+    """The line above a histogram that says whose it is ('' for the global one)."""
+    if mode == Mode.PID:
+        return f"pid = {labels['pid']} {labels['comm']}"
+    if mode == Mode.TID:
+        return f"tid = {labels['tid']} {labels['comm']}"
+    if mode == Mode.PIDNS:
+        return f"pidns = {labels['pidns']}"
+    if mode == Mode.CONTAINER:
+        cid = labels["container_id"]
+        if not cid:
+            return "container = (none: tracked outside any container)"
+        name = labels["container_name"]
+        return f"container = {cid[:12]}" + (f" ({name})" if name and name != cid else "")
+    if mode == Mode.CGROUP:
+        return f"cgroup = {labels['cgroup']}"
+    return ""
+
+
+def sort_key(labels: tuple):
+    """Numbers in numeric order (pid 9 before pid 10), then text."""
+    return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in labels)
+
+
+COUNT_BITS = 40  # counts below 2**40 fit in a string cache code; more is only ever wrapped garbage
+_SLOT_BITS = (HIST_SLOTS - 1).bit_length()
+
+
+class _Strings:
+    """Strings by integer code, each formatted once and kept: from one interval
+    to the next, most table lines and JSON buckets are ones already made."""
+
+    LIMIT = 20_000  # about 2 MB of strings at most
+
+    def __init__(self, fmt):
+        self._fmt = fmt
+        self._d: dict[int, str] = {}
+
+    def __call__(self, codes: list[int]) -> list[str]:
+        d = self._d
+        missing = set(codes).difference(d)
+        if missing:
+            if len(d) + len(missing) > self.LIMIT:
+                d.clear()
+                missing = set(codes)
+            fmt = self._fmt
+            d.update((c, fmt(c)) for c in missing)
+        return list(map(d.__getitem__, codes))
+
+
+def _table_line_of(head: int, count: int, width: int = BAR_WIDTH) -> str:
+    """A bucket line: head = (bucket * 2 + wide) * (width + 1) + stars."""
+    rest, stars = divmod(head, width + 1)
+    k, wide = divmod(rest, 2)
+    return f"{log2_row_prefix(not wide, k)}{count:<8} {star_bars(width)[stars]}"
+
+
+def _table_line(code: int) -> str:
+    """A bucket line from its cache code: head << COUNT_BITS | count."""
+    return _table_line_of(code >> COUNT_BITS, code & ((1 << COUNT_BITS) - 1))
+
+
+def log2_table_lines(log2: np.ndarray, cache: _Strings | None = None):
+    """Rows of log2_matrix as runqlat's tables, all at once.
+
+    Returns (lines, lengths, narrow): the bucket lines of every table back to
+    back, how many belong to each row, and whether each row is in narrow
+    columns. Row i is up to its last non-empty bucket (one zero line if empty),
+    exactly as hist.render_log2(hist.trim(row)) shows it.
+    """
+    width = BAR_WIDTH
+    n, k_max = log2.shape
+    nonzero = log2 != 0
+    last = k_max - 1 - np.argmax(nonzero[:, ::-1], axis=1)
+    lengths = np.where(nonzero.any(axis=1), last + 1, 1)
+    narrow = lengths < WIDE_FROM
+    top = log2.max(axis=1, initial=0)
+    top[top == 0] = 1
+    stars = log2 * np.uint64(width) // top[:, None]
+    for i in np.flatnonzero(top > np.iinfo(np.uint64).max // width):  # would overflow (wrapped counts)
+        stars[i] = [c * width // int(top[i]) for c in log2[i].tolist()]
+    shown = np.arange(k_max) < lengths[:, None]
+    ks = np.broadcast_to(np.arange(k_max), log2.shape)[shown]
+    head = (ks * 2 + ~np.repeat(narrow, lengths)) * (width + 1) + stars[shown].astype(np.int64)
+    counts = log2[shown]
+    if counts.size and int(counts.max()) >> COUNT_BITS:  # no code for it: format each line
+        lines = [_table_line_of(h, c) for h, c in zip(head.tolist(), counts.tolist())]
+    else:
+        lines = (cache or _Strings(_table_line))(((head << COUNT_BITS) | counts.astype(np.int64)).tolist())
+    return lines, lengths.tolist(), narrow.tolist()
+
+
+_SUMMARY: dict[str, list[str]] = {}
+
+
+def summary_lines(counts: list[int], sums: list[int], pcts: np.ndarray, unit_ns: int) -> list[str]:
+    """hist.summary_line for many histograms (pcts: (n, 3) p50/p90/p99 in ns)."""
+    unit = {1000: "us", 1_000_000: "ms"}[unit_ns]
+    templates = _SUMMARY.get(unit)
+    if templates is None:  # hist.fmt_duration: one decimal below 100, none from there on
+        templates = _SUMMARY[unit] = []
+        for big in range(16):
+            f = ["%.0f" if big >> j & 1 else "%.1f" for j in range(4)]
+            templates.append(f"count %d  avg {f[0]} {unit}  p50 {f[1]} {unit}  p90 {f[2]} {unit}  "
+                             f"p99 {f[3]} {unit}")
+    if not counts:
+        return []
+    means = np.array([s / c if c else 0.0 for c, s in zip(counts, sums)], dtype=np.float64)
+    vals = np.column_stack([means, pcts]) / unit_ns
+    big = ((vals >= 100) @ np.array([1, 2, 4, 8])).tolist()
+    return [templates[b] % (c, *v) if c else "count 0" for c, b, v in zip(counts, big, vals.tolist())]
+
+
+# Histograms rendered together. Every temporary of a chunk stays well under
+# glibc's mmap threshold (cli._steady_memory sets 256 KiB), so it comes from the
+# heap and is reused: no fresh mapping, page faults and unmap for each array
+# every second, and nothing multi-MB kept between intervals.
+CHUNK = max(16, (192 << 10) // (HIST_SLOTS * 8))
+_ZERO = np.zeros(HIST_SLOTS, dtype=np.uint64)
+
+
+class Printer:
+    """Prints what happened since the last call (kernel counts are cumulative)."""
+
+    def __init__(self, out, fmt: str, unit_ns: int, timestamp: bool):
+        self.out = out
+        self.fmt = fmt
+        self.unit_ns = unit_ns
+        self.timestamp = timestamp
+        self.prev: dict = {}     # labels -> the cumulative histogram last seen
+        self._meta: dict = {}    # labels -> (sort key, header or JSON labels), while they live
+        self._lines = _Strings(_table_line)
+        self._buckets = _Strings(_json_bucket)
+
+    def _shown(self, snap) -> list[tuple]:
+        """(labels, histogram now, histogram at the last print or None) of what
+        to print, in print order."""
+        keyed = snap.mode != Mode.GLOBAL
+        prev, meta = self.prev, self._meta
+        shown = []
+        for lab, h in snap.hists.items():
+            old = prev.get(lab)
+            prev[lab] = h
+            if old is None or old.count > h.count:  # new, or its key was reused
+                if not h.count and keyed:
+                    continue
+                old = None
+            elif old.count == h.count and keyed:
+                continue  # nothing new: keyed modes show only what had events
+            m = meta.get(lab)
+            if m is None:
+                m = meta[lab] = (sort_key(lab), self._describe(snap.mode, lab))
+            shown.append((m[0], lab, h, old))
+        for lab in snap.gone:
+            prev.pop(lab, None)
+        if len(meta) > 2 * len(prev) + 64:
+            self._meta = {lab: m for lab, m in meta.items() if lab in prev}
+        if not keyed and not shown:
+            self._meta.setdefault((), ((), ""))
+            return [((), Histogram.empty(), None)]
+        shown.sort(key=lambda x: x[0])
+        return [x[1:] for x in shown]
+
+    def _describe(self, mode: Mode, lab: tuple):
+        if self.fmt == "json":
+            return "".join(f', "{k}": {v}' if k in _NUMERIC_LABELS else f', "{k}": {json.dumps(v)}'
+                           for k, v in zip(mode.labels, lab))
+        return mode_header(mode, dict(zip(mode.labels, lab)))
+
+    def emit(self, snap, interval_s: float | None) -> None:
+        shown = self._shown(snap)
+        if self.fmt == "json":
+            head = (f'{{"ts": {json.dumps(round(snap.ts, 3))}, "interval_s": {json.dumps(interval_s)}, '
+                    f'"mode": "{snap.mode.value}"')
+            parts = [self._json(head, shown[i:i + CHUNK]) for i in range(0, len(shown), CHUNK)]
+        else:  # an interval without events (keyed modes) prints its blank line and time only
+            parts = ["\n"]
+            if self.timestamp:
+                parts.append(time.strftime("%H:%M:%S\n", time.localtime(snap.ts)))
+            parts += (self._text(shown[i:i + CHUNK]) for i in range(0, len(shown), CHUNK))
+        self.out.write("".join(parts))
+        self.out.flush()
+
+    @staticmethod
+    def _deltas(part):
+        """(slots, counts, sums) gained since the last print by each of part."""
+        slots = np.concatenate([h.slots for _, h, _ in part]).reshape(len(part), HIST_SLOTS)
+        if any(old is not None for _, _, old in part):
+            olds = np.concatenate([_ZERO if old is None else old.slots for _, _, old in part])
+            np.subtract(slots, olds.reshape(slots.shape), out=slots)
+        counts = [h.count - (old.count if old is not None else 0) for _, h, old in part]
+        sums = [h.sum_ns - (old.sum_ns if old is not None else 0) for _, h, old in part]
+        return slots, counts, sums
+
+    def _text(self, part) -> str:
+        """The tables of part: each a blank line and its header (keyed modes), the table, the summary line."""
+        slots, counts, sums = self._deltas(part)
+        unit = "msecs" if self.unit_ns == 1_000_000 else "usecs"
+        lines, lengths, narrow = log2_table_lines(log2_matrix(slots, self.unit_ns), self._lines)
+        summaries = summary_lines(counts, sums, percentiles_ns(slots, QUANTILES), self.unit_ns)
+        column = {True: log2_column_header(unit, True), False: log2_column_header(unit, False)}
+        meta, parts, start = self._meta, [], 0
+        for (lab, _, _), n, nar, summary in zip(part, lengths, narrow, summaries):
+            head = meta[lab][1]
+            if head:
+                parts += ("", head)
+            parts.append(column[nar])
+            parts += lines[start:start + n]
+            parts.append(summary)
+            start += n
+        return "\n".join(parts) + "\n"
+
+    def _json(self, head: str, part) -> str:
+        """One JSON line for each of part."""
+        slots, counts, sums = self._deltas(part)
+        pcts = np.round(percentiles_ns(slots, QUANTILES), 1).tolist()
+        rows, cols = np.nonzero(slots)
+        first = np.ones(rows.size, dtype=np.int64)
+        first[1:] = rows[1:] != rows[:-1]
+        values = slots[rows, cols]
+        if values.size and int(values.max()) >> COUNT_BITS:  # no code for it: format each bucket
+            buckets = [_json_bucket_of(c, v, f) for c, v, f in zip(cols.tolist(), values.tolist(), first.tolist())]
+        else:
+            buckets = self._buckets((((values.astype(np.int64) << _SLOT_BITS | cols) << 1) | first).tolist())
+        ends = np.searchsorted(rows, np.arange(1, len(part) + 1)).tolist()
+        meta, parts, start = self._meta, [], 0
+        for (lab, _, _), c, s, (p50, p90, p99), end in zip(part, counts, sums, pcts, ends):
+            mean = round(s / c if c else 0.0, 1)
+            parts.append(f'{head}{meta[lab][1]}, "count": {c}, "sum_ns": {s}, "mean_ns": {mean!r}, '
+                         f'"p50_ns": {p50!r}, "p90_ns": {p90!r}, "p99_ns": {p99!r}, "buckets": [')
+            parts += buckets[start:end]
+            parts.append("]}\n")
+            start = end
+        return "".join(parts)
+
+
+_LE_NS = UPPER_NS_INT.tolist()
+
+
+def _json_bucket_of(col: int, count: int, first: int) -> str:
+    """One fine slot of a JSON line (every value counted is below le_ns), comma-led unless first."""
+    return f'{"" if first else ", "}{{"le_ns": {_LE_NS[col]}, "count": {count}}}'
+
+
+def _json_bucket(code: int) -> str:
+    """A JSON bucket from its cache code: (count << _SLOT_BITS | slot) << 1 | first."""
+    return _json_bucket_of(code >> 1 & ((1 << _SLOT_BITS) - 1), code >> (_SLOT_BITS + 1), code & 1)
