@@ -169,7 +169,7 @@ def test_table_lines_match_render_log2_narrow_and_wide():
         mat[1, -1] = 123456789
         lines, lengths, _ = log2_table_lines(mat)
         start = 0
-        for row, n in zip(mat, lengths):
+        for row, n in zip(mat, lengths.tolist()):
             want = render_log2(trim(row), "usecs").splitlines()[1:]
             assert lines[start:start + n] == want
             start += n

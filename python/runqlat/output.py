@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from .abi import HIST_SLOTS
-from .hist import (UPPER_NS_INT, Histogram, WIDE_FROM, log2_column_header, log2_matrix, log2_row_prefix,
+from .hist import (UPPER_NS_INT, WIDE_FROM, log2_column_header, log2_matrix, log2_row_prefix,
                    percentiles_ns, star_bars)
 from .monitor import Mode
 
@@ -92,8 +92,8 @@ def log2_table_lines(log2: np.ndarray, cache: _Strings | None = None):
     """Rows of log2_matrix as runqlat's tables, all at once.
 
     Returns (lines, lengths, narrow): the bucket lines of every table back to
-    back, how many belong to each row, and whether each row is in narrow
-    columns. Row i is up to its last non-empty bucket (one zero line if empty),
+    back, how many belong to each row and whether each row is in narrow
+    columns (both arrays). Row i is up to its last non-empty bucket (one zero line if empty),
     exactly as hist.render_log2(hist.trim(row)) shows it.
     """
     width = BAR_WIDTH
@@ -115,7 +115,7 @@ def log2_table_lines(log2: np.ndarray, cache: _Strings | None = None):
         lines = [_table_line_of(h, c) for h, c in zip(head.tolist(), counts.tolist())]
     else:
         lines = (cache or _Strings(_table_line))(((head << COUNT_BITS) | counts.astype(np.int64)).tolist())
-    return lines, lengths.tolist(), narrow.tolist()
+    return lines, lengths, narrow
 
 
 _SUMMARY: dict[str, list[str]] = {}
@@ -147,6 +147,26 @@ CHUNK = max(16, (192 << 10) // (HIST_SLOTS * 8))
 _ZERO = np.zeros(HIST_SLOTS, dtype=np.uint64)
 
 
+class _Interval:
+    """What one interval prints, column by column, in print order: labels,
+    header text (or JSON label fields), cumulative slots now and at the last
+    print (zeros for a new key), and the event count and sum gained."""
+
+    def __init__(self, rows: list[tuple]):
+        self.n = len(rows)
+        _, self.labels, self.heads, self.slots, self.olds, self.counts, self.sums = (
+            zip(*rows) if rows else ((),) * 7)
+
+    def chunks(self):
+        """(slice, slots gained) per CHUNK histograms."""
+        for i in range(0, self.n, CHUNK):
+            part = slice(i, min(i + CHUNK, self.n))
+            k = part.stop - part.start
+            slots = np.concatenate(self.slots[part]).reshape(k, HIST_SLOTS)
+            np.subtract(slots, np.concatenate(self.olds[part]).reshape(k, HIST_SLOTS), out=slots)
+            yield part, slots
+
+
 class Printer:
     """Prints what happened since the last call (kernel counts are cumulative)."""
 
@@ -160,34 +180,33 @@ class Printer:
         self._lines = _Strings(_table_line)
         self._buckets = _Strings(_json_bucket)
 
-    def _shown(self, snap) -> list[tuple]:
-        """(labels, histogram now, histogram at the last print or None) of what
-        to print, in print order."""
+    def _interval(self, snap) -> _Interval:
         keyed = snap.mode != Mode.GLOBAL
         prev, meta = self.prev, self._meta
-        shown = []
+        rows = []
         for lab, h in snap.hists.items():
             old = prev.get(lab)
             prev[lab] = h
             if old is None or old.count > h.count:  # new, or its key was reused
                 if not h.count and keyed:
                     continue
-                old = None
+                old_slots, old_count, old_sum = _ZERO, 0, 0
             elif old.count == h.count and keyed:
                 continue  # nothing new: keyed modes show only what had events
+            else:
+                old_slots, old_count, old_sum = old.slots, old.count, old.sum_ns
             m = meta.get(lab)
             if m is None:
                 m = meta[lab] = (sort_key(lab), self._describe(snap.mode, lab))
-            shown.append((m[0], lab, h, old))
+            rows.append((m[0], lab, m[1], h.slots, old_slots, h.count - old_count, h.sum_ns - old_sum))
         for lab in snap.gone:
             prev.pop(lab, None)
         if len(meta) > 2 * len(prev) + 64:
             self._meta = {lab: m for lab, m in meta.items() if lab in prev}
-        if not keyed and not shown:
-            self._meta.setdefault((), ((), ""))
-            return [((), Histogram.empty(), None)]
-        shown.sort(key=lambda x: x[0])
-        return [x[1:] for x in shown]
+        if not keyed and not rows:  # the global histogram is printed even when empty
+            rows.append(((), (), "", _ZERO, _ZERO, 0, 0))
+        rows.sort(key=lambda r: r[0])
+        return _Interval(rows)
 
     def _describe(self, mode: Mode, lab: tuple):
         if self.fmt == "json":
@@ -196,51 +215,49 @@ class Printer:
         return mode_header(mode, dict(zip(mode.labels, lab)))
 
     def emit(self, snap, interval_s: float | None) -> None:
-        shown = self._shown(snap)
+        iv = self._interval(snap)
         if self.fmt == "json":
             head = (f'{{"ts": {json.dumps(round(snap.ts, 3))}, "interval_s": {json.dumps(interval_s)}, '
                     f'"mode": "{snap.mode.value}"')
-            parts = [self._json(head, shown[i:i + CHUNK]) for i in range(0, len(shown), CHUNK)]
+            parts = [self._json(head, iv, part, slots) for part, slots in iv.chunks()]
         else:  # an interval without events (keyed modes) prints its blank line and time only
             parts = ["\n"]
             if self.timestamp:
                 parts.append(time.strftime("%H:%M:%S\n", time.localtime(snap.ts)))
-            parts += (self._text(shown[i:i + CHUNK]) for i in range(0, len(shown), CHUNK))
+            parts += (self._text(iv, part, slots) for part, slots in iv.chunks())
         self.out.write("".join(parts))
         self.out.flush()
 
-    @staticmethod
-    def _deltas(part):
-        """(slots, counts, sums) gained since the last print by each of part."""
-        slots = np.concatenate([h.slots for _, h, _ in part]).reshape(len(part), HIST_SLOTS)
-        if any(old is not None for _, _, old in part):
-            olds = np.concatenate([_ZERO if old is None else old.slots for _, _, old in part])
-            np.subtract(slots, olds.reshape(slots.shape), out=slots)
-        counts = [h.count - (old.count if old is not None else 0) for _, h, old in part]
-        sums = [h.sum_ns - (old.sum_ns if old is not None else 0) for _, h, old in part]
-        return slots, counts, sums
-
-    def _text(self, part) -> str:
-        """The tables of part: each a blank line and its header (keyed modes), the table, the summary line."""
-        slots, counts, sums = self._deltas(part)
+    def _text(self, iv: _Interval, part: slice, slots: np.ndarray) -> str:
+        """The tables of a chunk: each a blank line and its header (keyed modes), the
+        column titles, the bucket lines and the summary line."""
         unit = "msecs" if self.unit_ns == 1_000_000 else "usecs"
         lines, lengths, narrow = log2_table_lines(log2_matrix(slots, self.unit_ns), self._lines)
-        summaries = summary_lines(counts, sums, percentiles_ns(slots, QUANTILES), self.unit_ns)
-        column = {True: log2_column_header(unit, True), False: log2_column_header(unit, False)}
-        meta, parts, start = self._meta, [], 0
-        for (lab, _, _), n, nar, summary in zip(part, lengths, narrow, summaries):
-            head = meta[lab][1]
-            if head:
-                parts += ("", head)
-            parts.append(column[nar])
-            parts += lines[start:start + n]
-            parts.append(summary)
-            start += n
-        return "\n".join(parts) + "\n"
+        summaries = summary_lines(iv.counts[part], iv.sums[part], percentiles_ns(slots, QUANTILES), self.unit_ns)
+        heads = iv.heads[part]
+        lead = 2 if heads[0] else 0  # "" and the header; none for the global histogram
+        # every line of the chunk in place: lead, column titles, bucket lines, summary
+        size = lengths + (lead + 2)
+        end = np.cumsum(size)
+        start = end - size
+        out = np.empty(int(end[-1]), dtype=object)
+        if lead:
+            out[start] = ""
+            out[start + 1] = heads
+        titles = np.array([log2_column_header(unit, False), log2_column_header(unit, True)], dtype=object)
+        out[start + lead] = titles[narrow.astype(np.intp)]
+        out[end - 1] = summaries
+        bucket_rows = np.ones(out.size, dtype=bool)
+        bucket_rows[start] = False
+        if lead:
+            bucket_rows[start + 1] = False
+        bucket_rows[start + lead] = False
+        bucket_rows[end - 1] = False
+        out[bucket_rows] = lines
+        return "\n".join(out.tolist()) + "\n"
 
-    def _json(self, head: str, part) -> str:
-        """One JSON line for each of part."""
-        slots, counts, sums = self._deltas(part)
+    def _json(self, head: str, iv: _Interval, part: slice, slots: np.ndarray) -> str:
+        """One JSON line for each histogram of a chunk."""
         pcts = np.round(percentiles_ns(slots, QUANTILES), 1).tolist()
         rows, cols = np.nonzero(slots)
         first = np.ones(rows.size, dtype=np.int64)
@@ -250,11 +267,11 @@ class Printer:
             buckets = [_json_bucket_of(c, v, f) for c, v, f in zip(cols.tolist(), values.tolist(), first.tolist())]
         else:
             buckets = self._buckets((((values.astype(np.int64) << _SLOT_BITS | cols) << 1) | first).tolist())
-        ends = np.searchsorted(rows, np.arange(1, len(part) + 1)).tolist()
-        meta, parts, start = self._meta, [], 0
-        for (lab, _, _), c, s, (p50, p90, p99), end in zip(part, counts, sums, pcts, ends):
+        ends = np.searchsorted(rows, np.arange(1, part.stop - part.start + 1)).tolist()
+        parts, start = [], 0
+        for fields, c, s, (p50, p90, p99), end in zip(iv.heads[part], iv.counts[part], iv.sums[part], pcts, ends):
             mean = round(s / c if c else 0.0, 1)
-            parts.append(f'{head}{meta[lab][1]}, "count": {c}, "sum_ns": {s}, "mean_ns": {mean!r}, '
+            parts.append(f'{head}{fields}, "count": {c}, "sum_ns": {s}, "mean_ns": {mean!r}, '
                          f'"p50_ns": {p50!r}, "p90_ns": {p90!r}, "p99_ns": {p99!r}, "buckets": [')
             parts += buckets[start:end]
             parts.append("]}\n")
