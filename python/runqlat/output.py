@@ -215,17 +215,19 @@ class Printer:
         return mode_header(mode, dict(zip(mode.labels, lab)))
 
     def emit(self, snap, interval_s: float | None) -> None:
+        """Writes the interval chunk by chunk: each piece stays small (no multi-MB
+        string, then its encoded copy, mapped and faulted in every second)."""
         iv = self._interval(snap)
+        write = self.out.write
         if self.fmt == "json":
             head = (f'{{"ts": {json.dumps(round(snap.ts, 3))}, "interval_s": {json.dumps(interval_s)}, '
                     f'"mode": "{snap.mode.value}"')
-            parts = [self._json(head, iv, part, slots) for part, slots in iv.chunks()]
+            for part, slots in iv.chunks():
+                write(self._json(head, iv, part, slots))
         else:  # an interval without events (keyed modes) prints its blank line and time only
-            parts = ["\n"]
-            if self.timestamp:
-                parts.append(time.strftime("%H:%M:%S\n", time.localtime(snap.ts)))
-            parts += (self._text(iv, part, slots) for part, slots in iv.chunks())
-        self.out.write("".join(parts))
+            write("\n" + (time.strftime("%H:%M:%S\n", time.localtime(snap.ts)) if self.timestamp else ""))
+            for part, slots in iv.chunks():
+                write(self._text(iv, part, slots))
         self.out.flush()
 
     def _text(self, iv: _Interval, part: slice, slots: np.ndarray) -> str:
