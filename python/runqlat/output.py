@@ -1,13 +1,13 @@
 """Interval output: what each histogram gained since the last print, as
-runqlat-style text or JSON lines. Pure: no BPF, no printing of its own (it
-writes to the file it is given).
+runqlat-style text or JSON lines. Pure: no BPF; it writes to the file it is given.
 
 With 1,000 tracked processes an interval is 1,000 histograms and about 10,000
-text lines (or 20,000 JSON buckets) every second. So the work per line is done
-with numpy over the whole interval, each distinct line is formatted once
-(`_format_once`), and Python loops only per histogram; the result is written
-with one call. hist.render_log2 and hist.summary_line are the one-histogram
-forms of the same output (tests/test_output.py checks they agree byte for byte).
+text lines (or 20,000 JSON buckets) every second. The work per bucket is done
+with numpy over chunks of histograms (CHUNK), each distinct table line or JSON
+bucket is formatted once and cached (_Strings), Python loops only per
+histogram, and each chunk is written as one string. hist.render_log2 and
+hist.summary_line are the one-histogram forms of the same output;
+tests/test_output.py checks that the two agree byte for byte.
 """
 from __future__ import annotations
 
