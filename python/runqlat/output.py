@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from operator import itemgetter
 
 import numpy as np
 
@@ -45,9 +46,13 @@ def mode_header(mode: Mode, labels: dict) -> str:
     return ""
 
 
-def sort_key(labels: tuple):
-    """Numbers in numeric order (pid 9 before pid 10), then text."""
-    return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in labels)
+def sort_key(labels: tuple) -> tuple:
+    """Numbers in numeric order (pid 9 before pid 10) before text; flat, so that
+    comparing two keys is one tuple comparison."""
+    key = ()
+    for v in labels:
+        key += (0, int(v), "") if v.isdigit() else (1, 0, v)
+    return key
 
 
 COUNT_BITS = 40  # counts below 2**40 fit in a string cache code; more is only ever wrapped garbage
@@ -205,7 +210,7 @@ class Printer:
             self._meta = {lab: m for lab, m in meta.items() if lab in prev}
         if not keyed and not rows:  # the global histogram is printed even when empty
             rows.append(((), (), "", _ZERO, _ZERO, 0, 0))
-        rows.sort(key=lambda r: r[0])
+        rows.sort(key=itemgetter(0))
         return _Interval(rows)
 
     def _describe(self, mode: Mode, lab: tuple):
