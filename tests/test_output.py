@@ -32,7 +32,11 @@ from runqlat.hist import (  # noqa: E402
     trim,
 )
 from runqlat.monitor import Mode, Snapshot  # noqa: E402
-from runqlat.output import Printer, log2_table_lines, mode_header, sort_key, summary_lines  # noqa: E402
+from runqlat.output import Printer, log2_table_lines, mode_header, summary_lines  # noqa: E402
+
+
+def _ref_sort_key(labels: tuple):
+    return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in labels)
 
 
 class ReferencePrinter:
@@ -60,7 +64,7 @@ class ReferencePrinter:
             self.prev.pop(labels, None)
         if snap.mode == Mode.GLOBAL and not deltas:
             deltas.append(((), Histogram.empty()))
-        deltas.sort(key=lambda x: sort_key(x[0]))
+        deltas.sort(key=lambda x: _ref_sort_key(x[0]))
         if not deltas:
             if self.fmt != "json":
                 self.out.write("\n" + (time.strftime("%H:%M:%S\n", time.localtime(snap.ts))
