@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from runqlat import _ffi, cli, tracer
 from runqlat.hist import Histogram, slot_of
 from runqlat.monitor import Mode, Snapshot
+from runqlat.output import Printer
 
 runner = CliRunner()
 
@@ -176,7 +177,7 @@ def _snap(mode, hists, gone=()):
 
 def test_json_lines_are_interval_deltas():
     out = io.StringIO()
-    p = cli.Printer(out, "json", 1000, False)
+    p = Printer(out, "json", 1000, False)
     a1 = _hist([2_000, 3_000], pid="42", comm="app")
     p.emit(_snap(Mode.PID, {("42", "app"): a1}), 1.0)
     a2 = _hist([2_000, 3_000, 50_000, 70_000, 90_000], pid="42", comm="app")
@@ -196,7 +197,7 @@ def test_json_lines_are_interval_deltas():
 
 def test_keyed_mode_prints_only_keys_with_events_and_survives_a_reset():
     out = io.StringIO()
-    p = cli.Printer(out, "json", 1000, False)
+    p = Printer(out, "json", 1000, False)
     busy, idle = _hist([10_000] * 4), _hist([5_000])
     p.emit(_snap(Mode.PID, {("1", "busy"): busy, ("2", "idle"): idle}), 1.0)
     out.truncate(0), out.seek(0)
@@ -208,14 +209,14 @@ def test_keyed_mode_prints_only_keys_with_events_and_survives_a_reset():
 
 def test_global_mode_prints_empty_intervals():
     out = io.StringIO()
-    cli.Printer(out, "json", 1000, False).emit(_snap(Mode.GLOBAL, {}), 1.0)
+    Printer(out, "json", 1000, False).emit(_snap(Mode.GLOBAL, {}), 1.0)
     (line,) = out.getvalue().splitlines()
     assert json.loads(line)["count"] == 0
 
 
 def test_text_output_looks_like_runqlat():
     out = io.StringIO()
-    p = cli.Printer(out, "text", 1000, True)
+    p = Printer(out, "text", 1000, True)
     p.emit(_snap(Mode.PID, {("42", "app"): _hist([1_500, 2_500, 3_000, 40_000])}), 1.0)
     text = out.getvalue()
     assert "pid = 42 app" in text
@@ -227,7 +228,7 @@ def test_text_output_looks_like_runqlat():
 
 def test_text_output_milliseconds_and_container_header():
     out = io.StringIO()
-    p = cli.Printer(out, "text", 1_000_000, False)
+    p = Printer(out, "text", 1_000_000, False)
     h = _hist([3_000_000, 5_000_000])
     p.emit(_snap(Mode.CONTAINER, {("0123456789abcdef", "web"): h}), 1.0)
     text = out.getvalue()
@@ -251,7 +252,7 @@ def test_version():
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_keyed_interval_without_events_prints_no_histogram(fmt):
     out = io.StringIO()
-    p = cli.Printer(out, fmt, 1000, False)
+    p = Printer(out, fmt, 1000, False)
     idle = _hist([5_000])
     p.emit(_snap(Mode.PID, {("2", "idle"): idle}), 1.0)
     out.truncate(0), out.seek(0)

@@ -313,3 +313,42 @@ def test_bucket_list_le_ns_is_exclusive_upper_bound():
 def test_bucket_list_only_non_empty_slots():
     assert bucket_list(Histogram.empty()) == []
     assert bucket_list(hist_of([3000, 3001])) == [{"le_ns": slot_upper_ns(slot_of(3000)), "count": 2}]
+
+
+def _percentiles_reference(slots, qs):
+    """percentiles_ns as first written (full width, counting slots below the rank): the oracle."""
+    from runqlat.hist import LOWER_NS, UPPER_NS
+    s2 = np.atleast_2d(slots).astype(np.float64)
+    n = s2.shape[0]
+    cum = np.cumsum(s2, axis=1)
+    total = cum[:, -1]
+    rows = np.arange(n)
+    out = np.zeros((n, len(qs)))
+    for j, q in enumerate(qs):
+        rank = q * total
+        idx = np.minimum((cum < rank[:, None]).sum(axis=1), abi.HIST_SLOTS - 1)
+        below = np.where(idx > 0, cum[rows, np.maximum(idx - 1, 0)], 0.0)
+        in_slot = s2[rows, idx]
+        frac = np.where(in_slot > 0, (rank - below) / np.where(in_slot > 0, in_slot, 1.0), 1.0)
+        val = LOWER_NS[idx] + frac * (UPPER_NS[idx] - LOWER_NS[idx])
+        out[:, j] = np.where(total > 0, val, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_percentiles_ns_matches_the_full_width_reference(seed):
+    from runqlat.hist import percentiles_ns
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    mat = np.zeros((n, abi.HIST_SLOTS), dtype=np.uint64)
+    span = int(rng.integers(1, abi.HIST_SLOTS + 1))
+    dense = rng.random((n, span)) < rng.random()
+    mat[:, :span] = rng.integers(0, 10**int(rng.integers(1, 18)), (n, span), dtype=np.uint64) * dense
+    mat[rng.random(n) < 0.1] = 0  # empty rows
+    if seed == 0:
+        mat[0, -1] = 1  # the overflow slot
+        mat[1, :] = np.uint64(2**64 - 5)  # wrapped (garbage) counts still give the same numbers
+    qs = (0.0, 0.5, 0.9, 0.99, 1.0)
+    np.testing.assert_array_equal(percentiles_ns(mat, qs), _percentiles_reference(mat, qs))
+    np.testing.assert_array_equal(percentiles_ns(mat[2], qs), _percentiles_reference(mat[2], qs))
+    assert percentiles_ns(np.zeros((0, abi.HIST_SLOTS), dtype=np.uint64), qs).shape == (0, len(qs))

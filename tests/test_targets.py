@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,45 @@ def test_filewatch_rewrite_in_place_with_coarse_timestamps(tmp_path, monkeypatch
         fh.write("222\n")
     assert w.changed()
     assert not w.changed()
+
+
+def test_filewatch_settled_file_is_not_read_again_but_changes_are_seen(tmp_path, monkeypatch):
+    """A file whose ctime is well before the previous look is compared by stat alone;
+    a write moves ctime, so it is still noticed (content and all)."""
+    f = tmp_path / "pids"
+    f.write_text("111\n")
+    later = time.time_ns() + 5 * FileWatch.SETTLED_NS  # as if the file was written long ago
+    monkeypatch.setattr(targets.time, "time_ns", lambda: later)
+    w = FileWatch(f)
+    assert w.changed()
+    assert not w.changed()
+    reads = []
+    real_open = open
+    monkeypatch.setattr(targets, "open", lambda *a, **kw: reads.append(a) or real_open(*a, **kw), raising=False)
+    assert not w.changed()
+    assert not w.changed()
+    assert reads == []  # settled: stat only
+    with open(f, "r+") as fh:
+        fh.write("222\n")  # same size, in place
+    assert w.changed()
+    assert reads  # stat moved: the content was read
+    assert not w.changed()
+
+
+def test_filewatch_reads_when_the_clock_went_back(tmp_path, monkeypatch):
+    f = tmp_path / "pids"
+    f.write_text("1\n")
+    clock = [time.time_ns() + 5 * FileWatch.SETTLED_NS]
+    monkeypatch.setattr(targets.time, "time_ns", lambda: clock[0])
+    w = FileWatch(f)
+    w.changed()
+    w.changed()
+    clock[0] -= 10 * FileWatch.SETTLED_NS
+    reads = []
+    real_open = open
+    monkeypatch.setattr(targets, "open", lambda *a, **kw: reads.append(a) or real_open(*a, **kw), raising=False)
+    assert not w.changed()
+    assert reads  # no trusting ctime against a clock that was set back
 
 
 def test_filewatch_rename_over(tmp_path):

@@ -30,7 +30,8 @@ BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 _PROG_INFO_SIZE = 232
 _PROG_ID_OFF, _RUN_TIME_OFF, _RUN_CNT_OFF = 4, 192, 200
 
-
+# batch read buffers: not cleared (the kernel writes what is read back); a big one
+# is a fresh mapping whose pages are touched only where the kernel writes
 _raw_alloc = ffi.new_allocator(should_clear_after_alloc=False)
 
 
@@ -60,7 +61,6 @@ class Map:
         self.ncpus = possible_cpus() if percpu else 1
         self.value_size = ((vsize + 7) // 8 * 8) * self.ncpus if percpu else vsize
         self._batch_ok = os.environ.get("RUNQLAT_FORCE_NO_BATCH") != "1"
-        self._bufs = None
         self._last_n = 0
 
     def lookup(self, key: bytes) -> bytes | None:
@@ -117,7 +117,7 @@ class Map:
             prev = ffi.new("char[]", k)
 
     def items(self) -> tuple[bytes, bytes, int]:
-        """All entries: (keys, values, n), packed back to back.
+        """All entries: (keys, values, n), packed back to back (bytes-like: bytes or memoryview).
 
         One bpf_map_lookup_batch call per chunk where the kernel supports it
         (5.6+), a get_next_key/lookup walk otherwise (RUNQLAT_FORCE_NO_BATCH=1
@@ -138,26 +138,20 @@ class Map:
                 vals.append(v)
         return b"".join(keys), b"".join(vals), len(keys)
 
-    def _buffers(self, chunk: int):
-        """Key and value buffers for `chunk` entries, kept between reads (not zeroed:
-        the kernel writes what we read back)."""
-        if self._bufs is None or self._bufs[0] < chunk:
-            self._bufs = (chunk, _raw_alloc("char[]", chunk * self.key_size),
-                          _raw_alloc("char[]", chunk * self.value_size))
-        return self._bufs[1], self._bufs[2]
-
     def _items_batch(self) -> tuple[bytes, bytes, int]:
+        """Read straight into fresh buffers that become the result: no copy, and no
+        multi-MB buffer kept between reads (its pages would stay resident)."""
         l = _ffi.lib()
         # sized from the last read, so a map of thousands of per-CPU histograms
         # does not cost a buffer for max_entries of them
         chunk = max(1, min(self.max_entries, 4096, self._last_n + self._last_n // 4 + 64))
-        keys, vals = self._buffers(chunk)
         token_size = max(self.key_size, 8)
         in_b, out_b = ffi.NULL, ffi.new("char[]", token_size)
         count = ffi.new("uint32_t *")
         opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
         kparts, vparts, total = [], [], 0
         while True:
+            keys, vals = _raw_alloc("char[]", chunk * self.key_size), _raw_alloc("char[]", chunk * self.value_size)
             count[0] = chunk
             rc = l.bpf_map_lookup_batch(self.fd, in_b, out_b, keys, vals, count, opts)
             n = count[0]
@@ -165,11 +159,11 @@ class Map:
                 if rc == -_errno.ENOSPC and chunk < self.max_entries:
                     # one hash bucket holds more than a chunk: retry bigger
                     chunk = min(self.max_entries, chunk * 4)
-                    keys, vals = self._buffers(chunk)
                     continue
                 check(rc, f"batch lookup in map {self.name}")
-            kparts.append(ffi.buffer(keys, n * self.key_size)[:])
-            vparts.append(ffi.buffer(vals, n * self.value_size)[:])
+            # views of the buffers themselves (they live as long as the views do)
+            kparts.append(memoryview(ffi.buffer(keys, n * self.key_size)))
+            vparts.append(memoryview(ffi.buffer(vals, n * self.value_size)))
             total += n
             if rc == -_errno.ENOENT:
                 self._last_n = total

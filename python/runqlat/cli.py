@@ -119,118 +119,6 @@ def merge(cli: RunConfig, file: dict) -> RunConfig:
     return cfg
 
 
-# -- output ----------------------------------------------------------------------
-
-def _mode_header(mode, labels: dict) -> str:
-    from .monitor import Mode
-    if mode == Mode.PID:
-        return f"pid = {labels['pid']} {labels['comm']}"
-    if mode == Mode.TID:
-        return f"tid = {labels['tid']} {labels['comm']}"
-    if mode == Mode.PIDNS:
-        return f"pidns = {labels['pidns']}"
-    if mode == Mode.CONTAINER:
-        cid = labels["container_id"]
-        if not cid:
-            return "container = (none: tracked outside any container)"
-        name = labels["container_name"]
-        return f"container = {cid[:12]}" + (f" ({name})" if name and name != cid else "")
-    if mode == Mode.CGROUP:
-        return f"cgroup = {labels['cgroup']}"
-    return ""
-
-
-def _sort_key(labels: tuple):
-    return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in labels)
-
-
-class Printer:
-    """Prints what happened since the last call (kernel counts are cumulative)."""
-
-    def __init__(self, out, fmt: str, unit_ns: int, timestamp: bool):
-        self.out = out
-        self.fmt = fmt
-        self.unit_ns = unit_ns
-        self.timestamp = timestamp
-        self.prev: dict = {}
-
-    def emit(self, snap, interval_s: float | None) -> None:
-        from .hist import Histogram
-        from .monitor import Mode
-        deltas = []
-        keyed = snap.mode != Mode.GLOBAL
-        for labels, h in snap.hists.items():
-            old = self.prev.get(labels)
-            self.prev[labels] = h
-            if old is None or old.count > h.count:  # new, or its key was reused
-                d = h
-            elif old.count == h.count and keyed:
-                continue  # nothing new: keyed modes show only what had events
-            else:
-                d = h - old
-            if d.count or not keyed:
-                deltas.append((labels, d))
-        for labels in snap.gone:
-            self.prev.pop(labels, None)
-        if snap.mode == Mode.GLOBAL and not deltas:
-            deltas.append(((), Histogram.empty()))
-        deltas.sort(key=lambda x: _sort_key(x[0]))
-        if not deltas:  # a keyed mode with no events this interval: no histogram to print
-            if self.fmt != "json":
-                self.out.write("\n" + (time.strftime("%H:%M:%S\n", time.localtime(snap.ts)) if self.timestamp else ""))
-        elif self.fmt == "json":
-            self._json(snap, deltas, interval_s)
-        else:
-            self._text(snap, deltas)
-        self.out.flush()
-
-    def _text(self, snap, deltas) -> None:
-        from .hist import log2_matrix, percentiles_ns, render_log2, summary_line, trim
-        import numpy as np
-        unit = "msecs" if self.unit_ns == 1_000_000 else "usecs"
-        mat = np.stack([d.slots for _, d in deltas])
-        log2 = log2_matrix(mat, self.unit_ns)
-        pcts = percentiles_ns(mat, (0.5, 0.9, 0.99))
-        parts = ["\n"]
-        if self.timestamp:
-            parts.append(time.strftime("%H:%M:%S", time.localtime(snap.ts)) + "\n")
-        for i, (labels, d) in enumerate(deltas):
-            head = _mode_header(snap.mode, dict(zip(snap.mode.labels, labels)))
-            if head:
-                parts.append("\n" + head + "\n")
-            parts.append(render_log2(trim(log2[i]), unit) + "\n")
-            parts.append(summary_line(d, self.unit_ns, pcts[i]) + "\n")
-        self.out.write("".join(parts))
-
-    def _json(self, snap, deltas, interval_s) -> None:
-        from .hist import UPPER_NS_INT, percentiles_ns
-        import numpy as np
-        mat = np.stack([d.slots for _, d in deltas])
-        pcts = np.round(percentiles_ns(mat, (0.5, 0.9, 0.99)), 1).tolist()
-        rows, cols = np.nonzero(mat)
-        les, counts = UPPER_NS_INT[cols].tolist(), mat[rows, cols].tolist()
-        ends = np.searchsorted(rows, np.arange(1, len(deltas) + 1)).tolist()
-        ts = round(snap.ts, 3)
-        head = f'{{"ts": {json.dumps(ts)}, "interval_s": {json.dumps(interval_s)}, "mode": "{snap.mode.value}"'
-        names = snap.mode.labels
-        lines, start = [], 0
-        for i, (labels, d) in enumerate(deltas):
-            parts = [head]
-            for k, v in zip(names, labels):
-                parts.append(f', "{k}": {v}' if k in ("pid", "tid", "pidns") else f', "{k}": {json.dumps(v)}')
-            p50, p90, p99 = pcts[i]
-            mean = round(d.mean_ns, 1)
-            parts.append(f', "count": {d.count}, "sum_ns": {d.sum_ns}, "mean_ns": {mean!r}, '
-                         f'"p50_ns": {p50!r}, "p90_ns": {p90!r}, "p99_ns": {p99!r}, "buckets": [')
-            end = ends[i]
-            # most of a line: formatted directly, the encoder is several times slower
-            parts.append(", ".join(f'{{"le_ns": {les[j]}, "count": {counts[j]}}}' for j in range(start, end)))
-            parts.append("]}\n")
-            start = end
-            lines.append("".join(parts))
-        self.out.write("".join(lines))
-
-
 # -- helpers -------------------------------------------------------------------
 
 class _Formatter(logging.Formatter):
@@ -405,6 +293,7 @@ def run(
 
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     from .monitor import Mode, Monitor, expected_keys
+    from .output import Printer
     from .tracer import Options, Tracer
 
     mode = _pick_mode(cfg)

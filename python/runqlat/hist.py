@@ -94,17 +94,22 @@ def percentiles_ns(slots: np.ndarray, qs) -> np.ndarray:
 
     Linear within the slot that holds the rank; 0 for an empty histogram.
     """
-    s2 = np.atleast_2d(slots).astype(np.float64)
+    s2 = np.atleast_2d(slots)
     n = s2.shape[0]
-    cum = np.cumsum(s2, axis=1)
+    out = np.zeros((n, len(qs)))
+    if not n:
+        return out
+    # slots past the last one any row uses change no sum: leave them out
+    used = s2.any(axis=0)
+    width = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1
+    cum = np.cumsum(s2[:, :width], axis=1, dtype=np.float64)
     total = cum[:, -1]
     rows = np.arange(n)
-    out = np.zeros((n, len(qs)))
     for j, q in enumerate(qs):
-        rank = q * total
-        idx = np.minimum((cum < rank[:, None]).sum(axis=1), HIST_SLOTS - 1)  # first slot with cum >= rank
+        rank = q * total  # never above total, so some slot has cum >= rank
+        idx = np.argmax(cum >= rank[:, None], axis=1)  # the first such slot
         below = np.where(idx > 0, cum[rows, np.maximum(idx - 1, 0)], 0.0)
-        in_slot = s2[rows, idx]
+        in_slot = s2[rows, idx].astype(np.float64)
         frac = np.where(in_slot > 0, (rank - below) / np.where(in_slot > 0, in_slot, 1.0), 1.0)
         val = LOWER_NS[idx] + frac * (UPPER_NS[idx] - LOWER_NS[idx])
         out[:, j] = np.where(total > 0, val, 0.0)
@@ -169,6 +174,30 @@ def log2_buckets(h: Histogram, unit_ns: int) -> list[int]:
 
 _BARS: dict[int, list[str]] = {}
 _PREFIX: dict[tuple[bool, int], str] = {}
+WIDE_FROM = 33  # runqlat widens its columns for more than 32 buckets
+
+
+def log2_column_header(unit_name: str, narrow: bool) -> str:
+    pad, label_w = (5, 19) if narrow else (15, 29)
+    return f"{'':<{pad}}{unit_name:<{label_w}} : count    distribution"
+
+
+def log2_row_prefix(narrow: bool, k: int) -> str:
+    """`lo -> hi : ` of bucket k (cached: the same few dozen strings every interval)."""
+    prefix = _PREFIX.get((narrow, k))
+    if prefix is None:
+        num_w = 10 if narrow else 20
+        lo, hi = (0 if k == 0 else 1 << k), (1 << (k + 1)) - 1
+        prefix = _PREFIX[(narrow, k)] = f"{lo:>{num_w}} -> {hi:<{num_w}} : "
+    return prefix
+
+
+def star_bars(width: int) -> list[str]:
+    """The distribution column for 0..width stars."""
+    bars = _BARS.get(width)
+    if bars is None:
+        bars = _BARS[width] = ["|" + "*" * n + " " * (width - n) + "|" for n in range(width + 1)]
+    return bars
 
 
 def render_log2(counts: list[int], unit_name: str, width: int = 40) -> str:
@@ -176,18 +205,11 @@ def render_log2(counts: list[int], unit_name: str, width: int = 40) -> str:
     if not counts:
         counts = [0]
     top = max(counts) or 1
-    narrow = len(counts) <= 32
-    pad, label_w, num_w = (5, 19, 10) if narrow else (15, 29, 20)
-    bars = _BARS.get(width)
-    if bars is None:
-        bars = _BARS[width] = ["|" + "*" * n + " " * (width - n) + "|" for n in range(width + 1)]
-    lines = [f"{'':<{pad}}{unit_name:<{label_w}} : count    distribution"]
+    narrow = len(counts) < WIDE_FROM
+    bars = star_bars(width)
+    lines = [log2_column_header(unit_name, narrow)]
     for k, c in enumerate(counts):
-        prefix = _PREFIX.get((narrow, k))
-        if prefix is None:
-            lo, hi = (0 if k == 0 else 1 << k), (1 << (k + 1)) - 1
-            prefix = _PREFIX[(narrow, k)] = f"{lo:>{num_w}} -> {hi:<{num_w}} : "
-        lines.append(f"{prefix}{c:<8} {bars[c * width // top]}")
+        lines.append(f"{log2_row_prefix(narrow, k)}{c:<8} {bars[c * width // top]}")
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ CONTAINER_SCAN_S = 2.0
 # beyond this (a scrape-less exporter under heavy churn) they are counted, not kept.
 MAX_PENDING_FINALS = 20_000
 PIDNS_SCAN_S = 2.0
+EXIT_SYNC_S = 0.9  # forget exited PIDs at most this often (refresh runs every 0.5 s)
 
 
 class Mode(str, enum.Enum):
@@ -212,6 +213,7 @@ class Monitor:
         self._live_tgids: set[int] = set()
         self.retired_dropped = 0
         self.last_collect = 0.0
+        self._next_exit_sync = 0.0
         self.set_sources(sources, initial=True)
 
     # -- what to track --
@@ -315,7 +317,13 @@ class Monitor:
             if self._watch and self._watch.changed():
                 self._read_file()
             if s.uses_pids:
-                self._live -= self.tracer.forget_exited()
+                now = time.monotonic()
+                if now >= self._next_exit_sync or self._pids_dirty:
+                    # the kernel drops an exiting PID from tracked_pids itself; our copy
+                    # only follows, and each look walks the whole map: once a second,
+                    # or before the wanted set is resolved again
+                    self._next_exit_sync = now + EXIT_SYNC_S
+                    self._live -= self.tracer.forget_exited()
                 if self._pids_dirty:
                     self._resolve_pids()
             cg_ids = pidns = None

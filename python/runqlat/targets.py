@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,14 +120,18 @@ class FileWatch:
     stat alone is not enough: before Linux 6.13 (multigrain timestamps) mtime
     and ctime move once per jiffy, so a same-size rewrite within one tick of
     the previous look leaves the stat result unchanged. The content is part of
-    the signature too; a pids file is small, so reading it each poll is cheap.
+    the signature too, read again unless the file is settled: stat unchanged and
+    its ctime well before our previous look, so that any write since then would
+    have moved ctime (which is taken from the clock when the file changes).
     """
 
     MAX_HASHED = 16 << 20  # bigger files (not a plausible pids file) rely on stat alone
+    SETTLED_NS = 1_000_000_000  # far more than the jiffy file times can lag the clock by
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._sig: tuple | None = None
+        self._looked_ns = 0  # wall clock when the last look began
 
     def signature(self) -> tuple | None:
         try:
@@ -139,7 +144,19 @@ class FileWatch:
             return None
         return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
 
+    def _settled(self, last_ns: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return ((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self._sig[:5]
+                and st.st_ctime_ns < last_ns - self.SETTLED_NS)
+
     def changed(self) -> bool:
+        now = time.time_ns()
+        last, self._looked_ns = self._looked_ns, now
+        if self._sig is not None and last <= now and self._settled(last):  # (a clock set back: read it)
+            return False
         sig = self.signature()
         if sig == self._sig:
             return False
