@@ -79,18 +79,18 @@ class Map:
         check(_ffi.lib().bpf_map_update_elem(self.fd, ffi.NULL, value, BPF_ANY), f"push onto map {self.name}")
 
     def rows(self, n: int) -> bytes:
-        """The values of entries 0..n-1 of an array map, back to back."""
+        """The values of entries 0..n-1 of an array map, back to back (bytes-like)."""
         n = min(n, self.max_entries)
         if n <= 0:
             return b""
         if self._batch_ok:
             l = _ffi.lib()
-            keys, vals = self._buffers(n)
+            keys, vals = _raw_alloc("char[]", n * self.key_size), _raw_alloc("char[]", n * self.value_size)
             count = ffi.new("uint32_t *", n)
             opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
             rc = l.bpf_map_lookup_batch(self.fd, ffi.NULL, ffi.new("char[]", 8), keys, vals, count, opts)
             if rc >= 0 or (rc == -_errno.ENOENT and count[0] == n):
-                return ffi.buffer(vals, n * self.value_size)[:]
+                return memoryview(ffi.buffer(vals, n * self.value_size))
             if -rc not in _UNSUPPORTED:
                 check(rc, f"batch lookup in map {self.name}")
             self._batch_ok = False

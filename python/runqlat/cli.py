@@ -382,7 +382,7 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
         except OSError as exc:
             monitor.warn.once("refresh:" + str(exc), "while updating the tracked set: %s", exc)
         if time.monotonic() - monitor.last_collect >= 1.0 and (
-                next_print is None or next_print - time.monotonic() > 0.5):
+                not printing or next_print is None or next_print - time.monotonic() > 0.5):
             try:  # retire exited processes' histograms even if nobody reads for a while
                 monitor.maintain()
             except RunqlatError as exc:

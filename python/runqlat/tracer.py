@@ -75,6 +75,29 @@ def check_environment(btf_path: str | None = None) -> None:
         log.debug("not running as root; relying on capabilities")
 
 
+# struct hist as 8-byte words: the slots, count, sum_ns, then comm (two words)
+_WORDS = abi.HIST_SIZE // 8
+_COUNT = abi.HIST_SLOTS
+_SUM = abi.HIST_SLOTS + 1
+_COMM = abi.HIST_SLOTS + 2
+
+
+def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
+    """n per-CPU struct hist values -> (n, _WORDS) words summed over CPUs (the comm
+    words of the sum mean nothing) and each one's comm: the first CPU copy that
+    has one (every CPU that counted wrote it)."""
+    v = np.frombuffer(raw, dtype="<u8", count=n * ncpus * _WORDS).reshape(n, ncpus, _WORDS)
+    words = v.sum(axis=1, dtype=np.uint64)
+    names = v[:, :, _COMM:].copy().view(f"S{abi.TASK_COMM_LEN}").reshape(n, ncpus)
+    comm = names[:, 0]
+    for cpu in range(1, ncpus):
+        empty = comm == b""
+        if not empty.any():
+            break
+        comm = np.where(empty, names[:, cpu], comm)
+    return words, [c.split(b"\0", 1)[0].decode(errors="replace") for c in comm.tolist()]
+
+
 class Tracer:
     def __init__(self, opts: Options, object_path: Path | None = None):
         self.opts = opts
@@ -300,60 +323,52 @@ class Tracer:
         if self.opts.agg == AggMode.GLOBAL:
             m = self.obj.map("hist_global")
             raw = m.lookup(struct.pack("<I", 0)) or b""
-            keys, n = [0], 1
-            arr = np.frombuffer(raw, dtype=abi.HIST_DTYPE).reshape(n, m.ncpus)
+            keys, (words, comms) = [0], _sum_cpus(raw, 1, m.ncpus)
         else:
-            keys, arr = self._read_keyed()
-            n = len(keys)
-        self._hists_used = n
+            keys, words, comms = self._read_keyed()
+        n = self._hists_used = len(keys)
         if n == 0:
             return {}
-        ncpus = arr.shape[1]
-        slots = arr["slots"].sum(axis=1, dtype=np.uint64)
-        counts = arr["count"].sum(axis=1, dtype=np.uint64)
-        sums = arr["sum_ns"].sum(axis=1, dtype=np.uint64)
-        # comm: the first CPU copy that has one (every CPU that counted wrote it)
-        comms = arr["comm"][:, 0].copy()
-        for cpu in range(1, ncpus):
-            empty = comms == b""
-            if not empty.any():
-                break
-            comms[empty] = arr["comm"][empty, cpu]
+        counts = words[:, _COUNT].tolist()
+        sums = words[:, _SUM].tolist()
         out: dict[int, Histogram] = {}
         for i, key in enumerate(keys):
-            h = Histogram(slots[i], int(counts[i]), int(sums[i]), key=key)
-            h.labels["comm"] = comms[i].split(b"\0", 1)[0].decode(errors="replace")
+            h = Histogram(words[i, :abi.HIST_SLOTS], counts[i], sums[i], {"comm": comms[i]}, key)
             if key in out:  # a key with a row and, from before it had one, a hists entry
                 prev = out[key]
                 h = prev + h
-                h.labels["comm"] = prev.labels["comm"] or h.labels.get("comm", "")
-                h.key = key
+                h.labels["comm"] = prev.labels["comm"] or comms[i]
             out[key] = h
         return out
 
-    def _read_keyed(self) -> tuple[list[int], np.ndarray]:
-        """Keys and their per-CPU histograms: the hist_arr rows hist_index names, then hists."""
+    def _read_keyed(self) -> tuple[list[int], np.ndarray, list[str]]:
+        """Keys, their histograms summed over CPUs (see _sum_cpus) and their comms:
+        the hist_arr rows hist_index names, then the hists entries."""
         self._release_rows()
         kb, vb, ni = self.obj.map("hist_index").items()
         keys = list(struct.unpack(f"<{ni}Q", kb))
         rows = np.frombuffer(vb, dtype="<u4", count=ni)
         self._row_of = dict(zip(keys, rows.tolist()))
-        parts = []
+        words, comms = [], []
         if ni:
             am = self.obj.map("hist_arr")
             used = int(rows.max()) + 1  # rows are handed out from the front
-            raw = am.rows(used)
-            parts.append(np.frombuffer(raw, dtype=abi.HIST_DTYPE).reshape(used, am.ncpus)[rows])
+            w, c = _sum_cpus(am.rows(used), used, am.ncpus)
+            words.append(w[rows])
+            comms.extend(map(c.__getitem__, rows.tolist()))
         hm = self.obj.map("hists")
         kb, raw, nh = hm.items()
+        self._in_hash = set()
         if nh:
             hkeys = struct.unpack(f"<{nh}Q", kb)
             keys.extend(hkeys)
-            parts.append(np.frombuffer(raw, dtype=abi.HIST_DTYPE).reshape(nh, hm.ncpus))
-        self._in_hash = set(hkeys) if nh else set()
-        if not parts:
-            return [], np.zeros((0, 1), dtype=abi.HIST_DTYPE)
-        return keys, parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self._in_hash.update(hkeys)
+            w, c = _sum_cpus(raw, nh, hm.ncpus)
+            words.append(w)
+            comms.extend(c)
+        if not words:
+            return [], np.zeros((0, _WORDS), dtype=np.uint64), []
+        return keys, words[0] if len(words) == 1 else np.concatenate(words), comms
 
     def delete_hists(self, keys: list[int]) -> None:
         """Forget retired keys (their last values have been read). Their rows go
