@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from helpers import (
@@ -406,3 +408,33 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
         # the first process's waits would be in it if the row were not zeroed or it still wrote there
         assert abs(ours - kernel) <= 0.05 * kernel, detail
         assert h[third.pid].labels["comm"] == "sh"
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_rows_read_in_chunks(tracers, monkeypatch, batch):
+    """_read_rows over many chunks, rows in any order: each row's per-CPU values
+    summed, in the order asked, with its comm (written here from user space)."""
+    from runqlat import tracer as tracer_mod
+    if not batch:
+        monkeypatch.setenv("RUNQLAT_FORCE_NO_BATCH", "1")
+    monkeypatch.setattr(tracer_mod, "ROWS_READ_BYTES", 3 * abi.HIST_SIZE * bpf.possible_cpus())
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, max_rows=20))
+    m = tr.obj.map("hist_arr")
+    ncpus = m.ncpus
+    for row in range(20):
+        vals = np.zeros((ncpus,), dtype=abi.HIST_DTYPE)
+        for cpu in range(ncpus):
+            vals[cpu]["slots"][row] = row + cpu
+            vals[cpu]["count"] = row + cpu
+            vals[cpu]["sum_ns"] = 1000 * row
+        vals[ncpus - 1]["comm"] = f"r{row}".encode()
+        m.update(struct.pack("<I", row), vals.tobytes())
+    rows = np.array([17, 3, 4, 11, 0, 19], dtype=np.uint32)
+    comms: list[str] = []
+    words = tr._read_rows(rows, comms)
+    assert comms == [f"r{r}" for r in rows.tolist()]
+    for i, r in enumerate(rows.tolist()):
+        expect = sum(r + cpu for cpu in range(ncpus))
+        assert words[i, r] == expect and words[i, abi.HIST_SLOTS] == expect
+        assert words[i, abi.HIST_SLOTS + 1] == 1000 * r * ncpus
+        assert int(words[i, :abi.HIST_SLOTS].sum()) == expect

@@ -78,9 +78,10 @@ class Map:
         """Push onto a queue or stack map."""
         check(_ffi.lib().bpf_map_update_elem(self.fd, ffi.NULL, value, BPF_ANY), f"push onto map {self.name}")
 
-    def rows(self, n: int) -> bytes:
-        """The values of entries 0..n-1 of an array map, back to back (bytes-like)."""
-        n = min(n, self.max_entries)
+    def rows(self, stop: int, start: int = 0) -> bytes:
+        """The values of entries start..stop-1 of an array map, back to back (bytes-like)."""
+        stop = min(stop, self.max_entries)
+        n = stop - start
         if n <= 0:
             return b""
         if self._batch_ok:
@@ -88,13 +89,15 @@ class Map:
             keys, vals = _raw_alloc("char[]", n * self.key_size), _raw_alloc("char[]", n * self.value_size)
             count = ffi.new("uint32_t *", n)
             opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
-            rc = l.bpf_map_lookup_batch(self.fd, ffi.NULL, ffi.new("char[]", 8), keys, vals, count, opts)
+            # the generic batch token is the last key read: the entry before start
+            in_b = ffi.new("uint32_t *", start - 1) if start else ffi.NULL
+            rc = l.bpf_map_lookup_batch(self.fd, in_b, ffi.new("uint32_t *"), keys, vals, count, opts)
             if rc >= 0 or (rc == -_errno.ENOENT and count[0] == n):
                 return memoryview(ffi.buffer(vals, n * self.value_size))
             if -rc not in _UNSUPPORTED:
                 check(rc, f"batch lookup in map {self.name}")
             self._batch_ok = False
-        return b"".join(self.lookup(struct.pack("<I", i)) for i in range(n))
+        return b"".join(self.lookup(struct.pack("<I", i)) for i in range(start, stop))
 
     def delete(self, key: bytes) -> bool:
         rc = _ffi.lib().bpf_map_delete_elem(self.fd, key)

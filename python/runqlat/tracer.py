@@ -32,6 +32,8 @@ ROWS_BUDGET_BYTES = 64 << 20
 # A retired row is zeroed and handed out again no sooner than this: by then no
 # program that read the old generation can still be writing to it.
 ROW_QUARANTINE_S = 0.1
+# hist_arr is read this many bytes at a time (below glibc's mmap threshold, see cli)
+ROWS_READ_BYTES = 192 << 10
 
 
 def pid_max() -> int:
@@ -351,11 +353,7 @@ class Tracer:
         self._row_of = dict(zip(keys, rows.tolist()))
         words, comms = [], []
         if ni:
-            am = self.obj.map("hist_arr")
-            used = int(rows.max()) + 1  # rows are handed out from the front
-            w, c = _sum_cpus(am.rows(used), used, am.ncpus)
-            words.append(w[rows])
-            comms.extend(map(c.__getitem__, rows.tolist()))
+            words.append(self._read_rows(rows, comms))
         hm = self.obj.map("hists")
         kb, raw, nh = hm.items()
         self._in_hash = set()
@@ -369,6 +367,31 @@ class Tracer:
         if not words:
             return [], np.zeros((0, _WORDS), dtype=np.uint64), []
         return keys, words[0] if len(words) == 1 else np.concatenate(words), comms
+
+    def _read_rows(self, rows: np.ndarray, comms: list[str]) -> np.ndarray:
+        """The hist_arr rows named, summed over CPUs, in that order (their comms
+        appended to comms). Read ROWS_PER_READ rows at a time: each read's buffer
+        is small enough to be reused from the heap instead of mapped, faulted in
+        and unmapped every second."""
+        am = self.obj.map("hist_arr")
+        used = int(rows.max()) + 1  # rows are handed out from the front
+        where = np.full(used, -1, dtype=np.int64)  # row -> position in the result
+        where[rows] = np.arange(len(rows))
+        out = np.empty((len(rows), _WORDS), dtype=np.uint64)
+        names = [""] * len(rows)
+        step = max(1, ROWS_READ_BYTES // am.value_size)
+        for lo in range(0, used, step):
+            hi = min(used, lo + step)
+            pos = where[lo:hi]
+            mine = pos >= 0
+            if not mine.any():
+                continue
+            w, c = _sum_cpus(am.rows(hi, start=lo), hi - lo, am.ncpus)
+            out[pos[mine]] = w[mine]
+            for p, i in zip(pos[mine].tolist(), np.flatnonzero(mine).tolist()):
+                names[p] = c[i]
+        comms.extend(names)
+        return out
 
     def delete_hists(self, keys: list[int]) -> None:
         """Forget retired keys (their last values have been read). Their rows go
