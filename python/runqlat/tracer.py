@@ -3,6 +3,12 @@
 Chooses the fast path or a fallback at load time by probing the kernel:
 tp_btf + task storage, tp_btf + hash, raw_tp + hash. RUNQLAT_FORCE_HASH=1 and
 RUNQLAT_FORCE_RAW_TP=1 force the fallbacks (tests use them).
+
+Per-key histograms are rows of the per-CPU array hist_arr, handed out by the
+BPF side from the hist_free stack; user space sizes them, reads them (summed
+over CPUs) and gives a retired key's row back, zeroed, after a quarantine.
+Keys beyond the rows live in the hists hash (RUNQLAT_FORCE_HIST_HASH=1 puts
+every key there).
 """
 from __future__ import annotations
 
