@@ -352,3 +352,18 @@ def test_percentiles_ns_matches_the_full_width_reference(seed):
     np.testing.assert_array_equal(percentiles_ns(mat, qs), _percentiles_reference(mat, qs))
     np.testing.assert_array_equal(percentiles_ns(mat[2], qs), _percentiles_reference(mat[2], qs))
     assert percentiles_ns(np.zeros((0, abi.HIST_SLOTS), dtype=np.uint64), qs).shape == (0, len(qs))
+
+
+def test_percentiles_ns_same_on_both_sides_of_the_integer_sum_limit():
+    """Below 2**44 a slot, sums are made in integers then converted; at or above it
+    in floats: the numbers are the reference's on both sides of the limit."""
+    from runqlat.hist import percentiles_ns
+    qs = (0.0, 0.5, 0.9, 0.99, 1.0)
+    rng = np.random.default_rng(9)
+    for top in (2**44 - 1, 2**44, 2**53 + 1):
+        mat = np.zeros((7, abi.HIST_SLOTS), dtype=np.uint64)
+        mat[:, :] = rng.integers(0, top, (7, abi.HIST_SLOTS), dtype=np.uint64, endpoint=True)
+        mat[0, :] = np.uint64(top)  # every slot at the largest value
+        mat[1, :] = 0
+        mat[2, 3] = np.uint64(top)
+        np.testing.assert_array_equal(percentiles_ns(mat, qs), _percentiles_reference(mat, qs))

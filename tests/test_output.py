@@ -194,3 +194,13 @@ def test_summary_lines_match_summary_line():
         got = summary_lines([h.count for h in hs], [h.sum_ns for h in hs],
                             percentiles_ns(mat, (0.5, 0.9, 0.99)), unit_ns)
         assert got == [summary_line(h, unit_ns) for h in hs]
+
+
+def test_string_cache_formats_each_code_once_and_fills_what_it_misses():
+    from runqlat.output import _Strings
+    made = []
+    cache = _Strings(lambda c: (made.append(c), f"<{c}>")[1])
+    assert cache([1, 2, 1]) == ["<1>", "<2>", "<1>"]
+    assert cache([2, 1]) == ["<2>", "<1>"]  # all known
+    assert cache([2, 3, 1, 3]) == ["<2>", "<3>", "<1>", "<3>"]  # one new among known ones
+    assert sorted(made) == [1, 2, 3]

@@ -201,6 +201,7 @@ class Monitor:
         self._exited: dict[str, Histogram] = {}      # its folded never-seen owners
         self._base: dict[Labels, Histogram] = {}   # finals of retired keys whose label lives on
         self._key_labels: dict[int, Labels] = {}
+        self._label_dicts: dict[Labels, dict] = {}  # Histogram.labels of each label, made once
         self._retired_at: dict[int, float] = {}    # keys retired in the last second -> when
         self._cgtree: CgroupTree | None = None
         self._containers: list[ctr.Container] = []
@@ -482,21 +483,35 @@ class Monitor:
         gone_keys: dict[int, Labels] = {}
         late_keys: list[int] = []
         now = time.monotonic()  # a pending wait has ended and been seen within a second
-        self._retired_at = {k: ts for k, ts in self._retired_at.items() if now - ts < 1.0}
+        retired_at = self._retired_at = {k: ts for k, ts in self._retired_at.items() if now - ts < 1.0}
+        # PIDs only, per process: alive and wanted is membership of tracked_pids, and
+        # a key's labels are those of the last interval unless its comm changed
+        tracked = self._tracked_tgids if self.mode == Mode.PID else None
+        key_labels = self._key_labels
         for key, h in raw.items():
-            lab = self._label_of(key, h)
-            if lab is not None:
-                self._retired_at.pop(key, None)  # back in the set: a new life, not a late wait
+            if tracked is not None:
+                if key in tracked:
+                    comm = h.labels.get("comm", "")
+                    lab = key_labels.get(key)
+                    if lab is None or lab[1] != comm:
+                        lab = key_labels[key] = (str(key), comm)
+                else:
+                    lab = None
+            else:
+                lab = self._label_of(key, h)
+                if lab is not None:
+                    key_labels[key] = lab
             if lab is None:
-                if key in self._retired_at:
+                if key in retired_at:
                     # a run-queue wait that began while its owner was tracked and ended
                     # after the retirement re-created the kernel entry: its final value
                     # was handed out already, so drop it rather than show the key again
                     late_keys.append(key)
                     continue
-                gone_keys[key] = self._key_labels.get(key) or self._fallback_label(key, h)
+                gone_keys[key] = key_labels.get(key) or self._fallback_label(key, h)
                 continue
-            self._key_labels[key] = lab
+            if retired_at:
+                retired_at.pop(key, None)  # back in the set: a new life, not a late wait
             # raw histograms are fresh objects: a label's first one is used as is
             hists[lab] = hists[lab] + h if lab in hists else h
         for lab, b in self._base.items():
@@ -545,8 +560,16 @@ class Monitor:
                     exited = self.exited_label
                     hists[exited] = hists[exited] + self._exited[consumer] if exited in hists \
                         else self._exited[consumer]
+        # the labels dicts are made once per label and shared (nothing changes them)
+        dicts = self._label_dicts
+        if len(dicts) > 2 * len(hists) + 64:
+            dicts.clear()
+        names = self.mode.labels
         for lab, h in hists.items():
-            h.labels = dict(zip(self.mode.labels, lab))
+            d = dicts.get(lab)
+            if d is None:
+                d = dicts[lab] = dict(zip(names, lab))
+            h.labels = d
         return hists, gone
 
     @staticmethod

@@ -71,6 +71,10 @@ class _Strings:
 
     def __call__(self, codes: list[int]) -> list[str]:
         d = self._d
+        try:  # usually every one is known: no set of the codes to build
+            return list(map(d.__getitem__, codes))
+        except KeyError:
+            pass
         missing = set(codes).difference(d)
         if missing:
             if len(d) + len(missing) > self.LIMIT:
@@ -81,8 +85,19 @@ class _Strings:
         return list(map(d.__getitem__, codes))
 
 
+_HEADS: list[tuple[str, str]] = []  # (row prefix, " " and bar) by head, made on first use
+
+
 def _table_line_of(head: int, count: int, width: int = BAR_WIDTH) -> str:
     """A bucket line: head = (bucket * 2 + wide) * (width + 1) + stars."""
+    if width == BAR_WIDTH:
+        if head < len(_HEADS):
+            pre, bar = _HEADS[head]
+            return f"{pre}{count:<8}{bar}"
+        while len(_HEADS) <= head:
+            rest, stars = divmod(len(_HEADS), width + 1)
+            k, wide = divmod(rest, 2)
+            _HEADS.append((log2_row_prefix(not wide, k), " " + star_bars(width)[stars]))
     rest, stars = divmod(head, width + 1)
     k, wide = divmod(rest, 2)
     return f"{log2_row_prefix(not wide, k)}{count:<8} {star_bars(width)[stars]}"
@@ -189,21 +204,23 @@ class Printer:
         keyed = snap.mode != Mode.GLOBAL
         prev, meta = self.prev, self._meta
         rows = []
+        append, prev_of, meta_of = rows.append, prev.get, meta.get
         for lab, h in snap.hists.items():
-            old = prev.get(lab)
-            prev[lab] = h
-            if old is None or old.count > h.count:  # new, or its key was reused
-                if not h.count and keyed:
+            old = prev_of(lab)
+            count = h.count
+            if old is None or old.count > count:  # new, or its key was reused
+                if not count and keyed:
                     continue
                 old_slots, old_count, old_sum = _ZERO, 0, 0
-            elif old.count == h.count and keyed:
+            elif old.count == count and keyed:
                 continue  # nothing new: keyed modes show only what had events
             else:
                 old_slots, old_count, old_sum = old.slots, old.count, old.sum_ns
-            m = meta.get(lab)
+            m = meta_of(lab)
             if m is None:
                 m = meta[lab] = (sort_key(lab), self._describe(snap.mode, lab))
-            rows.append((m[0], lab, m[1], h.slots, old_slots, h.count - old_count, h.sum_ns - old_sum))
+            append((m[0], lab, m[1], h.slots, old_slots, count - old_count, h.sum_ns - old_sum))
+        prev.update(snap.hists)  # each one is the last seen now
         for lab in snap.gone:
             prev.pop(lab, None)
         if len(meta) > 2 * len(prev) + 64:
