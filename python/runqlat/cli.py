@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import tomllib
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
@@ -148,16 +148,23 @@ def _steady_memory() -> None:
 GC_GEN0 = 10_000  # objects made (net) before a young collection; Python's default is 700
 
 
-def _steady_gc() -> None:
+@contextmanager
+def _steady_gc():
     """Before the loop: what exists now (modules, the CLI, the loaded BPF object)
     lives as long as the process, so it is moved out of the collector's sight
     (gc.freeze) and a full collection walks only what the loop keeps (about 10 ms
     a time otherwise). Each interval makes and drops thousands of acyclic objects
     (histograms, their tuples and dicts): with a larger first-generation threshold
     they are collected a few times a minute instead of several times a second."""
+    old = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
+    gc.set_threshold(GC_GEN0, *old[1:])
+    try:
+        yield
+    finally:  # as it was, for a caller that goes on (tests run the CLI in-process)
+        gc.set_threshold(*old)
+        gc.unfreeze()
 
 
 def _trim_memory() -> None:
@@ -373,8 +380,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
                 what = sources.describe
                 end = "Hit Ctrl-C to end." if cfg.interval is None else ""
                 print(f"Tracing run queue latency of {what}... {end}".rstrip(), file=sys.stderr)
-            _steady_gc()
-            return _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
+            with _steady_gc():
+                return _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
