@@ -387,12 +387,15 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
         assert tr._row_of == {}
         time.sleep(0.2)
         third.stop()
+        second.stop()  # so that third, woken first, is the one to take the freed row
         try:
             tr.read_hists()  # releases the row
             s0 = schedstat(third.pid)
             tr.set_targets(pids={second.pid, third.pid})
         finally:
             third.cont()
+            time.sleep(0.05)
+            second.cont()
         time.sleep(1.5)
         third.stop()
         try:
@@ -430,11 +433,19 @@ def test_rows_read_in_chunks(tracers, monkeypatch, batch):
         vals[ncpus - 1]["comm"] = f"r{row}".encode()
         m.update(struct.pack("<I", row), vals.tobytes())
     rows = np.array([17, 3, 4, 11, 0, 19], dtype=np.uint32)
-    comms: list[str] = []
-    words = tr._read_rows(rows, comms)
-    assert comms == [f"r{r}" for r in rows.tolist()]
-    for i, r in enumerate(rows.tolist()):
+    keys = [1000 + r for r in rows.tolist()]
+    parts = tr._read_rows(keys, rows)
+    assert len(parts) >= 4, "the rows were not read in chunks"
+    got = {}
+    for pkeys, words, comms in parts:
+        for k, w, c in zip(pkeys, words, comms):
+            assert k not in got
+            got[k] = (w, c)
+    assert sorted(got) == sorted(keys)
+    for r in rows.tolist():
+        w, c = got[1000 + r]
         expect = sum(r + cpu for cpu in range(ncpus))
-        assert words[i, r] == expect and words[i, abi.HIST_SLOTS] == expect
-        assert words[i, abi.HIST_SLOTS + 1] == 1000 * r * ncpus
-        assert int(words[i, :abi.HIST_SLOTS].sum()) == expect
+        assert c == f"r{r}"
+        assert w[r] == expect and w[abi.HIST_SLOTS] == expect
+        assert w[abi.HIST_SLOTS + 1] == 1000 * r * ncpus
+        assert int(w[:abi.HIST_SLOTS].sum()) == expect

@@ -331,76 +331,69 @@ class Tracer:
         if self.opts.agg == AggMode.GLOBAL:
             m = self.obj.map("hist_global")
             raw = m.lookup(struct.pack("<I", 0)) or b""
-            keys, (words, comms) = [0], _sum_cpus(raw, 1, m.ncpus)
+            parts = [([0], *_sum_cpus(raw, 1, m.ncpus))]
         else:
-            keys, words, comms = self._read_keyed()
-        n = self._hists_used = len(keys)
-        if n == 0:
-            return {}
-        counts = words[:, _COUNT].tolist()
-        sums = words[:, _SUM].tolist()
-        rows = list(words[:, :abi.HIST_SLOTS])  # row views: iterating beats indexing
-        if len(set(keys)) == n:  # the usual case: one histogram per key, built without a Python loop
-            return dict(zip(keys, map(Histogram, rows, counts, sums, [{"comm": c} for c in comms], keys)))
+            parts = self._read_keyed()
         out: dict[int, Histogram] = {}
-        for i, key in enumerate(keys):
-            h = Histogram(rows[i], counts[i], sums[i], {"comm": comms[i]}, key)
-            if key in out:  # a key with a row and, from before it had one, a hists entry
-                prev = out[key]
-                h = prev + h
-                h.labels["comm"] = prev.labels["comm"] or comms[i]
-            out[key] = h
+        n = 0
+        for keys, words, comms in parts:
+            n += len(keys)
+            made = zip(keys, map(Histogram, list(words[:, :abi.HIST_SLOTS]), words[:, _COUNT].tolist(),
+                                 words[:, _SUM].tolist(), [{"comm": c} for c in comms], keys))
+            if out.keys().isdisjoint(keys):  # the usual case: histograms built without a Python loop
+                out.update(made)
+                continue
+            for key, h in made:
+                prev = out.get(key)
+                if prev is not None:  # a key with a row and, from before it had one, a hists entry
+                    comm = prev.labels["comm"] or h.labels["comm"]
+                    h = prev + h
+                    h.labels["comm"] = comm
+                out[key] = h
+        self._hists_used = n
         return out
 
-    def _read_keyed(self) -> tuple[list[int], np.ndarray, list[str]]:
-        """Keys, their histograms summed over CPUs (see _sum_cpus) and their comms:
-        the hist_arr rows hist_index names, then the hists entries."""
+    def _read_keyed(self) -> list[tuple[list[int], np.ndarray, list[str]]]:
+        """Parts of (keys, their histograms summed over CPUs (see _sum_cpus), their
+        comms): the hist_arr rows that hist_index names, chunk by chunk, then the
+        hists entries. A key may be in both (see read_hists); nowhere else twice."""
         self._release_rows()
         kb, vb, ni = self.obj.map("hist_index").items()
         keys = list(struct.unpack(f"<{ni}Q", kb))
         rows = np.frombuffer(vb, dtype="<u4", count=ni)
         self._row_of = dict(zip(keys, rows.tolist()))
-        words, comms = [], []
-        if ni:
-            words.append(self._read_rows(rows, comms))
+        parts = self._read_rows(keys, rows) if ni else []
         hm = self.obj.map("hists")
         kb, raw, nh = hm.items()
         self._in_hash = set()
         if nh:
-            hkeys = struct.unpack(f"<{nh}Q", kb)
-            keys.extend(hkeys)
+            hkeys = list(struct.unpack(f"<{nh}Q", kb))
             self._in_hash.update(hkeys)
-            w, c = _sum_cpus(raw, nh, hm.ncpus)
-            words.append(w)
-            comms.extend(c)
-        if not words:
-            return [], np.zeros((0, _WORDS), dtype=np.uint64), []
-        return keys, words[0] if len(words) == 1 else np.concatenate(words), comms
+            parts.append((hkeys, *_sum_cpus(raw, nh, hm.ncpus)))
+        return parts
 
-    def _read_rows(self, rows: np.ndarray, comms: list[str]) -> np.ndarray:
-        """The hist_arr rows named, summed over CPUs, in that order (their comms
-        appended to comms). Read ROWS_PER_READ rows at a time: each read's buffer
-        is small enough to be reused from the heap instead of mapped, faulted in
-        and unmapped every second."""
+    def _read_rows(self, keys: list[int], rows: np.ndarray) -> list[tuple[list[int], np.ndarray, list[str]]]:
+        """The hist_arr rows of these keys, summed over CPUs, a part per chunk of
+        ROWS_READ_BYTES: every buffer and array is small enough to be reused from
+        the heap instead of mapped, faulted in and unmapped every second."""
         am = self.obj.map("hist_arr")
         used = int(rows.max()) + 1  # rows are handed out from the front
-        where = np.full(used, -1, dtype=np.int64)  # row -> position in the result
-        where[rows] = np.arange(len(rows))
-        out = np.empty((len(rows), _WORDS), dtype=np.uint64)
-        names = [""] * len(rows)
+        owner = np.full(used, -1, dtype=np.int64)  # row -> index of its key
+        owner[rows] = np.arange(len(rows))
         step = max(1, ROWS_READ_BYTES // am.value_size)
+        parts = []
         for lo in range(0, used, step):
             hi = min(used, lo + step)
-            pos = where[lo:hi]
-            mine = pos >= 0
-            if not mine.any():
+            idx = owner[lo:hi]
+            mine = np.flatnonzero(idx >= 0)
+            if not mine.size:
                 continue
-            w, c = _sum_cpus(am.rows(hi, start=lo), hi - lo, am.ncpus)
-            out[pos[mine]] = w[mine]
-            for p, i in zip(pos[mine].tolist(), np.flatnonzero(mine).tolist()):
-                names[p] = c[i]
-        comms.extend(names)
-        return out
+            words, comms = _sum_cpus(am.rows(hi, start=lo), hi - lo, am.ncpus)
+            if mine.size < hi - lo:
+                words = words[mine]
+                comms = [comms[i] for i in mine.tolist()]
+            parts.append(([keys[i] for i in idx[mine].tolist()], words, comms))
+        return parts
 
     def delete_hists(self, keys: list[int]) -> None:
         """Forget retired keys (their last values have been read). Their rows go
