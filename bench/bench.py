@@ -295,7 +295,7 @@ def measure_tracer(p, seconds: float) -> dict:
     t0, c0 = time.monotonic(), cpu_ticks(p.pid)
     time.sleep(seconds)
     t1, c1 = time.monotonic(), cpu_ticks(p.pid)
-    return {"cpu_pct": 100.0 * (c1 - c0) / CLK_TCK / (t1 - t0),
+    return {"cpu_pct": 100.0 * (c1 - c0) / CLK_TCK / (t1 - t0), "window_s": t1 - t0,
             "rss_mb": status_kb(p.pid, "VmRSS") / 1024, "hwm_mb": status_kb(p.pid, "VmHWM") / 1024}
 
 
@@ -328,7 +328,11 @@ def thousand_tracked(procs: Procs, seconds: float) -> dict:
                 p = procs.start(argv, stdout=subprocess.DEVNULL, stderr=lf)
             wait_attached(p)
             time.sleep(3)  # first intervals: every process gets its histogram
-            out[fmt] = measure_tracer(p, seconds)
+            # three consecutive windows, the median reported: a busy moment of this
+            # shared VM moves one window by a percent of a core
+            windows = [measure_tracer(p, seconds) for _ in range(3)]
+            out[fmt] = sorted(windows, key=lambda w: w["cpu_pct"])[1]
+            out[fmt]["cpu_windows"] = [w["cpu_pct"] for w in windows]
             procs.stop(p)
             if fmt == "json":
                 out[fmt]["keys_per_interval"] = keys_last_interval(dest)
@@ -383,8 +387,11 @@ def user_space_text(us: dict) -> str:
     if th:
         for fmt, r in th.items():
             extra = f", {r['keys_per_interval']:,} processes per interval" if "keys_per_interval" in r else ""
+            spread = (f" (median of 3 windows of {r['window_s']:.0f} s: "
+                      + ", ".join(f"{c:.2f}" for c in r["cpu_windows"]) + ")") if "cpu_windows" in r else ""
             L.append(f"1,000 tracked processes (waking every 10-50 ms), -P, 1 s interval, --output {fmt}: "
-                     f"CPU {r['cpu_pct']:.2f}% of one core, RSS {r['rss_mb']:.1f} MB (peak {r['hwm_mb']:.1f}){extra}")
+                     f"CPU {r['cpu_pct']:.2f}% of one core{spread}, RSS {r['rss_mb']:.1f} MB "
+                     f"(peak {r['hwm_mb']:.1f}){extra}")
     tk = us.get("ten_thousand")
     if tk:
         L.append(f"10,000 live tracked processes (waking every 0.5-1.5 s), -P, 1 s interval, text output: "
