@@ -92,8 +92,8 @@ _COMM = abi.HIST_SLOTS + 2
 
 def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
     """n per-CPU struct hist values -> (n, _WORDS) words summed over CPUs (the comm
-    words of the sum mean nothing) and each one's comm: the first CPU copy that
-    has one (every CPU that counted wrote it)."""
+    words of the sum mean nothing) and each one's comm: the copy that has one (the
+    CPU that created the entry or took the row wrote it; the others are zero)."""
     v = np.frombuffer(raw, dtype="<u8", count=n * ncpus * _WORDS).reshape(n, ncpus, _WORDS)
     words = v.sum(axis=1, dtype=np.uint64)
     names = v[:, :, _COMM:].copy().view(f"S{abi.TASK_COMM_LEN}").reshape(n, ncpus)
