@@ -11,20 +11,5 @@ cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "run.sh: run as root (it loads BPF programs)" >&2; exit 1; }
 
 PKGS=(linux-perf libbpf-tools stress-ng clang llvm bpftool gcc libc6-dev libbpf-dev util-linux)
-missing=()
-for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "run.sh: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-# the tracer's own venv and BPF object (setup.sh does nothing that is done)
-if [ ! -x ../.venv/bin/runqlat-core ] || [ ! -f ../python/runqlat/data/runqlat.bpf.o ]; then
-    bash ../scripts/setup.sh
-fi
-make -s -C ../bpf
-make -s
+. ./prepare.sh
 exec ../.venv/bin/python bench.py "$@"

@@ -8,18 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "soak.sh: run as root (it loads BPF programs)" >&2; exit 1; }
 PKGS=(clang llvm bpftool gcc libc6-dev libbpf-dev)
-missing=()
-for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-if [ ! -x ../.venv/bin/runqlat-core ] || [ ! -f ../python/runqlat/data/runqlat.bpf.o ]; then
-    bash ../scripts/setup.sh
-fi
-make -s -C ../bpf
-make -s
+. ./prepare.sh
 exec ../.venv/bin/python soak.py "$@"

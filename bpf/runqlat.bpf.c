@@ -348,7 +348,7 @@ static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *no
 		c->enqueued_ns = clock_ns(now);
 }
 
-static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_struct *t, bool direct)
+static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_struct *t)
 {
 	struct hist *h;
 	__u64 key;
@@ -378,7 +378,7 @@ static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_str
 }
 
 /* t is switched in: record its wait if its clock was running. */
-static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 *now, bool storage, bool direct)
+static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 *now, bool storage)
 {
 	struct task_ctx *c;
 	struct hist *h;
@@ -413,7 +413,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 		count_drop(DROP_ABSURD);
 		return;
 	}
-	h = hist_for(c, t, direct);
+	h = hist_for(c, t);
 	if (!h)
 		return;
 	slot = hist_slot(delta);
@@ -452,7 +452,7 @@ static __always_inline int on_switch(struct task_struct *prev, struct task_struc
 	/* preempted (or yielded): still runnable, so back on the run queue now */
 	if (state == TASK_RUNNING)
 		enqueued(prev, TASK_PID(direct, prev), &now, storage);
-	switched_in(next, TASK_PID(direct, next), &now, storage, direct);
+	switched_in(next, TASK_PID(direct, next), &now, storage);
 	return 0;
 }
 

@@ -83,11 +83,9 @@ def check_environment(btf_path: str | None = None) -> None:
         log.debug("not running as root; relying on capabilities")
 
 
-# struct hist as 8-byte words: the slots, count, sum_ns, then comm (two words)
+# struct hist (abi.HIST_DTYPE) as 8-byte words: the slots, count, sum_ns, then comm
 _WORDS = abi.HIST_SIZE // 8
-_COUNT = abi.HIST_SLOTS
-_SUM = abi.HIST_SLOTS + 1
-_COMM = abi.HIST_SLOTS + 2
+_COUNT, _SUM, _COMM = (abi.HIST_DTYPE.fields[f][1] // 8 for f in ("count", "sum_ns", "comm"))
 
 
 def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
