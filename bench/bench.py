@@ -407,8 +407,8 @@ def user_space_text(us: dict) -> str:
                      f"used {('-' if used is None else format(int(used), ',')):>7s}  "
                      f"memory {mi['bytes_memlock'] / 2**20:8.2f} MiB")
         total = sum(mi["bytes_memlock"] for mi in tk["maps"].values())
-        L.append(f"    all maps: {total / 2**20:.1f} MiB (bpftool bytes_memlock; task storage is "
-                 f"allocated with each task and is not in it)")
+        L.append(f"    all maps: {total / 2**20:.1f} MiB (bpftool bytes_memlock; task storage, used for "
+                 f"thread ids beyond task_slots, is allocated with each task and is not in it)")
         if tk.get("drops"):
             L.append(f"    drops: {tk['drops']}")
     return "\n".join(L)

@@ -6,8 +6,10 @@
  * while still TASK_RUNNING, i.e. preempted) to being switched in.
  *
  * Hot-path design (every wakeup and context switch of the machine runs this):
- *  - the enqueue timestamp and the "is this task tracked" decision live in task
- *    local storage, so an untracked task costs one storage lookup and a compare;
+ *  - the enqueue timestamp and the "is this task tracked" decision live in a
+ *    slot of the task_slots array, indexed by thread id (an array lookup the
+ *    verifier inlines), so an untracked task costs a few loads and compares;
+ *    tasks with a thread id beyond the array keep it in task local storage;
  *    the decision is re-made only when user space bumps live_cfg.gen (the
  *    tracked set changed) or a task changed cgroup;
  *  - histograms are per-CPU: plain increments, no atomics, no lost counts;
@@ -18,8 +20,8 @@
  *    access, not a hash lookup. Keys beyond the rows use the hists hash;
  *  - nothing is deleted on the hot path.
  * Fallbacks, picked by user space at load time with set_autoload():
- *  - *_h programs keep the per-task state in a hash keyed by thread id (kernels
- *    without BPF_MAP_TYPE_TASK_STORAGE, < 5.11);
+ *  - *_h programs keep the state of tasks beyond task_slots in a hash keyed by
+ *    thread id (kernels without BPF_MAP_TYPE_TASK_STORAGE, < 5.11);
  *  - raw_tp twins of every tp_btf program (kernels without tp_btf, < 5.5).
  */
 #include "vmlinux.h"
@@ -42,6 +44,18 @@ struct live_cfg live SEC(".data.live") = { .gen = 1, .filter = 0 };
 /* Bumped by us when a task changes cgroup and cgroups matter. */
 __u32 cgroup_gen = 0;
 
+/*
+ * Per-task state by thread id; user space sizes it to pid_max (within a memory
+ * budget), so usually every task has a slot.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);   /* tid */
+	__type(value, struct task_slot);
+} task_slots SEC(".maps");
+
+/* The state of tasks beyond task_slots. */
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -298,10 +312,27 @@ static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u32 g
 	c->hist_idx = tracked && agg_mode != AGG_GLOBAL ? index_of(c->hist_key, t) : NO_INDEX;
 }
 
-static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid, bool storage, bool create)
+/*
+ * The state of t. create: make it if missing. fresh: t is a new task, so any
+ * state found under its tid is an earlier task's.
+ */
+static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid, bool storage,
+						bool create, bool fresh)
 {
+	struct task_slot *s = bpf_map_lookup_elem(&task_slots, &tid);
 	struct task_ctx *c;
 
+	if (s) {
+		if (s->owner == (__u64)t && !fresh)
+			return &s->ctx;
+		if (!create)
+			return NULL;
+		/* first sight of t, or its tid was an earlier task's: gen 0 makes it decide */
+		__builtin_memset(&s->ctx, 0, sizeof(s->ctx));
+		s->owner = (__u64)t;
+		return &s->ctx;
+	}
+	/* tid beyond the slots */
 	if (storage)
 		return bpf_task_storage_get(&task_ctx_storage, t, NULL,
 					    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
@@ -328,14 +359,14 @@ static __always_inline __u64 clock_ns(__u64 *now)
 }
 
 /* t became runnable: start its clock if it is tracked. */
-static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *now, bool storage)
+static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *now, bool storage, bool fresh)
 {
 	struct task_ctx *c;
 	__u32 gen, cg_gen;
 
 	if (tid == 0) /* the idle task */
 		return;
-	c = ctx_get(t, tid, storage, true);
+	c = ctx_get(t, tid, storage, true, fresh);
 	if (!c) {
 		count_drop(DROP_TASK_CTX);
 		return;
@@ -388,7 +419,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 
 	if (tid == 0)
 		return;
-	c = ctx_get(t, tid, storage, false);
+	c = ctx_get(t, tid, storage, false, false);
 	if (!c || !c->enqueued_ns)
 		return;
 	delta = (__s64)(clock_ns(now) - c->enqueued_ns);
@@ -436,11 +467,12 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
  */
 #define TASK_PID(direct, t) ((direct) ? (t)->pid : BPF_CORE_READ(t, pid))
 
-static __always_inline int on_wakeup(struct task_struct *t, bool storage, bool direct)
+/* fresh: sched_wakeup_new, the first event of a new task */
+static __always_inline int on_wakeup(struct task_struct *t, bool storage, bool direct, bool fresh)
 {
 	__u64 now = 0;
 
-	enqueued(t, TASK_PID(direct, t), &now, storage);
+	enqueued(t, TASK_PID(direct, t), &now, storage, fresh);
 	return 0;
 }
 
@@ -451,34 +483,34 @@ static __always_inline int on_switch(struct task_struct *prev, struct task_struc
 
 	/* preempted (or yielded): still runnable, so back on the run queue now */
 	if (state == TASK_RUNNING)
-		enqueued(prev, TASK_PID(direct, prev), &now, storage);
+		enqueued(prev, TASK_PID(direct, prev), &now, storage, false);
 	switched_in(next, TASK_PID(direct, next), &now, storage);
 	return 0;
 }
 
 /* task storage + tp_btf: the fast path */
 SEC("tp_btf/sched_wakeup")
-int BPF_PROG(wakeup_ts, struct task_struct *p) { return on_wakeup(p, true, true); }
+int BPF_PROG(wakeup_ts, struct task_struct *p) { return on_wakeup(p, true, true, false); }
 SEC("tp_btf/sched_wakeup_new")
-int BPF_PROG(wakeup_new_ts, struct task_struct *p) { return on_wakeup(p, true, true); }
+int BPF_PROG(wakeup_new_ts, struct task_struct *p) { return on_wakeup(p, true, true, true); }
 SEC("tp_btf/sched_switch")
 int BPF_PROG(switch_ts, bool preempt, struct task_struct *prev, struct task_struct *next)
 { return on_switch(prev, next, true, true); }
 
 /* hash + tp_btf */
 SEC("tp_btf/sched_wakeup")
-int BPF_PROG(wakeup_h, struct task_struct *p) { return on_wakeup(p, false, true); }
+int BPF_PROG(wakeup_h, struct task_struct *p) { return on_wakeup(p, false, true, false); }
 SEC("tp_btf/sched_wakeup_new")
-int BPF_PROG(wakeup_new_h, struct task_struct *p) { return on_wakeup(p, false, true); }
+int BPF_PROG(wakeup_new_h, struct task_struct *p) { return on_wakeup(p, false, true, true); }
 SEC("tp_btf/sched_switch")
 int BPF_PROG(switch_h, bool preempt, struct task_struct *prev, struct task_struct *next)
 { return on_switch(prev, next, false, true); }
 
 /* hash + raw_tp (task storage needs a BTF task pointer, which raw_tp lacks) */
 SEC("raw_tp/sched_wakeup")
-int BPF_PROG(wakeup_raw, struct task_struct *p) { return on_wakeup(p, false, false); }
+int BPF_PROG(wakeup_raw, struct task_struct *p) { return on_wakeup(p, false, false, false); }
 SEC("raw_tp/sched_wakeup_new")
-int BPF_PROG(wakeup_new_raw, struct task_struct *p) { return on_wakeup(p, false, false); }
+int BPF_PROG(wakeup_new_raw, struct task_struct *p) { return on_wakeup(p, false, false, true); }
 SEC("raw_tp/sched_switch")
 int BPF_PROG(switch_raw, bool preempt, struct task_struct *prev, struct task_struct *next)
 { return on_switch(prev, next, false, false); }

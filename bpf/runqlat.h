@@ -100,4 +100,15 @@ struct task_ctx {
 	__u32 hist_idx;    /* row of hist_key in hist_arr, or NO_INDEX */
 };
 
+/*
+ * The state of a task whose thread id is below task_slots' size, at index tid.
+ * A tid names one live task at a time, so no two tasks share a slot; the owner
+ * tells a slot's task from an earlier holder of the same tid (whose state is
+ * stale and is reset).
+ */
+struct task_slot {
+	__u64 owner;       /* the task_struct the state belongs to */
+	struct task_ctx ctx;
+};
+
 #endif /* __RUNQLAT_H */

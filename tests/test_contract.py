@@ -94,7 +94,7 @@ def test_header_enums_match_abi(enum_name, cls, prefix):
 
 def test_header_structs_are_declared():
     text = _strip_comments(HEADER.read_text())
-    for struct in ("hist", "live_cfg", "task_ctx"):
+    for struct in ("hist", "live_cfg", "task_ctx", "task_slot"):
         assert re.search(rf"struct\s+{struct}\s*\{{", text), struct
     assert re.search(r"__u64\s+slots\s*\[\s*HIST_SLOTS\s*\]", text)
     assert re.search(r"char\s+comm\s*\[\s*TASK_COMM_LEN\s*\]", text)
@@ -162,7 +162,11 @@ def test_small_structs(btf):
     assert _named(btf, "STRUCT", "live_cfg")["size"] == abi.LIVE_CFG_SIZE
     live = {m["name"]: m["bits_offset"] for m in _named(btf, "STRUCT", "live_cfg")["members"]}
     assert live == {"gen": 0, "filter": 32}  # tracer.set_targets packs "<II" (gen, filter)
-    assert _named(btf, "STRUCT", "task_ctx")["size"] == abi.TASK_CTX_SIZE
+    for name, dtype in (("task_ctx", abi.TASK_CTX_DTYPE), ("task_slot", abi.TASK_SLOT_DTYPE)):
+        st = _named(btf, "STRUCT", name)
+        assert st["size"] == dtype.itemsize, name
+        assert {m["name"]: m["bits_offset"] // 8 for m in st["members"]} == {
+            f: dtype.fields[f][1] for f in dtype.names}, name
 
 
 def test_maps_match(btf):
@@ -187,6 +191,7 @@ def test_program_names_survive_kernel_truncation():
 
 # what the tracer packs into each map, checked against the object as libbpf opens it
 MAP_SHAPES = {
+    "task_slots": (4, abi.TASK_SLOT_SIZE),  # "<I" tid
     "task_ctx_storage": (4, abi.TASK_CTX_SIZE),
     "task_ctx_hash": (4, abi.TASK_CTX_SIZE),
     "tracked_pids": (4, 1),       # "<I" tgid -> __u8 reason

@@ -37,7 +37,8 @@ from runqlat.tracer import Options, Tracer
 pytestmark = pytest.mark.bpf
 
 US, MS = 1000, 1_000_000
-FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BATCH", "RUNQLAT_FORCE_HIST_HASH")
+FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BATCH", "RUNQLAT_FORCE_HIST_HASH",
+             "RUNQLAT_FORCE_NO_TASK_SLOTS")
 
 
 # -- module fixtures: the contention, shared by every test --
@@ -128,10 +129,15 @@ def test_global_mode_without_targets_sees_every_task(tracers, hogs):
 
 # -- agreement with the kernel's own run-queue wait, on every load path --
 
+NO_SLOTS = {"RUNQLAT_FORCE_NO_TASK_SLOTS": "1"}
 PATHS = {
-    "task_storage": ({}, ("tp_btf", "task_storage")),
-    "hash": ({"RUNQLAT_FORCE_HASH": "1"}, ("tp_btf", "hash")),
-    "raw_tp": ({"RUNQLAT_FORCE_RAW_TP": "1"}, ("raw_tp", "hash")),
+    # task state in task_slots (every thread id here is below pid_max)
+    "task_slots": ({}, ("tp_btf", "task_storage")),
+    "raw_tp_slots": ({"RUNQLAT_FORCE_RAW_TP": "1"}, ("raw_tp", "hash")),
+    # task state where thread ids beyond the slots keep it
+    "task_storage": (NO_SLOTS, ("tp_btf", "task_storage")),
+    "hash": ({"RUNQLAT_FORCE_HASH": "1", **NO_SLOTS}, ("tp_btf", "hash")),
+    "raw_tp": ({"RUNQLAT_FORCE_RAW_TP": "1", **NO_SLOTS}, ("raw_tp", "hash")),
     "no_batch": ({"RUNQLAT_FORCE_NO_BATCH": "1"}, ("tp_btf", "task_storage")),
     # histograms in the per-CPU hash instead of hist_arr rows (what keys beyond the rows use)
     "hist_hash": ({"RUNQLAT_FORCE_HIST_HASH": "1"}, ("tp_btf", "task_storage")),
@@ -161,9 +167,11 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
 
     task = hogs[0]
     opts = Options(agg=AggMode.PID, initial_filter=Filter.PIDS)
-    assert opts.force_hash == (path == "hash") and opts.force_raw_tp == (path == "raw_tp")
+    assert opts.force_hash == (path == "hash") and opts.force_raw_tp == path.startswith("raw_tp")
     tr = tracers(opts)
     assert (tr.features["attach"], tr.features["timestamps"]) == (attach, store)
+    slots = env is not NO_SLOTS and "RUNQLAT_FORCE_NO_TASK_SLOTS" not in env
+    assert (int(tr.features["task_slots"]) > task.pid) == slots
     wanted = set(abi.SCHED_PROGRAMS[(attach, store)]) | {abi.AUX_PROGRAMS[attach][0]}
     assert set(tr.features["programs"].split(",")) == wanted
     tr.set_targets(pids={task.pid})
@@ -199,6 +207,38 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
         assert {"hists", "hist_index"} <= set(batch_calls), "reading did not use batch map operations"
     in_row = path != "hist_hash"
     assert (task.pid in tr._row_of) == in_row and (task.pid in tr._in_hash) != in_row
+    # the state was where the path keeps it: the task's slot is used only with slots
+    slot = _slot(tr, task.pid)
+    if slots:
+        assert slot is not None and slot["owner"] != 0 and slot["ctx"]["tracked"] == 1, slot
+        assert slot["ctx"]["hist_key"] == task.pid
+    else:
+        assert slot is None
+
+
+def _slot(tr: Tracer, tid: int):
+    """The task_slots entry of tid (None: beyond the slots)."""
+    raw = tr.obj.map("task_slots").lookup(struct.pack("<I", tid))
+    return None if raw is None else np.frombuffer(raw, dtype=abi.TASK_SLOT_DTYPE)[0]
+
+
+def test_stale_slot_is_not_taken_for_the_task(tracers, hogs):
+    """A slot whose owner is another task (an earlier holder of the thread id) is
+    reset on the task's next event, not read: here a stale state says "tracked"
+    for an untracked process, which would then be counted."""
+    tracked, other = hogs[0], hogs[1]
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS))
+    tr.set_targets(pids={tracked.pid})
+    real = wait_for(lambda: _slot(tr, other.pid)["owner"], timeout=2, what="the untracked hog's slot")
+    stale = np.zeros(1, dtype=abi.TASK_SLOT_DTYPE)
+    stale["owner"] = real ^ 0x40
+    c = stale["ctx"]
+    c["hist_key"], c["gen"], c["tracked"], c["hist_idx"] = other.pid, tr._gen, 1, abi.NO_INDEX
+    tr.obj.map("task_slots").update(struct.pack("<I", other.pid), stale.tobytes())
+    time.sleep(0.5)
+    assert _slot(tr, other.pid)["owner"] == real, "the task's next event did not take its slot back"
+    hists = tr.read_hists()
+    assert tracked.pid in hists and other.pid not in hists, sorted(hists)
 
 
 # -- the tracked set changes while the programs run --

@@ -58,7 +58,12 @@ HIST_DTYPE = np.dtype(
 )
 HIST_SIZE = HIST_DTYPE.itemsize
 LIVE_CFG_SIZE = 8  # struct live_cfg { __u32 gen; __u32 filter; }
-TASK_CTX_SIZE = 32
+# struct task_ctx and struct task_slot (a task's state; tests look inside)
+TASK_CTX_DTYPE = np.dtype([("enqueued_ns", "<u8"), ("hist_key", "<u8"), ("gen", "<u4"),
+                           ("cgroup_gen", "<u4"), ("tracked", "<u4"), ("hist_idx", "<u4")])
+TASK_CTX_SIZE = TASK_CTX_DTYPE.itemsize
+TASK_SLOT_DTYPE = np.dtype([("owner", "<u8"), ("ctx", TASK_CTX_DTYPE)])
+TASK_SLOT_SIZE = TASK_SLOT_DTYPE.itemsize
 
 # Variables the loader writes: name -> ELF section that holds them.
 RODATA_VARS = ("agg_mode", "follow_children", "watch_cgroup_moves")
@@ -69,6 +74,7 @@ LIVE_SECTION = ".data.live"
 PERCPU_MAPS = frozenset(("hist_arr", "hists", "hist_global", "hist_scratch", "drops"))
 
 MAPS = (
+    "task_slots",
     "task_ctx_storage",
     "task_ctx_hash",
     "tracked_pids",

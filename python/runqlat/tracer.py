@@ -4,6 +4,11 @@ Chooses the fast path or a fallback at load time by probing the kernel:
 tp_btf + task storage, tp_btf + hash, raw_tp + hash. RUNQLAT_FORCE_HASH=1 and
 RUNQLAT_FORCE_RAW_TP=1 force the fallbacks (tests use them).
 
+On every path a task's state is in the task_slots array at its thread id when
+the id is below the array's size (pid_max, within TASK_SLOTS_BUDGET_BYTES), and
+in task storage (or the hash) otherwise. RUNQLAT_FORCE_NO_TASK_SLOTS=1 sends
+every task to the latter (tests).
+
 Per-key histograms are rows of the per-CPU array hist_arr, handed out by the
 BPF side from the hist_free stack; user space sizes them, reads them (summed
 over CPUs) and gives a retired key's row back, zeroed, after a quarantine.
@@ -38,6 +43,11 @@ ROWS_BUDGET_BYTES = 64 << 20
 # A retired row is zeroed and handed out again no sooner than this: by then no
 # program that read the old generation can still be writing to it.
 ROW_QUARANTINE_S = 0.1
+# Kernel memory of the task_slots array (preallocated, one slot per thread id
+# below pid_max): 32 MiB covers a pid_max of 838,860. Higher thread ids keep their
+# state in task storage, which costs a helper call per event instead of an
+# inlined array access.
+TASK_SLOTS_BUDGET_BYTES = 32 << 20
 # hist_arr is read this many bytes at a time (below glibc's mmap threshold, see cli)
 ROWS_READ_BYTES = 192 << 10
 
@@ -58,12 +68,16 @@ class Options:
     max_hists: int = 0       # hists entries; 0: chosen from the mode
     max_rows: int = 0        # hist_arr rows; 0: from expected_keys and ROWS_BUDGET_BYTES
     expected_keys: int = 0   # histogram keys expected at start (processes, threads, ...)
+    max_task_slots: int = 0  # task_slots entries (thread ids below it); 0: from pid_max
     max_groups: int = 4096   # tracked cgroups / pid namespaces
     # Filters active from the moment of attach (with empty sets until set_targets),
     # so nothing outside the user's choice is counted in between.
     initial_filter: Filter = Filter(0)
     force_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HASH") == "1")
     force_raw_tp: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_RAW_TP") == "1")
+    # no task_slots: every task's state in task storage or the hash (RUNQLAT_FORCE_NO_TASK_SLOTS; tests)
+    force_no_task_slots: bool = field(
+        default_factory=lambda: os.environ.get("RUNQLAT_FORCE_NO_TASK_SLOTS") == "1")
     # no hist_arr rows: every key's histogram in the hists hash (RUNQLAT_FORCE_HIST_HASH; tests)
     force_hist_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HIST_HASH") == "1")
     # BTF for CO-RE relocations instead of the running kernel's (RUNQLAT_CORE_BTF; tests)
@@ -198,6 +212,9 @@ class Tracer:
         self._wanted = sorted(wanted)
 
         pm = pid_max()
+        self.task_slots = self._task_slot_count(pm)
+        self.features["task_slots"] = str(self.task_slots)
+        obj.set_max_entries("task_slots", max(1, self.task_slots))
         obj.set_max_entries("tracked_pids", o.max_tracked or pm)
         obj.set_max_entries("tracked_cgroups", o.max_groups)
         obj.set_max_entries("tracked_pidns", o.max_groups)
@@ -219,6 +236,13 @@ class Tracer:
                                ("watch_cgroup_moves", "<B", int(o.watch_cgroup_moves))):
             sec, off, _ = v[name]
             obj.write_initial(sec, off, struct.pack(fmt, val))
+
+    def _task_slot_count(self, pm: int) -> int:
+        """task_slots entries: thread ids below this have a slot (0 is the idle task's, unused)."""
+        o = self.opts
+        if o.force_no_task_slots:
+            return 0
+        return o.max_task_slots or min(pm, TASK_SLOTS_BUDGET_BYTES // abi.TASK_SLOT_SIZE)
 
     def _row_count(self, hists_max: int) -> int:
         """hist_arr rows: the keys expected at start and room to grow, within the budget."""
