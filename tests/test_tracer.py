@@ -489,3 +489,27 @@ def test_rows_read_in_chunks(tracers, monkeypatch, batch):
         assert w[r] == expect and w[abi.HIST_SLOTS] == expect
         assert w[abi.HIST_SLOTS + 1] == 1000 * r * ncpus
         assert int(w[:abi.HIST_SLOTS].sum()) == expect
+
+
+def test_thread_ids_beyond_the_slots_use_task_storage(tracers, hogs):
+    """With fewer slots than thread ids (a pid_max above the budget), tasks below
+    the last slot use it and the others task storage: both are recorded."""
+    low, high = sorted(hogs[:2], key=lambda h: h.pid)
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, max_task_slots=low.pid + 1))
+    assert tr.features["task_slots"] == str(low.pid + 1)
+    tr.set_targets(pids={low.pid, high.pid})
+    time.sleep(0.5)
+    hists = tr.read_hists()
+    assert hists[low.pid].count > 0 and hists[high.pid].count > 0, hists
+    assert _slot(tr, low.pid)["ctx"]["tracked"] == 1
+    assert _slot(tr, high.pid) is None
+
+
+@pytest.mark.parametrize("slots", [True, False])
+def test_doctor_reports_task_slots(slots, monkeypatch, root_bpf):
+    from runqlat import doctor
+    if not slots:
+        monkeypatch.setenv("RUNQLAT_FORCE_NO_TASK_SLOTS", "1")
+    rows = {c.name: c for c in doctor._trial_load()}
+    assert rows["load + attach"].status == "ok", rows
+    assert rows["task slots"].status == ("ok" if slots else "warn"), rows["task slots"]

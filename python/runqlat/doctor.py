@@ -137,7 +137,7 @@ def run_checks() -> list[Check]:
 
 def _trial_load() -> list[Check]:
     """Load and attach for real (then detach): the only reliable probe of tp_btf."""
-    from .tracer import Options, Tracer
+    from .tracer import Options, Tracer, pid_max
     try:
         with Tracer(Options()) as t:
             f = t.features
@@ -146,8 +146,13 @@ def _trial_load() -> list[Check]:
             m = t.obj.map("tracked_pids")
             m.items()
             batch = m._batch_ok
+            slots, pm = int(f.get("task_slots", 0)), pid_max()
         fell = "" if chosen == first else f" (fell back from {first[0]} + {first[1]})"
         return [Check("load + attach", "ok", f"{chosen[0]} + {chosen[1]}{fell}"),
+                Check("task slots", "ok" if slots >= pm else "warn",
+                      f"every thread id (pid_max {pm:,}) has a slot in the task_slots array" if slots >= pm else
+                      f"thread ids below {slots:,} of pid_max {pm:,} have a slot; higher ones keep their state "
+                      f"in {chosen[1].replace('_', ' ')} (correct, a helper call per event slower)"),
                 Check("batch map ops", "ok" if batch else "warn",
                       "available" if batch else "not available: maps are read entry by entry")]
     except RunqlatError as exc:

@@ -253,8 +253,10 @@ def report_load_path(env) -> None:
     m = re.match(r"(\w+) \+ (\w+)", str(load.get("detail", "")))
     if load.get("status") == "ok" and m:
         batch = by_name.get("batch map ops", {}).get("status")
+        slots = by_name.get("task slots", {}).get("status")
         print(f"RUNQLAT features: attach={m[1]} timestamps={m[2]} "
-              f"batch={'yes' if batch == 'ok' else 'no' if batch else '?'}", flush=True)
+              f"batch={'yes' if batch == 'ok' else 'no' if batch else '?'} "
+              f"slots={'all' if slots == 'ok' else 'some' if slots else '?'}", flush=True)
     check(load.get("status") == "ok" and m is not None,
           f"{what}: the 'load + attach' row names the load path", f"row: {load}")
 

@@ -29,9 +29,10 @@ GUEST_CHECK = HERE / "guest_check.py"
 
 # Both series have tp_btf (5.5+) and task storage (5.11+): a fallback taken on
 # them is a probing bug, not a property of the kernel.
+# Every thread id has a task slot: the guests' pid_max is well within the budget.
 EXPECTED_PATH = {
-    "6.1": {"attach": "tp_btf", "timestamps": "task_storage"},
-    "6.12": {"attach": "tp_btf", "timestamps": "task_storage"},
+    "6.1": {"attach": "tp_btf", "timestamps": "task_storage", "slots": "all"},
+    "6.12": {"attach": "tp_btf", "timestamps": "task_storage", "slots": "all"},
 }
 GUEST_TIMEOUT = 900  # a hang, not a slow run: about 1-3 min is usual
 
@@ -89,7 +90,7 @@ def test_guest_check(series, host_ready, record_property):
     out = vmrun.guest_output(console)
     feats = parse_features(out)
     record_property("vm_load_path", " ".join(
-        f"{k}={feats[k]}" for k in ("attach", "timestamps") if k in feats)
+        f"{k}={feats[k]}" for k in ("attach", "timestamps", "slots") if k in feats)
         if feats else "unknown")
     record_property("vm_guest_exit", code)
     tail = f"\n--- console tail (all of it in {log}) ---\n{console[-6000:]}"
