@@ -37,7 +37,10 @@ CONTAINER_SCAN_S = 2.0
 # beyond this (a scrape-less exporter under heavy churn) they are counted, not kept.
 MAX_PENDING_FINALS = 20_000
 PIDNS_SCAN_S = 2.0
-EXIT_SYNC_S = 0.9  # forget exited PIDs at most this often (refresh runs every 0.5 s)
+# Exited PIDs are forgotten by every collection (about every second), with the read
+# of tracked_pids it makes anyway; refresh (every 0.5 s) walks that map itself only
+# when no collection or refresh has for this long.
+EXIT_SYNC_S = 2.0
 
 
 class Mode(str, enum.Enum):
@@ -321,10 +324,9 @@ class Monitor:
                 now = time.monotonic()
                 if now >= self._next_exit_sync or self._pids_dirty:
                     # the kernel drops an exiting PID from tracked_pids itself; our copy
-                    # only follows, and each look walks the whole map: once a second,
-                    # or before the wanted set is resolved again
-                    self._next_exit_sync = now + EXIT_SYNC_S
-                    self._live -= self.tracer.forget_exited()
+                    # only follows, and each look walks the whole map: rarely (see
+                    # EXIT_SYNC_S), and before the wanted set is resolved again
+                    self._forget_exited(self.tracer.kernel_tracked_pids(), now)
                 if self._pids_dirty:
                     self._resolve_pids()
             cg_ids = pidns = None
@@ -346,6 +348,11 @@ class Monitor:
             self.tracer.set_targets(pids=set(self._live) if s.uses_pids else None,
                                     cgroups=cg_ids, pidns=pidns)
             self._recheck(self.tracer.listed_pids - before)
+
+    def _forget_exited(self, tracked_now: dict[int, int], now: float) -> None:
+        """Forget the PIDs that are no longer in tracked_pids as just read."""
+        self._next_exit_sync = now + EXIT_SYNC_S
+        self._live -= self.tracer.forget_exited(tracked_now)
 
     def _recheck(self, added: set[int]) -> None:
         """A PID that exited between our check and the map update would stay in the
@@ -465,8 +472,11 @@ class Monitor:
         t = self.tracer
         self.last_collect = time.monotonic()
         raw = t.read_hists()
-        # tracked_pids read once per collection: retirement, the process count and map fill use it
+        # tracked_pids read once per collection: retirement, the process count, map fill
+        # and forgetting exited PIDs use it
         self._tracked_now = t.kernel_tracked_pids() if self.sources.uses_pids else {}
+        if self.sources.uses_pids:
+            self._forget_exited(self._tracked_now, self.last_collect)
         # with only PIDs as the filter, a process taken out of the set retires too
         only_pids = self.sources.uses_pids and not self.sources.uses_groups
         self._tracked_tgids = (set(self._tracked_now) if only_pids and

@@ -339,9 +339,13 @@ class Tracer:
         pids = struct.unpack(f"<{n}I", keys)
         return {p: vals[i] for i, p in enumerate(pids)}
 
-    def forget_exited(self) -> set[int]:
-        """Drop from our mirror what the kernel removed at process exit."""
-        live = self.kernel_tracked_pids()
+    def forget_exited(self, live: dict[int, int] | None = None) -> set[int]:
+        """Drop from our mirror what the kernel removed at process exit.
+
+        live: tracked_pids as the caller has just read it (kernel_tracked_pids),
+        so that the map is not walked twice."""
+        if live is None:
+            live = self.kernel_tracked_pids()
         gone = {p for p in self._pids if p not in live}
         for p in gone:
             del self._pids[p]

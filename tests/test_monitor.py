@@ -1,0 +1,138 @@
+"""Monitor bookkeeping against a fake tracer and a fake /proc (pure; no root, no BPF)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+
+from runqlat import monitor as monitor_mod  # noqa: E402
+from runqlat.monitor import Mode, Monitor, Sources  # noqa: E402
+from test_targets import FakeProc  # noqa: E402
+
+
+class FakeTracer:
+    """The kernel's tracked_pids as a dict (the exit program removes a PID from it),
+    our mirror of what we listed, and how often tracked_pids was walked."""
+
+    features: dict = {}
+
+    def __init__(self):
+        self.kernel: dict[int, int] = {}
+        self.listed: set[int] = set()
+        self.walks = 0
+
+    @property
+    def listed_pids(self) -> set[int]:
+        return set(self.listed)
+
+    def set_targets(self, pids=None, cgroups=None, pidns=None) -> bool:
+        for p in pids - self.listed:
+            self.kernel[p] = 1
+        for p in self.listed - pids:
+            self.kernel.pop(p, None)
+        changed = pids != self.listed
+        self.listed = set(pids)
+        return changed
+
+    def kernel_tracked_pids(self) -> dict[int, int]:
+        self.walks += 1
+        return dict(self.kernel)
+
+    def forget_exited(self, live=None) -> set[int]:
+        if live is None:
+            live = self.kernel_tracked_pids()
+        gone = {p for p in self.listed if p not in live}
+        self.listed -= gone
+        return gone
+
+    def exit(self, pid: int) -> None:
+        self.kernel.pop(pid, None)
+
+    def read_hists(self):
+        return {}
+
+    def delete_hists(self, keys):
+        pass
+
+    def drops(self):
+        return {}
+
+    def map_fill(self, tracked_pids_used=None):
+        return {}
+
+    def prog_stats(self):
+        return {}
+
+
+class Clock:
+    """monitor's time module, moved by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(monitor_mod, "time", c)
+    return c
+
+
+@pytest.fixture
+def tracked(tmp_path, clock):
+    proc = FakeProc(tmp_path / "proc")
+    for pid in (100, 101, 102):
+        proc.spawn(pid, 1000 + pid)
+    tr = FakeTracer()
+    mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100, 101, 102})), proc=str(proc))
+    mon.register("print")
+    return proc, tr, mon
+
+
+def test_a_collection_forgets_exited_pids_with_its_own_read(tracked):
+    proc, tr, mon = tracked
+    assert tr.listed == {100, 101, 102}
+    tr.exit(101)
+    proc.exit(101)
+    walks = tr.walks
+    snap = mon.snapshot("print")
+    assert tr.walks == walks + 1, "one walk of tracked_pids per collection"
+    assert snap.tracked_processes == 2
+    assert tr.listed == {100, 102}, "the exited PID is still in the tracer's mirror"
+    assert 101 not in mon._live
+
+
+def test_refresh_between_collections_does_not_walk_tracked_pids(tracked, clock):
+    proc, tr, mon = tracked
+    for _ in range(3):  # the CLI's loop with a 1 s interval: refresh every 0.5 s, collect every 1 s
+        walks = tr.walks
+        clock.now += 0.5
+        mon.refresh()
+        clock.now += 0.5
+        mon.refresh()
+        mon.snapshot("print")
+        assert tr.walks == walks + 1
+
+
+def test_refresh_forgets_exited_pids_when_nothing_collects(tracked, clock):
+    proc, tr, mon = tracked
+    tr.exit(102)
+    proc.exit(102)
+    walks = tr.walks
+    clock.now += monitor_mod.EXIT_SYNC_S / 2
+    mon.refresh()
+    assert tr.walks == walks and 102 in tr.listed
+    clock.now += monitor_mod.EXIT_SYNC_S / 2
+    mon.refresh()
+    assert tr.walks == walks + 1
+    assert tr.listed == {100, 101} and 102 not in mon._live
