@@ -135,12 +135,17 @@ _libc = None
 def _steady_memory() -> None:
     """Keep glibc from raising its mmap threshold as big per-interval buffers are
     freed: with it fixed, multi-MB arrays go back to the kernel after each read
-    instead of staying in the heap, so a tracer that runs for days stays small."""
+    instead of staying in the heap, so a tracer that runs for days stays small.
+    The heap is given back after each collection (_trim_memory), not at every
+    free that leaves more than 128 KiB free at its top: that shrank and regrew
+    the heap (a page fault per 4 KiB) several times an interval, as each chunk's
+    buffers came and went at the top."""
     global _libc
     import ctypes
     try:
         _libc = ctypes.CDLL("libc.so.6")
         _libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+        _libc.mallopt(-1, 4 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         _libc = None  # not glibc: nothing to tune
 
@@ -411,6 +416,7 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
                 monitor.maintain()
             except RunqlatError as exc:
                 monitor.warn.once("maintain:" + str(exc), "%s", exc)
+            _trim_memory()
         if next_print is not None and time.monotonic() >= next_print:
             if printing:
                 now = time.monotonic()
