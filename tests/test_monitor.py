@@ -24,12 +24,14 @@ class FakeTracer:
         self.kernel: dict[int, int] = {}
         self.listed: set[int] = set()
         self.walks = 0
+        self.updates = 0  # set_targets calls
 
     @property
     def listed_pids(self) -> set[int]:
         return set(self.listed)
 
     def set_targets(self, pids=None, cgroups=None, pidns=None) -> bool:
+        self.updates += 1
         for p in pids - self.listed:
             self.kernel[p] = 1
         for p in self.listed - pids:
@@ -136,3 +138,21 @@ def test_refresh_forgets_exited_pids_when_nothing_collects(tracked, clock):
     mon.refresh()
     assert tr.walks == walks + 1
     assert tr.listed == {100, 101} and 102 not in mon._live
+
+
+def test_refresh_gives_the_tracer_the_tracked_set_only_when_it_changed(tracked, clock):
+    proc, tr, mon = tracked
+    updates = tr.updates
+    clock.now += 0.5
+    mon.refresh()
+    clock.now += 0.5
+    mon.refresh()
+    assert tr.updates == updates, "nothing changed, yet the tracer was given the set again"
+    tr.exit(101)
+    proc.exit(101)
+    mon.snapshot("print")  # forgets 101
+    mon.refresh()
+    assert tr.updates == updates + 1
+    assert tr.listed == {100, 102}
+    mon.refresh()
+    assert tr.updates == updates + 1

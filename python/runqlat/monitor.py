@@ -218,6 +218,7 @@ class Monitor:
         self.retired_dropped = 0
         self.last_collect = 0.0
         self._next_exit_sync = 0.0
+        self._sent = None  # (pids, cgroup ids, pid namespaces) the tracer was last given
         self.set_sources(sources, initial=True)
 
     # -- what to track --
@@ -344,9 +345,12 @@ class Monitor:
                     pidns |= c_ns
                 if not pidns:
                     pidns = None
+            targets = (set(self._live) if s.uses_pids else None, cg_ids, pidns)
+            if targets == self._sent:
+                return  # what the tracer was last given, and only we change its sets
             before = self.tracer.listed_pids
-            self.tracer.set_targets(pids=set(self._live) if s.uses_pids else None,
-                                    cgroups=cg_ids, pidns=pidns)
+            self.tracer.set_targets(pids=targets[0], cgroups=cg_ids, pidns=pidns)
+            self._sent = targets
             self._recheck(self.tracer.listed_pids - before)
 
     def _forget_exited(self, tracked_now: dict[int, int], now: float) -> None:
@@ -361,6 +365,7 @@ class Monitor:
         if dead:
             self._live -= dead
             self.tracer.set_targets(pids=set(self._live))
+            self._sent = None  # the next refresh gives the tracer everything again
 
     @property
     def tracked_containers(self) -> list[ctr.Container]:
