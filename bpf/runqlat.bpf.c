@@ -45,6 +45,14 @@ struct live_cfg live SEC(".data.live") = { .gen = 1, .filter = 0 };
 __u32 cgroup_gen = 0;
 
 /*
+ * Our own changes to maps user space walks, counted so that it walks them only
+ * when they moved: a walk of a hash sized to pid_max takes milliseconds when
+ * pid_max is in the millions.
+ */
+__u64 tracked_changes = 0; /* tracked_pids entries added (children) or removed (exits) */
+__u64 hists_made = 0;      /* hists entries created */
+
+/*
  * Per-task state by thread id; user space sizes it to pid_max (within a memory
  * budget), so usually every task has a slot.
  */
@@ -401,7 +409,9 @@ static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_str
 	if (!h)
 		return NULL;
 	set_comm(h, t);
-	if (bpf_map_update_elem(&hists, &key, h, BPF_NOEXIST) && !bpf_map_lookup_elem(&hists, &key)) {
+	if (bpf_map_update_elem(&hists, &key, h, BPF_NOEXIST) == 0)
+		__sync_fetch_and_add(&hists_made, 1);
+	else if (!bpf_map_lookup_elem(&hists, &key)) {
 		count_drop(DROP_HIST_FULL);
 		return NULL;
 	}
@@ -526,8 +536,8 @@ static __always_inline int on_exit(struct task_struct *t)
 	__u32 tgid = BPF_CORE_READ(t, tgid);
 
 	bpf_map_delete_elem(&task_ctx_hash, &tid);
-	if (BPF_CORE_READ(t, signal, live.counter) == 0)
-		bpf_map_delete_elem(&tracked_pids, &tgid);
+	if (BPF_CORE_READ(t, signal, live.counter) == 0 && bpf_map_delete_elem(&tracked_pids, &tgid) == 0)
+		__sync_fetch_and_add(&tracked_changes, 1);
 	return 0;
 }
 
@@ -545,8 +555,9 @@ static __always_inline int on_fork(struct task_struct *parent, struct task_struc
 		return 0;
 	if (!bpf_map_lookup_elem(&tracked_pids, &ptgid))
 		return 0;
-	if (bpf_map_update_elem(&tracked_pids, &cpid, &reason, BPF_NOEXIST) &&
-	    !bpf_map_lookup_elem(&tracked_pids, &cpid))
+	if (bpf_map_update_elem(&tracked_pids, &cpid, &reason, BPF_NOEXIST) == 0)
+		__sync_fetch_and_add(&tracked_changes, 1);
+	else if (!bpf_map_lookup_elem(&tracked_pids, &cpid))
 		count_drop(DROP_TRACKED_FULL);
 	return 0;
 }

@@ -181,6 +181,7 @@ def test_programs_present(btf):
 def test_globals_present(btf):
     assert set(abi.RODATA_VARS) <= _datasec_vars(btf, ".rodata")
     assert abi.LIVE_VAR in _datasec_vars(btf, abi.LIVE_SECTION)
+    assert set(abi.COUNTER_VARS) <= _datasec_vars(btf, abi.COUNTER_SECTION)
 
 
 def test_program_names_survive_kernel_truncation():

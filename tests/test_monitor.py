@@ -32,6 +32,7 @@ class FakeTracer:
 
     def set_targets(self, pids=None, cgroups=None, pidns=None) -> bool:
         self.updates += 1
+        self.last = (pids, cgroups, pidns)
         for p in pids - self.listed:
             self.kernel[p] = 1
         for p in self.listed - pids:
@@ -156,3 +157,21 @@ def test_refresh_gives_the_tracer_the_tracked_set_only_when_it_changed(tracked, 
     assert tr.listed == {100, 102}
     mon.refresh()
     assert tr.updates == updates + 1
+
+
+def test_recheck_keeps_the_group_sets(tmp_path, clock, monkeypatch):
+    """PIDs and cgroups together: a listed PID found dead right after the update is
+    taken out again, and the cgroups stay tracked (the filter keeps them)."""
+    proc = FakeProc(tmp_path / "proc")
+    for pid in (100, 101):
+        proc.spawn(pid, 1000 + pid)
+    tr = FakeTracer()
+    mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100, 101}), cgroups=("/sys/fs/cgroup/app",)),
+                  proc=str(proc))
+    monkeypatch.setattr(mon._cgtree, "id_of", lambda path: 7)
+    mon._sent = None
+    mon.refresh()
+    assert tr.last == ({100, 101}, {7}, None)
+    proc.exit(101)
+    mon._recheck({101}, {7}, None)
+    assert tr.last == ({100}, {7}, None)

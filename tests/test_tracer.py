@@ -513,3 +513,30 @@ def test_doctor_reports_task_slots(slots, monkeypatch, root_bpf):
     rows = {c.name: c for c in doctor._trial_load()}
     assert rows["load + attach"].status == "ok", rows
     assert rows["task slots"].status == ("ok" if slots else "warn"), rows["task slots"]
+
+
+def test_maps_are_walked_only_when_they_changed(tracers, hogs, monkeypatch):
+    """tracked_pids and the overflow hash are sized to pid_max (milliseconds a walk
+    with millions of buckets): walked again only after a change, by us or by the
+    BPF side (its counters; the exit and hash-spill tests show those are seen)."""
+    a, b = hogs[0], hogs[1]
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS))
+    tr.set_targets(pids={a.pid})
+    wait_for(lambda: a.pid in tr.read_hists(), timeout=3, what="a histogram for the tracked process")
+    tr._tracked_seen = tr._hash_empty_at = None  # as at start: nothing known yet
+    walks = []
+    real = bpf.Map.items
+
+    def counting(self):
+        walks.append(self.name)
+        return real(self)
+
+    monkeypatch.setattr(bpf.Map, "items", counting)
+    for _ in range(4):
+        assert a.pid in tr.read_hists()
+        assert set(tr.kernel_tracked_pids()) == {a.pid}
+    assert walks.count("hists") == 1 and walks.count("tracked_pids") == 1, walks
+    assert walks.count("hist_index") == 4, walks  # the rows' index is read every time
+    tr.set_targets(pids={a.pid, b.pid})
+    assert set(tr.kernel_tracked_pids()) == {a.pid, b.pid}
+    assert walks.count("tracked_pids") == 2, walks

@@ -69,6 +69,10 @@ TASK_SLOT_SIZE = TASK_SLOT_DTYPE.itemsize
 RODATA_VARS = ("agg_mode", "follow_children", "watch_cgroup_moves")
 LIVE_VAR = "live"          # in section .data.live
 LIVE_SECTION = ".data.live"
+# Counters the BPF side bumps when it changes a map user space walks (in .bss):
+# an unchanged counter spares the walk.
+COUNTER_VARS = ("tracked_changes", "hists_made")
+COUNTER_SECTION = ".bss"
 
 # Per-CPU maps: user space reads one value per possible CPU.
 PERCPU_MAPS = frozenset(("hist_arr", "hists", "hist_global", "hist_scratch", "drops"))

@@ -96,7 +96,7 @@ def _inspect(elf: ELFFile, path: Path, size: int) -> ObjectInfo:
             variables[sym.name] = (sec_name, sym["st_value"], sym["st_size"])
     missing = [p for p in abi.PROGRAMS if p not in programs]
     missing += [m for m in abi.MAPS if m not in maps]
-    missing += [v for v in (*abi.RODATA_VARS, abi.LIVE_VAR) if v not in variables]
+    missing += [v for v in (*abi.RODATA_VARS, abi.LIVE_VAR, *abi.COUNTER_VARS) if v not in variables]
     if missing:
         raise ObjectInvalid(
             f"{path} does not match this runqlat-core (missing {', '.join(missing)}); {FIX}"

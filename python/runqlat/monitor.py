@@ -351,20 +351,21 @@ class Monitor:
             before = self.tracer.listed_pids
             self.tracer.set_targets(pids=targets[0], cgroups=cg_ids, pidns=pidns)
             self._sent = targets
-            self._recheck(self.tracer.listed_pids - before)
+            self._recheck(self.tracer.listed_pids - before, cg_ids, pidns)
 
     def _forget_exited(self, tracked_now: dict[int, int], now: float) -> None:
         """Forget the PIDs that are no longer in tracked_pids as just read."""
         self._next_exit_sync = now + EXIT_SYNC_S
         self._live -= self.tracer.forget_exited(tracked_now)
 
-    def _recheck(self, added: set[int]) -> None:
+    def _recheck(self, added: set[int], cgroups: set[int] | None, pidns: set[int] | None) -> None:
         """A PID that exited between our check and the map update would stay in the
-        map, and could be counted when the number is reused: take it out again."""
+        map, and could be counted when the number is reused: take it out again
+        (the group sets just given stay as they are, and so does the filter)."""
         dead = {p for p in added if start_time(p, self.proc) != self.identity.known.get(p)}
         if dead:
             self._live -= dead
-            self.tracer.set_targets(pids=set(self._live))
+            self.tracer.set_targets(pids=set(self._live), cgroups=cgroups, pidns=pidns)
             self._sent = None  # the next refresh gives the tracer everything again
 
     @property

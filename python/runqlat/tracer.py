@@ -132,6 +132,9 @@ class Tracer:
         self._row_of: dict[int, int] = {}       # key -> hist_arr row, as last read
         self._in_hash: set[int] = set()         # keys last read from hists
         self._retired_rows: list[tuple[float, list[int]]] = []
+        # walks skipped while the BPF side's counters stand still (abi.COUNTER_VARS):
+        self._tracked_seen: tuple[int, dict[int, int]] | None = None  # (tracked_changes, map)
+        self._hash_empty_at: int | None = None  # hists_made when a walk found hists empty
         self.info = elf.inspect(self.object_path)
 
     # -- lifetime --
@@ -300,6 +303,8 @@ class Tracer:
         m = self.obj.map("tracked_pids")
         add = sorted(wanted - self._pids.keys())
         gone = [p for p in self._pids if p not in wanted]
+        if add or gone:
+            self._tracked_seen = None  # the next kernel_tracked_pids walks the map
         if add:
             keys = struct.pack(f"<{len(add)}I", *add)
             vals = bytes([abi.TrackedReason.LISTED]) * len(add)
@@ -334,10 +339,24 @@ class Tracer:
         return set(self._pids)
 
     def kernel_tracked_pids(self) -> dict[int, int]:
-        """tracked_pids as the kernel has it now: exits removed, followed children added."""
+        """tracked_pids as the kernel has it now: exits removed, followed children added.
+
+        Walked only when it changed since the last walk: by us (set_targets) or by
+        the BPF side (its tracked_changes counter moved)."""
+        changes = self._counter("tracked_changes")  # before the walk: a change during it shows next time
+        if self._tracked_seen is not None and self._tracked_seen[0] == changes:
+            return dict(self._tracked_seen[1])
         keys, vals, n = self.obj.map("tracked_pids").items()
         pids = struct.unpack(f"<{n}I", keys)
-        return {p: vals[i] for i, p in enumerate(pids)}
+        live = {p: vals[i] for i, p in enumerate(pids)}
+        self._tracked_seen = (changes, live)
+        return dict(live)
+
+    def _counter(self, name: str) -> int:
+        """One of the BPF side's counters of its own map changes (abi.COUNTER_VARS)."""
+        sec, off, size = self.info.variables[name]
+        raw = self.obj.map(sec).lookup(struct.pack("<I", 0)) or b""
+        return int.from_bytes(raw[off:off + size], "little")
 
     def forget_exited(self, live: dict[int, int] | None = None) -> set[int]:
         """Drop from our mirror what the kernel removed at process exit.
@@ -389,8 +408,15 @@ class Tracer:
         rows = np.frombuffer(vb, dtype="<u4", count=ni)
         self._row_of = dict(zip(keys, rows.tolist()))
         parts = self._read_rows(keys, rows) if ni else []
+        # the overflow hash: walked unless a walk found it empty and the BPF side
+        # has created no entry since (the usual case: every key has a row)
         hm = self.obj.map("hists")
-        kb, raw, nh = hm.items()
+        made = self._counter("hists_made")
+        if self._hash_empty_at == made:
+            kb, raw, nh = b"", b"", 0
+        else:
+            kb, raw, nh = hm.items()
+            self._hash_empty_at = None if nh else made
         self._in_hash = set()
         if nh:
             hkeys = list(struct.unpack(f"<{nh}Q", kb))
