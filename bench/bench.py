@@ -468,8 +468,8 @@ def targets_text(summary: dict, us: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 7)))
-    ap.add_argument("--loops", type=int, default=int(os.environ.get("BENCH_LOOPS", 500_000)),
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 9)))
+    ap.add_argument("--loops", type=int, default=int(os.environ.get("BENCH_LOOPS", 400_000)),
                     help="perf bench sched pipe loops per run")
     ap.add_argument("--measure-s", type=float, default=10.0, help="seconds of tracer CPU sampling")
     ap.add_argument("--skip", action="append", default=[], choices=("hot", "user"),
