@@ -56,3 +56,15 @@ def test_row_count(monkeypatch):
     assert rows(agg=abi.AggMode.PID, expected_keys=10**6) == budget
     monkeypatch.setattr(tracer_mod, "possible_cpus", lambda: 4096)
     assert rows(agg=abi.AggMode.PID, expected_keys=10**6) == max(1, tracer_mod.ROWS_BUDGET_BYTES // (4096 * abi.HIST_SIZE))
+
+
+def test_per_task_maps_are_not_sized_to_a_huge_pid_max():
+    """A hash allocates a 16-byte bucket per entry up front: 64 MiB at pid_max
+    4194304. Sized to pid_max only up to PID_MAP_CAP, beyond it by the keys
+    expected at start; an explicit size (--max-tracked) wins."""
+    cap = tracer_mod.PID_MAP_CAP
+    assert tracer_mod.pid_map_entries(32768) == 32768
+    assert tracer_mod.pid_map_entries(4194304) == cap
+    assert tracer_mod.pid_map_entries(4194304, expected=100_000) == 200_000
+    assert tracer_mod.pid_map_entries(4194304, expected=10, given=123) == 123
+    assert tracer_mod.pid_map_entries(40000, expected=30000) == 40000

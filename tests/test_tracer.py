@@ -540,3 +540,15 @@ def test_maps_are_walked_only_when_they_changed(tracers, hogs, monkeypatch):
     tr.set_targets(pids={a.pid, b.pid})
     assert set(tr.kernel_tracked_pids()) == {a.pid, b.pid}
     assert walks.count("tracked_pids") == 2, walks
+
+
+def test_map_sizes_with_a_huge_pid_max(tracers, monkeypatch):
+    """systemd's pid_max of 4194304: task slots within their 32 MiB budget, the
+    per-process hashes at PID_MAP_CAP instead of 64 MiB of buckets each."""
+    from runqlat import tracer as tracer_mod
+    monkeypatch.setattr(tracer_mod, "pid_max", lambda: 4194304)
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, expected_keys=100))
+    slots = tracer_mod.TASK_SLOTS_BUDGET_BYTES // abi.TASK_SLOT_SIZE
+    assert int(tr.features["task_slots"]) == slots and tr.obj.map("task_slots").max_entries == slots
+    assert tr.obj.map("tracked_pids").max_entries == tracer_mod.PID_MAP_CAP
+    assert tr.obj.map("hists").max_entries == tracer_mod.PID_MAP_CAP

@@ -310,7 +310,8 @@ def run(
         None, "--buckets", metavar="SECONDS,...",
         help="Prometheus bucket bounds in seconds (default: powers of two from 1us to ~16s)."),
     max_tracked: Optional[int] = typer.Option(
-        None, "--max-tracked", help="Capacity of the tracked-PID map (default: kernel.pid_max)."),
+        None, "--max-tracked", help="Capacity of the tracked-PID map (default: kernel.pid_max up to 65536, "
+                                        "or twice the processes present at start if more)."),
     config: Optional[Path] = typer.Option(
         None, "--config", metavar="FILE",
         help="TOML file with these options (keys as the long names with '_'); SIGHUP re-reads "

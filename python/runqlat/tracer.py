@@ -52,6 +52,20 @@ TASK_SLOTS_BUDGET_BYTES = 32 << 20
 ROWS_READ_BYTES = 192 << 10
 
 
+# A hash map allocates its buckets up front, 16 bytes an entry it may hold: sized
+# to a pid_max of 4194304 (systemd's default on many distributions), one takes
+# 64 MiB of kernel memory while nearly empty. Maps with an entry per process or
+# thread are sized to pid_max up to this, beyond it to twice the keys expected at
+# start; a map that fills counts what it could not hold (drops, or a clear error
+# for listed PIDs).
+PID_MAP_CAP = 65536
+
+
+def pid_map_entries(pm: int, expected: int = 0, given: int = 0) -> int:
+    """Entries of a map holding at most one entry per process or thread."""
+    return given or max(1, min(pm, max(PID_MAP_CAP, 2 * expected)))
+
+
 def pid_max() -> int:
     try:
         return int(Path("/proc/sys/kernel/pid_max").read_text())
@@ -64,7 +78,7 @@ class Options:
     agg: AggMode = AggMode.GLOBAL
     follow_children: bool = False
     watch_cgroup_moves: bool = False
-    max_tracked: int = 0     # tracked_pids entries; 0: from pid_max
+    max_tracked: int = 0     # tracked_pids entries; 0: pid_map_entries(pid_max, expected_keys)
     max_hists: int = 0       # hists entries; 0: chosen from the mode
     max_rows: int = 0        # hist_arr rows; 0: from expected_keys and ROWS_BUDGET_BYTES
     expected_keys: int = 0   # histogram keys expected at start (processes, threads, ...)
@@ -218,13 +232,14 @@ class Tracer:
         self.task_slots = self._task_slot_count(pm)
         self.features["task_slots"] = str(self.task_slots)
         obj.set_max_entries("task_slots", max(1, self.task_slots))
-        obj.set_max_entries("tracked_pids", o.max_tracked or pm)
+        obj.set_max_entries("tracked_pids", pid_map_entries(pm, o.expected_keys, o.max_tracked))
         obj.set_max_entries("tracked_cgroups", o.max_groups)
         obj.set_max_entries("tracked_pidns", o.max_groups)
-        if store == "hash":
-            obj.set_max_entries("task_ctx_hash", pm)
+        if store == "hash":  # the state of threads beyond the slots
+            obj.set_max_entries("task_ctx_hash", pid_map_entries(max(1, pm - self.task_slots), o.expected_keys))
             obj.set_autocreate("task_ctx_storage", False)
-        hists = o.max_hists or {AggMode.GLOBAL: 1, AggMode.PID: pm, AggMode.TID: pm}.get(o.agg, o.max_groups)
+        per_task = pid_map_entries(pm, o.expected_keys)
+        hists = o.max_hists or {AggMode.GLOBAL: 1, AggMode.PID: per_task, AggMode.TID: per_task}.get(o.agg, o.max_groups)
         obj.set_max_entries("hists", hists)
         self.rows = self._row_count(hists)
         for name in ("hist_arr", "hist_index", "hist_free"):
