@@ -21,6 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
+from runqlat import output  # noqa: E402
 from runqlat.abi import HIST_SLOTS  # noqa: E402
 from runqlat.hist import (  # noqa: E402
     UPPER_NS_INT,
@@ -142,7 +143,7 @@ def _run(printer_cls, mode, fmt, unit_ns, timestamp, seed, intervals=8):
                     del live[lab]  # vanishes without being announced gone
                     continue
                 live[lab] = _random_growth(r, live[lab], 1)
-            for _ in range(r.choice([0, 1, 5, 40, 300])):  # 300: more than one output.CHUNK
+            for _ in range(r.choice([0, 1, 5, 40, output.CHUNK + 50])):  # more than one chunk
                 lab = LABELS[mode](r, r.randrange(1, 100_000))
                 live[lab] = _random_growth(r, Histogram.empty(), 1)
         hists = {lab: Histogram(h.slots.copy(), h.count, h.sum_ns) for lab, h in live.items()}

@@ -144,7 +144,7 @@ def _steady_memory() -> None:
     import ctypes
     try:
         _libc = ctypes.CDLL("libc.so.6")
-        _libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+        _libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
         _libc.mallopt(-1, 4 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         _libc = None  # not glibc: nothing to tune

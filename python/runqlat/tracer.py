@@ -49,7 +49,7 @@ ROW_QUARANTINE_S = 0.1
 # inlined array access.
 TASK_SLOTS_BUDGET_BYTES = 32 << 20
 # hist_arr is read this many bytes at a time (below glibc's mmap threshold, see cli)
-ROWS_READ_BYTES = 192 << 10
+ROWS_READ_BYTES = 768 << 10
 
 
 # A hash map allocates its buckets up front, 16 bytes an entry it may hold: sized
