@@ -20,11 +20,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import (BENCH, CLK_TCK, OUT, REPO, Procs, Sysctl, cpu_busy, cpu_ticks, exit_on_signals,
+from common import (BENCH, OUT, REPO, Procs, Sysctl, cpu_busy, cpu_ns, exit_on_signals,
                     free_port, log, machine, map_fill, parse_metrics, prog_counters, prog_names, role,
                     runqlat_core, scrape_text, status_kb, wait_attached)
 
@@ -302,10 +301,10 @@ def spawn_sleepers(procs: Procs, n: int, lo_ms: int, hi_ms: int, pidfile: Path):
 
 
 def measure_tracer(p, seconds: float) -> dict:
-    t0, c0 = time.monotonic(), cpu_ticks(p.pid)
+    t0, c0 = time.monotonic(), cpu_ns(p.pid)
     time.sleep(seconds)
-    t1, c1 = time.monotonic(), cpu_ticks(p.pid)
-    return {"cpu_pct": 100.0 * (c1 - c0) / CLK_TCK / (t1 - t0), "window_s": t1 - t0,
+    t1, c1 = time.monotonic(), cpu_ns(p.pid)
+    return {"cpu_pct": 100.0 * (c1 - c0) / 1e9 / (t1 - t0), "window_s": t1 - t0,
             "rss_mb": status_kb(p.pid, "VmRSS") / 1024, "hwm_mb": status_kb(p.pid, "VmHWM") / 1024}
 
 

@@ -19,7 +19,6 @@ import argparse
 import itertools
 import os
 import random
-import re
 import signal
 import statistics
 import subprocess
