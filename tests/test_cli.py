@@ -301,3 +301,12 @@ def test_quiet_run_with_interval_still_retires_every_second(monkeypatch):
     assert time.monotonic() - t0 < 4
     assert mon.maintained >= 2, f"{mon.maintained} collections in 3 s"
     assert len(trims) == mon.maintained // 2
+
+
+def test_interval_buffers_stay_below_the_mmap_threshold():
+    """A buffer above glibc's mmap threshold is mapped, faulted in and unmapped
+    every interval; the chunk sizes must stay below the threshold the CLI sets."""
+    from runqlat import output
+    from runqlat.abi import HIST_SLOTS
+    assert tracer.ROWS_READ_BYTES < cli.MMAP_THRESHOLD
+    assert output.CHUNK * HIST_SLOTS * 8 < cli.MMAP_THRESHOLD

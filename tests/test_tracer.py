@@ -151,19 +151,25 @@ def delayacct(cpus):
         yield
 
 
+def _count_map_calls(monkeypatch, method: str) -> list[str]:
+    """The names of the maps bpf.Map.<method> is called on, from now on, in order."""
+    calls = []
+    real = getattr(bpf.Map, method)
+
+    def counting(self):
+        calls.append(self.name)
+        return real(self)
+
+    monkeypatch.setattr(bpf.Map, method, counting)
+    return calls
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
     env, (attach, store) = PATHS[path]
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    batch_calls = []
-    real_batch = bpf.Map._items_batch
-
-    def counting_batch(self):
-        batch_calls.append(self.name)
-        return real_batch(self)
-
-    monkeypatch.setattr(bpf.Map, "_items_batch", counting_batch)
+    batch_calls = _count_map_calls(monkeypatch, "_items_batch")
 
     task = hogs[0]
     opts = Options(agg=AggMode.PID, initial_filter=Filter.PIDS)
@@ -524,14 +530,7 @@ def test_maps_are_walked_only_when_they_changed(tracers, hogs, monkeypatch):
     tr.set_targets(pids={a.pid})
     wait_for(lambda: a.pid in tr.read_hists(), timeout=3, what="a histogram for the tracked process")
     tr._tracked_seen = tr._hash_empty_at = None  # as at start: nothing known yet
-    walks = []
-    real = bpf.Map.items
-
-    def counting(self):
-        walks.append(self.name)
-        return real(self)
-
-    monkeypatch.setattr(bpf.Map, "items", counting)
+    walks = _count_map_calls(monkeypatch, "items")
     for _ in range(4):
         assert a.pid in tr.read_hists()
         assert set(tr.kernel_tracked_pids()) == {a.pid}

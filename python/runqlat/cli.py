@@ -132,6 +132,12 @@ class _Formatter(logging.Formatter):
 _libc = None
 
 
+# glibc's mmap threshold, fixed: every per-interval buffer (a chunk of rows read,
+# tracer.ROWS_READ_BYTES; a chunk of histograms printed, output.CHUNK) stays below
+# it, so comes from the heap and is reused (tests/test_cli.py checks both).
+MMAP_THRESHOLD = 1 << 20
+
+
 def _steady_memory() -> None:
     """Keep glibc from raising its mmap threshold as big per-interval buffers are
     freed: with it fixed, multi-MB arrays go back to the kernel after each read
@@ -144,7 +150,7 @@ def _steady_memory() -> None:
     import ctypes
     try:
         _libc = ctypes.CDLL("libc.so.6")
-        _libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
+        _libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
         _libc.mallopt(-1, 4 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         _libc = None  # not glibc: nothing to tune

@@ -160,7 +160,7 @@ def summary_lines(counts: list[int], sums: list[int], pcts: np.ndarray, unit_ns:
 
 
 # Histograms rendered together. Every temporary of a chunk stays well under
-# glibc's mmap threshold (cli._steady_memory sets 1 MiB), so it comes from the
+# glibc's mmap threshold (cli.MMAP_THRESHOLD), so it comes from the
 # heap and is reused: no fresh mapping, page faults and unmap for each array
 # every second, and nothing multi-MB kept between intervals.
 CHUNK = max(16, (768 << 10) // (HIST_SLOTS * 8))

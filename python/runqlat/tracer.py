@@ -48,7 +48,7 @@ ROW_QUARANTINE_S = 0.1
 # state in task storage, which costs a helper call per event instead of an
 # inlined array access.
 TASK_SLOTS_BUDGET_BYTES = 32 << 20
-# hist_arr is read this many bytes at a time (below glibc's mmap threshold, see cli)
+# hist_arr is read this many bytes at a time (below cli.MMAP_THRESHOLD)
 ROWS_READ_BYTES = 768 << 10
 
 
