@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Busy, affinity, contention_cpu, schedstat, sysctl, unavailable
+from helpers import affinity, contention_cpu, schedstat, sysctl, unavailable
 from runqlat.abi import AggMode, Filter
 from runqlat.tracer import Options, Tracer
+from workload import BusyLoops
 
 pytestmark = pytest.mark.bpf
 
@@ -43,7 +44,7 @@ def test_old_state_field_name(tmp_path):
     if hog_cpu in rest:
         unavailable("needs at least 2 CPUs")
     with affinity(rest), sysctl("kernel.task_delayacct", "1"):
-        hogs = [Busy(hog_cpu) for _ in range(3)]
+        hogs = [BusyLoops(1, hog_cpu) for _ in range(3)]
         try:
             with Tracer(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, core_btf=str(btf))) as tr:
                 assert tr.features["core_btf"] == str(btf)
