@@ -43,9 +43,7 @@ FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BAT
 # -- module fixtures: the contention, shared by every test --
 
 @pytest.fixture(scope="module")
-def cpus():
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
+def cpus(root_bpf):
     hog_cpu, rest = contention_cpu()
     if hog_cpu in rest:
         unavailable("needs at least 2 CPUs (one for the busy loops, one for the test)")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import children, need_tool, proc_state, unavailable, wait_for  # also puts python/ on sys.path
-from runqlat import abi, elf
+from helpers import children, need_tool, proc_state, wait_for  # also puts python/ on sys.path
+from runqlat import abi
 
 # The child pins itself before it spins, so no turn is ever taken on another CPU
 # (pinned in the child, not with preexec_fn: tests start loops while reader threads
@@ -191,17 +191,6 @@ class BusyInPidns:
 ROOT = Path(__file__).resolve().parent.parent
 # the kernel keeps BPF_OBJ_NAME_LEN - 1 = 15 characters of a program name
 PROG_NAMES = frozenset(p[:15] for p in abi.PROGRAMS)
-
-
-def require_bpf() -> None:
-    """What a test that runs the tracer needs; missing: a skip, or a failure under CI=true."""
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        unavailable("the kernel has no BTF (/sys/kernel/btf/vmlinux)")
-    if not elf.default_object_path().exists():
-        pytest.fail(f"{elf.default_object_path()} is not built: run 'make -C bpf'", pytrace=False)
-    need_tool("bpftool", "bpftool")
 
 
 def _bpftool(*args: str):
@@ -375,13 +364,13 @@ class TracerRun:
 
 
 @pytest.fixture
-def tracer_cli():
+def tracer_cli(root_bpf):
     """start(*args, env=None) -> TracerRun. At teardown every tracer started is stopped; one that
     did not exit 0 on SIGTERM, or whose BPF programs outlive it, fails the test."""
+    need_tool("bpftool", "bpftool")  # lists the programs the tracer holds
     started: list[TracerRun] = []
 
     def start(*args, env: dict | None = None) -> TracerRun:
-        require_bpf()
         t = TracerRun(args, env)
         started.append(t)
         return t
