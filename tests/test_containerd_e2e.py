@@ -22,25 +22,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from containerd_env import ContainerdEnv, ContainerdUnavailable  # noqa: E402
 from runqlat.cgroups import cgroup2_mount  # noqa: E402
-from helpers import unavailable  # noqa: E402
+from helpers import IN_CI, unavailable  # noqa: E402
 from runqlat.containers import STATE_ENV, discover, resolve  # noqa: E402
 
 pytestmark = pytest.mark.bpf
-
-IN_CI = os.environ.get("CI") == "true"
-
-
-_unavailable = unavailable  # a skip off CI, a failure under CI=true
 
 
 @pytest.fixture
 def env():
     if os.geteuid() != 0:
-        _unavailable("containerd e2e needs root")
+        unavailable("containerd e2e needs root")
     try:
         e = ContainerdEnv().__enter__()
     except ContainerdUnavailable as exc:
-        _unavailable(f"containerd unavailable: {exc}")
+        unavailable(f"containerd unavailable: {exc}")
     try:
         yield e
     finally:
