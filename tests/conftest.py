@@ -21,13 +21,9 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(TESTS.parent / "python"))
-
-from helpers import IN_CI, unavailable  # noqa: E402
-from workload import held_bpf_ids  # noqa: E402
-from runqlat import abi  # noqa: E402
+from helpers import IN_CI, unavailable
+from workload import held_bpf_ids
+from runqlat import abi
 
 MUST_RUN_MARKERS = ("bpf", "vm")
 # the kernel keeps BPF_OBJ_NAME_LEN - 1 = 15 characters of a program name

@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules (importable once tests/ is on sys.path).
+"""Helpers shared by the test modules (tests/ is on pytest's pythonpath).
 
 Also what the integration tests need around real run-queue contention (the
 busy loops themselves are workload.BusyLoops): the CPU they share and the
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
 
 IN_CI = os.environ.get("CI") == "true"
 

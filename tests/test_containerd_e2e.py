@@ -17,13 +17,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from containerd_env import ContainerdEnv, ContainerdUnavailable  # noqa: E402
-from runqlat.cgroups import cgroup2_mount  # noqa: E402
-from helpers import IN_CI, unavailable  # noqa: E402
-from runqlat.containers import STATE_ENV, discover, resolve  # noqa: E402
+from containerd_env import ContainerdEnv, ContainerdUnavailable
+from runqlat.cgroups import cgroup2_mount
+from helpers import IN_CI, unavailable
+from runqlat.containers import STATE_ENV, discover, resolve
 
 pytestmark = pytest.mark.bpf
 

@@ -30,11 +30,9 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import unavailable  # noqa: E402
-from workload import BusyLoops, held_bpf_ids, loaded_programs, usable_cpu  # noqa: E402
+from helpers import unavailable
+from workload import BusyLoops, held_bpf_ids, loaded_programs, usable_cpu
 
 pytestmark = pytest.mark.bpf
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import children, need_tool, proc_state, wait_for  # also puts python/ on sys.path
+from helpers import children, need_tool, proc_state, wait_for
 from runqlat import abi
 
 # The child pins itself before it spins, so no turn is ever taken on another CPU

@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import vmrun  # noqa: E402
-from helpers import unavailable  # noqa: E402  (a skip; a failure under CI=true)
+import vmrun
+from helpers import unavailable  # a skip; a failure under CI=true
 
 GUEST_CHECK = HERE / "guest_check.py"
 
