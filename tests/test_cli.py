@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from runqlat import _ffi, cli, tracer
 from runqlat.hist import Histogram, slot_of
-from runqlat.monitor import Mode, Snapshot
+from runqlat.model import Mode, Snapshot
 from runqlat.output import Printer
 
 runner = CliRunner()

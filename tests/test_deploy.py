@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 
 import typer
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT / "python"))
 from helpers import unavailable  # noqa: E402
 from runqlat import cli  # noqa: E402
 from runqlat.metrics import Collector, parse_addr, parse_buckets  # noqa: E402
-from runqlat.monitor import Mode  # noqa: E402
+from runqlat.model import Mode, Snapshot  # noqa: E402
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "runqlat-core.service"
@@ -97,8 +96,8 @@ def dashboard_targets(dash: dict):
 
 def exported_series_names() -> set[str]:
     """Every sample name the Prometheus collector can emit, from its families' types."""
-    snap = SimpleNamespace(
-        mode=Mode.PID, hists={}, tracked_processes=0, tracked_containers=0,
+    snap = Snapshot(
+        ts=0.0, mode=Mode.PID, hists={}, tracked_processes=0, tracked_containers=0,
         drops={}, maps={}, progs={}, features={})
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",),
                 "gauge": ("",), "info": ("_info",)}

@@ -40,7 +40,7 @@ from runqlat.hist import (  # noqa: E402
     slot_upper_ns,
 )
 from runqlat.metrics import HIST_NAME, Collector, MetricsServer, parse_addr, parse_buckets  # noqa: E402
-from runqlat.monitor import Mode, Snapshot  # noqa: E402
+from runqlat.model import Mode, Snapshot  # noqa: E402
 
 US = 1000
 MS = 1_000_000

@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
 from runqlat import monitor as monitor_mod  # noqa: E402
-from runqlat.monitor import Mode, Monitor, Sources  # noqa: E402
+from runqlat.model import Mode, Sources  # noqa: E402
+from runqlat.monitor import Monitor  # noqa: E402
 from test_targets import FakeProc  # noqa: E402
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from helpers import unavailable
 from runqlat import monitor as monitor_mod
-from runqlat.monitor import Mode, Monitor, Sources
+from runqlat.model import Mode, Sources
+from runqlat.monitor import Monitor, agg_mode
 from runqlat.tracer import Options, Tracer
 
 pytestmark = pytest.mark.bpf
@@ -26,7 +27,7 @@ def test_exited_processes_retire_without_readers(monkeypatch):
     if os.geteuid() != 0:
         unavailable("loading BPF programs needs root")
     monkeypatch.setattr(monitor_mod, "MAX_PENDING_FINALS", 10)
-    with Tracer(Options(agg=Mode.PID.agg)) as tr:
+    with Tracer(Options(agg=agg_mode(Mode.PID))) as tr:
         mon = Monitor(tr, Mode.PID, Sources())
         mon.register("scrape")  # registered, never reads: its pending finals must stay bounded
         for _ in range(4):
@@ -46,7 +47,7 @@ def test_exited_processes_retire_without_readers(monkeypatch):
 def test_exporter_folds_processes_it_never_saw():
     if os.geteuid() != 0:
         unavailable("loading BPF programs needs root")
-    with Tracer(Options(agg=Mode.PID.agg)) as tr:
+    with Tracer(Options(agg=agg_mode(Mode.PID))) as tr:
         mon = Monitor(tr, Mode.PID, Sources())
         mon.register("scrape", fold_unseen=True)
         first = mon.snapshot("scrape")

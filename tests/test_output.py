@@ -32,7 +32,7 @@ from runqlat.hist import (  # noqa: E402
     summary_line,
     trim,
 )
-from runqlat.monitor import Mode, Snapshot  # noqa: E402
+from runqlat.model import Mode, Snapshot  # noqa: E402
 from runqlat.output import Printer, log2_table_lines, mode_header, summary_lines  # noqa: E402
 
 

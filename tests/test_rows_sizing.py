@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from runqlat import abi, tracer as tracer_mod
-from runqlat.monitor import Mode, Sources, expected_keys
+from runqlat.model import Mode, Sources
+from runqlat.monitor import expected_keys
 from runqlat.tracer import Options, Tracer
 
 

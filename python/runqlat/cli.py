@@ -237,7 +237,7 @@ def _fail(msg: str, code: int = 1) -> None:
 
 
 def _pick_mode(cfg: RunConfig):
-    from .monitor import Mode
+    from .model import Mode
     chosen = [m for flag, m in ((cfg.per_process, Mode.PID), (cfg.per_thread, Mode.TID),
                                 (cfg.pidnss, Mode.PIDNS), (cfg.per_container, Mode.CONTAINER),
                                 (cfg.per_cgroup, Mode.CGROUP)) if flag]
@@ -249,7 +249,7 @@ def _pick_mode(cfg: RunConfig):
 
 
 def _sources(cfg: RunConfig):
-    from .monitor import Sources
+    from .model import Sources
     return Sources(pids=frozenset(cfg.pids), pids_file=Path(cfg.pids_file) if cfg.pids_file else None,
                    cgroups=tuple(cfg.cgroups), containers=tuple(cfg.containers),
                    all_containers=cfg.all_containers)
@@ -348,7 +348,8 @@ def run(
 
 
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
-    from .monitor import Mode, Monitor, expected_keys
+    from .model import Mode
+    from .monitor import Monitor, agg_mode, expected_keys, kernel_filter
     from .output import Printer
     from .tracer import Options, Tracer
 
@@ -381,9 +382,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     signal.signal(signal.SIGHUP, on_hup)
     try:
         with ExitStack() as stack:
-            opts = Options(agg=mode.agg, follow_children=cfg.follow_children,
+            opts = Options(agg=agg_mode(mode), follow_children=cfg.follow_children,
                            watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
-                           max_tracked=cfg.max_tracked or 0, initial_filter=sources.filter,
+                           max_tracked=cfg.max_tracked or 0, initial_filter=kernel_filter(sources),
                            expected_keys=expected_keys(mode, sources))
             server = None
             if cfg.metrics_addr:

@@ -14,12 +14,10 @@ stay bounded.
 """
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import containers as ctr
@@ -27,6 +25,7 @@ from .abi import AggMode, Filter
 from .cgroups import CgroupTree
 from .errors import InputError
 from .hist import Histogram
+from .model import Labels, Mode, Snapshot, Sources
 from .targets import FileWatch, Identity, read_pids_file, start_time
 from .tracer import Tracer
 
@@ -43,94 +42,23 @@ PIDNS_SCAN_S = 2.0
 EXIT_SYNC_S = 2.0
 
 
-class Mode(str, enum.Enum):
-    GLOBAL = "global"
-    PID = "pid"
-    TID = "tid"
-    PIDNS = "pidns"
-    CONTAINER = "container"
-    CGROUP = "cgroup"
-
-    @property
-    def agg(self) -> AggMode:
-        return _MODE_AGG[self]
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return _MODE_LABELS[self]
+def agg_mode(mode: Mode) -> AggMode:
+    """The kernel's aggregation for a mode (containers are cgroups to the kernel)."""
+    return _MODE_AGG[mode]
 
 
 _MODE_AGG = {Mode.GLOBAL: AggMode.GLOBAL, Mode.PID: AggMode.PID, Mode.TID: AggMode.TID,
              Mode.PIDNS: AggMode.PIDNS, Mode.CONTAINER: AggMode.CGROUP, Mode.CGROUP: AggMode.CGROUP}
-_MODE_LABELS = {Mode.GLOBAL: (), Mode.PID: ("pid", "comm"), Mode.TID: ("tid", "comm"),
-                Mode.PIDNS: ("pidns",), Mode.CONTAINER: ("container_id", "container_name"),
-                Mode.CGROUP: ("cgroup",)}
 
 
-@dataclass(frozen=True)
-class Sources:
-    pids: frozenset = frozenset()
-    pids_file: Path | None = None
-    cgroups: tuple = ()
-    containers: tuple = ()
-    all_containers: bool = False
-
-    @property
-    def uses_pids(self) -> bool:
-        return bool(self.pids) or self.pids_file is not None
-
-    @property
-    def uses_containers(self) -> bool:
-        return bool(self.containers) or self.all_containers
-
-    @property
-    def uses_groups(self) -> bool:
-        return bool(self.cgroups) or self.uses_containers
-
-    @property
-    def filter(self) -> Filter:
-        """The kernel filters these sources use (none: every task)."""
-        f = Filter(0)
-        if self.uses_pids:
-            f |= Filter.PIDS
-        if self.uses_groups:
-            f |= Filter.CGROUPS
-        return f
-
-    @property
-    def describe(self) -> str:
-        parts = []
-        if self.pids:
-            parts.append(f"{len(self.pids)} PID(s)")
-        if self.pids_file:
-            parts.append(f"PIDs in {self.pids_file}")
-        if self.cgroups:
-            parts.append(f"{len(self.cgroups)} cgroup(s)")
-        if self.all_containers:
-            parts.append("all containers")
-        elif self.containers:
-            parts.append(f"{len(self.containers)} container(s)")
-        return ", ".join(parts) or "all tasks"
-
-
-Labels = tuple  # values in Mode.labels order
-
-
-@dataclass
-class Snapshot:
-    """Everything a consumer needs, read at one moment. Histograms are cumulative."""
-
-    ts: float
-    mode: Mode
-    hists: dict[Labels, Histogram]
-    tracked_processes: int
-    tracked_containers: int
-    drops: dict[str, int]
-    maps: dict[str, tuple[int, int]]
-    progs: dict[str, tuple[int, int, int]]
-    features: dict[str, str]
-    gone: set = field(default_factory=set)  # labels shown for the last time
-    retired_dropped: int = 0  # final values of exited owners no consumer could be handed
+def kernel_filter(sources: Sources) -> Filter:
+    """The kernel filters these sources use (none: every task)."""
+    f = Filter(0)
+    if sources.uses_pids:
+        f |= Filter.PIDS
+    if sources.uses_groups:
+        f |= Filter.CGROUPS
+    return f
 
 
 def expected_keys(mode: Mode, sources: Sources, proc: str = "/proc") -> int:
