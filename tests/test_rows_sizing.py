@@ -8,7 +8,7 @@ import pytest
 
 from runqlat import abi, tracer as tracer_mod
 from runqlat.model import Mode, Sources
-from runqlat.monitor import expected_keys
+from runqlat.tracking import expected_keys
 from runqlat.tracer import Options, Tracer
 
 

@@ -208,7 +208,7 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
 
     hists_map = tr.obj.map("hists")
     if path == "no_batch":
-        assert not hists_map._batch_ok and batch_calls == [], "RUNQLAT_FORCE_NO_BATCH=1 still used batch ops"
+        assert not hists_map.batch_ok and batch_calls == [], "RUNQLAT_FORCE_NO_BATCH=1 still used batch ops"
     else:
         assert {"hists", "hist_index"} <= set(batch_calls), "reading did not use batch map operations"
     in_row = path != "hist_hash"

@@ -63,6 +63,11 @@ class Map:
         self._batch_ok = os.environ.get("RUNQLAT_FORCE_NO_BATCH") != "1"
         self._last_n = 0
 
+    @property
+    def batch_ok(self) -> bool:
+        """Whether batch operations are used (False once the kernel refused one)."""
+        return self._batch_ok
+
     def lookup(self, key: bytes) -> bytes | None:
         val = ffi.new("char[]", self.value_size)
         rc = _ffi.lib().bpf_map_lookup_elem(self.fd, key, val)

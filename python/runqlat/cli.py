@@ -348,8 +348,8 @@ def run(
 
 
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
-    from .model import Mode
-    from .monitor import Monitor, agg_mode, expected_keys, kernel_filter
+    from .monitor import Monitor
+    from .tracking import agg_mode, expected_keys, kernel_filter, uses_cgroup_tree
     from .output import Printer
     from .tracer import Options, Tracer
 
@@ -383,7 +383,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     try:
         with ExitStack() as stack:
             opts = Options(agg=agg_mode(mode), follow_children=cfg.follow_children,
-                           watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
+                           watch_cgroup_moves=uses_cgroup_tree(mode, sources),
                            max_tracked=cfg.max_tracked or 0, initial_filter=kernel_filter(sources),
                            expected_keys=expected_keys(mode, sources))
             server = None

@@ -145,7 +145,7 @@ def _trial_load() -> list[Check]:
             chosen = (f["attach"], f["timestamps"])
             m = t.obj.map("tracked_pids")
             m.items()
-            batch = m._batch_ok
+            batch = m.batch_ok
             slots, pm = int(f.get("task_slots", 0)), pid_max()
         fell = "" if chosen == first else f" (fell back from {first[0]} + {first[1]})"
         return [Check("load + attach", "ok", f"{chosen[0]} + {chosen[1]}{fell}"),
