@@ -16,7 +16,8 @@ import pytest
 
 from containerd_env import ContainerdEnv, ContainerdUnavailable
 from helpers import unavailable
-from runqlat.containers import STATE_ENV, discover
+from runqlat.containers import discover
+from runqlat.policy import STATE_ENV
 from runqlat.tracking import CONTAINER_SCAN_S
 from workload import require_bpf, tracer_cli  # noqa: F401 (fixture)
 

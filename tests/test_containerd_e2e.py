@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from containerd_env import ContainerdEnv, ContainerdUnavailable  # noqa: E402
 from runqlat.cgroups import cgroup2_mount  # noqa: E402
 from helpers import unavailable  # noqa: E402
-from runqlat.containers import STATE_ENV, discover, resolve  # noqa: E402
+from runqlat.containers import discover, resolve  # noqa: E402
+from runqlat.policy import STATE_ENV, LoadPolicy  # noqa: E402
 
 pytestmark = pytest.mark.bpf
 
@@ -102,12 +103,11 @@ def test_discover_lifecycle(env):
     assert set(found) == {"idle", "third"}
 
 
-def test_env_var_adds_state_dir(env, monkeypatch):
+def test_env_var_adds_state_dir(env):
     env.run("viaenv", "sleep 1000")
-    monkeypatch.delenv(STATE_ENV, raising=False)
     assert "viaenv" not in {c.id for c in discover() if c.namespace == env.namespace}
-    monkeypatch.setenv(STATE_ENV, "/nonexistent/state:" + env.task_state_dir)
-    found = {c.id: c for c in discover() if c.namespace == env.namespace}
+    dirs = LoadPolicy.from_env({STATE_ENV: "/nonexistent/state:" + env.task_state_dir}).containerd_state_dirs
+    found = {c.id: c for c in discover(containerd_state_dirs=dirs) if c.namespace == env.namespace}
     assert set(found) == {"viaenv"}
 
 

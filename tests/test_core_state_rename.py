@@ -18,6 +18,7 @@ import pytest
 
 from helpers import Busy, affinity, contention_cpu, schedstat, sysctl, unavailable
 from runqlat.abi import AggMode, Filter
+from runqlat.policy import LoadPolicy
 from runqlat.tracer import Options, Tracer
 
 pytestmark = pytest.mark.bpf
@@ -45,7 +46,7 @@ def test_old_state_field_name(tmp_path):
     with affinity(rest), sysctl("kernel.task_delayacct", "1"):
         hogs = [Busy(hog_cpu) for _ in range(3)]
         try:
-            with Tracer(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, core_btf=str(btf))) as tr:
+            with Tracer(Options(agg=AggMode.PID, initial_filter=Filter.PIDS), LoadPolicy(core_btf=str(btf))) as tr:
                 assert tr.features["core_btf"] == str(btf)
                 task = hogs[0]
                 tr.set_targets(pids={task.pid})

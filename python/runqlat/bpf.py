@@ -51,7 +51,7 @@ def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
 class Map:
     """A created map, addressed by fd. Keys and values are bytes."""
 
-    def __init__(self, ptr, name: str, percpu: bool):
+    def __init__(self, ptr, name: str, percpu: bool, batch_ops: bool = True):
         l = _ffi.lib()
         self.name = name
         self.fd = l.bpf_map__fd(ptr)
@@ -60,7 +60,7 @@ class Map:
         vsize = l.bpf_map__value_size(ptr)
         self.ncpus = possible_cpus() if percpu else 1
         self.value_size = ((vsize + 7) // 8 * 8) * self.ncpus if percpu else vsize
-        self._batch_ok = os.environ.get("RUNQLAT_FORCE_NO_BATCH") != "1"
+        self._batch_ok = batch_ops  # until the kernel refuses one
         self._last_n = 0
 
     @property
@@ -128,8 +128,8 @@ class Map:
         """All entries: (keys, values, n), packed back to back (bytes-like: bytes or memoryview).
 
         One bpf_map_lookup_batch call per chunk where the kernel supports it
-        (5.6+), a get_next_key/lookup walk otherwise (RUNQLAT_FORCE_NO_BATCH=1
-        forces the walk, for tests).
+        (5.6+), a get_next_key/lookup walk otherwise (or when the map was made
+        with batch_ops=False, for tests).
         """
         if self._batch_ok:
             try:
@@ -208,11 +208,13 @@ class Map:
 class BpfObject:
     """An opened (then loaded and attached) BPF object file."""
 
-    def __init__(self, path: Path, btf_custom_path: str | None = None):
+    def __init__(self, path: Path, btf_custom_path: str | None = None, batch_ops: bool = True):
         """btf_custom_path: BTF to use for CO-RE relocations instead of the kernel's
-        (tests use it to make the object meet an older task_struct)."""
+        (tests use it to make the object meet an older task_struct). batch_ops:
+        False makes the maps walk entries one by one, as without kernel support."""
         l = _ffi.lib()
         self.path = Path(path)
+        self._batch_ops = batch_ops
         self._links: list = []
         self._log_bufs: dict[str, object] = {}
         _ffi.take_messages()
@@ -308,7 +310,7 @@ class BpfObject:
         if name not in self._maps:
             ptr = self._map_ptrs[name] if name in self._map_ptrs else self._section_map(name)[1]
             percpu = name in abi.PERCPU_MAPS
-            self._maps[name] = Map(ptr, name, percpu)
+            self._maps[name] = Map(ptr, name, percpu, self._batch_ops)
         return self._maps[name]
 
     def prog_stats(self, name: str) -> tuple[int, int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -337,7 +338,7 @@ def run(
     try:
         cfg = merge(cli_cfg, load_config(config)) if config else cli_cfg
         _validate(cfg)
-        code = _run(cfg, cli_cfg, config)
+        code = _run(cfg, cli_cfg, config, _policy())
     except UsageError as exc:
         _fail(str(exc), 2)
     except RunqlatError as exc:
@@ -347,7 +348,13 @@ def run(
     raise typer.Exit(code)
 
 
-def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
+def _policy():
+    """The load policy, from the environment: read here and nowhere else."""
+    from .policy import LoadPolicy
+    return LoadPolicy.from_env(os.environ)
+
+
+def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> int:
     from .monitor import Monitor
     from .tracking import agg_mode, expected_keys, kernel_filter, uses_cgroup_tree
     from .output import Printer
@@ -392,9 +399,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
                 snapshot = {}
                 server = stack.enter_context(MetricsServer(
                     cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds), start=False))
-            tracer = stack.enter_context(Tracer(opts))
+            tracer = stack.enter_context(Tracer(opts, policy))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
-            monitor = Monitor(tracer, mode, sources)
+            monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs)
             printing = not cfg.quiet
             if printing:
                 monitor.register("print")
@@ -492,7 +499,7 @@ def doctor(
     from .doctor import run_checks
     _setup_logging(False)
     logging.getLogger().setLevel(logging.ERROR)
-    checks = run_checks()
+    checks = run_checks(_policy())
     if as_json:
         typer.echo(json.dumps([c.__dict__ for c in checks], indent=1))
     else:
@@ -513,7 +520,7 @@ def list_containers(
 ):
     """List the containers found on this host (what --container and --all-containers see)."""
     from .containers import discover
-    found = discover()
+    found = discover(containerd_state_dirs=_policy().containerd_state_dirs)
     if as_json:
         typer.echo(json.dumps([c.__dict__ for c in found], indent=1))
         return

@@ -25,15 +25,9 @@ __all__ = [
     "ContainerError",
     "DEFAULT_CONTAINERD_STATE_DIRS",
     "DEFAULT_STORAGE_ROOTS",
-    "STATE_ENV",
     "discover",
     "resolve",
 ]
-
-# Colon-separated extra containerd state dirs (each an
-# ".../io.containerd.runtime.v2.task" directory); set by the CLI's users and
-# by the e2e tests, which run a private containerd.
-STATE_ENV = "RUNQLAT_CONTAINERD_STATE"
 
 DEFAULT_CONTAINERD_STATE_DIRS: tuple[str, ...] = (
     # Stock containerd (also docker >= 23 and Kubernetes nodes).
@@ -249,8 +243,6 @@ def _state_dirs(explicit: Iterable[str] | None) -> list[str]:
         dirs = list(explicit)
     else:
         dirs = list(DEFAULT_CONTAINERD_STATE_DIRS)
-    extra = os.environ.get(STATE_ENV, "")
-    dirs += [d for d in extra.split(":") if d]
     seen: set[str] = set()
     out = []
     for d in dirs:
@@ -451,8 +443,8 @@ def discover(
     """All running containers visible from this host, sorted by id.
 
     containerd_state_dirs: runtime-v2 task dirs to read; None means
-    DEFAULT_CONTAINERD_STATE_DIRS. Dirs listed in $RUNQLAT_CONTAINERD_STATE
-    (colon-separated) are always added. Missing dirs are ignored.
+    DEFAULT_CONTAINERD_STATE_DIRS (policy.LoadPolicy adds the user's
+    RUNQLAT_CONTAINERD_STATE to them). Missing dirs are ignored.
     """
     host_ns = _host_pidns(proc)
     claimed: set[str] = set()
