@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from containerd_env import ContainerdEnv, ContainerdUnavailable  # noqa: E402
 from runqlat.cgroups import cgroup2_mount  # noqa: E402
 from helpers import unavailable  # noqa: E402
-from runqlat.containers import discover, resolve  # noqa: E402
+from runqlat.containers import ContainerError, discover, resolve  # noqa: E402
 from runqlat.policy import STATE_ENV, LoadPolicy  # noqa: E402
 
 pytestmark = pytest.mark.bpf
@@ -131,7 +131,7 @@ def test_resolve_against_real_containers(env):
     cs = list(_ours(env).values())
     assert [c.id for c in resolve(cs, ["b"])] == ["beta"]
     assert [c.id for c in resolve(cs, ["alpha-2", "beta"])] == ["alpha-2", "beta"]
-    with pytest.raises(ValueError, match="ambiguous"):
+    with pytest.raises(ContainerError, match="ambiguous"):
         resolve(cs, ["alpha"])
 
 

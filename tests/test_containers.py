@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
 from runqlat import containers as ct  # noqa: E402
 from runqlat.containers import Container, ContainerError, discover, resolve  # noqa: E402
+from runqlat.errors import RunqlatError  # noqa: E402
 from runqlat.policy import STATE_ENV, LoadPolicy  # noqa: E402
 
 HOST_NS = 4026531836
@@ -509,7 +510,7 @@ def test_resolve_ambiguous_name():
 
 
 def test_resolve_no_match():
-    with pytest.raises(ValueError) as ei:  # ContainerError is a ValueError
+    with pytest.raises(RunqlatError) as ei:  # what the CLI reports as one line
         resolve(POOL, ["zzz"])
     assert isinstance(ei.value, ContainerError)
     msg = str(ei.value)

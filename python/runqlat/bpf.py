@@ -15,20 +15,14 @@ from . import _ffi, abi
 from ._ffi import ffi
 from .errors import LibbpfError, check, error_for
 
-BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+BPF_ANY = 0
 LOG_BUF_SIZE = 1 << 22
 
 # what a kernel without batch map operations answers (524: the kernel's ENOTSUPP)
 _UNSUPPORTED = {_errno.EINVAL, 524, _errno.ENOSYS, _errno.EOPNOTSUPP}
 
-# enum bpf_map_type / bpf_prog_type values used by probes (uapi, stable)
+# enum bpf_map_type value used by the probe (uapi, stable)
 BPF_MAP_TYPE_TASK_STORAGE = 29
-BPF_PROG_TYPE_TRACING = 26
-BPF_PROG_TYPE_RAW_TRACEPOINT = 17
-
-# struct bpf_prog_info offsets (uapi, stable ABI)
-_PROG_INFO_SIZE = 232
-_PROG_ID_OFF, _RUN_TIME_OFF, _RUN_CNT_OFF = 4, 192, 200
 
 # batch read buffers: not cleared (the kernel writes what is read back); a big one
 # is a fresh mapping whose pages are touched only where the kernel writes
@@ -249,9 +243,6 @@ class BpfObject:
     def set_autoload(self, name: str, on: bool) -> None:
         check(_ffi.lib().bpf_program__set_autoload(self._progs[name], on), f"set_autoload({name})")
 
-    def autoload(self, name: str) -> bool:
-        return bool(_ffi.lib().bpf_program__autoload(self._progs[name]))
-
     def set_max_entries(self, name: str, n: int) -> None:
         check(_ffi.lib().bpf_map__set_max_entries(self._map_ptrs[name], n), f"sizing map {name}")
 
@@ -316,13 +307,10 @@ class BpfObject:
     def prog_stats(self, name: str) -> tuple[int, int, int]:
         """(prog id, run_time_ns, run_cnt); the last two stay 0 unless kernel.bpf_stats_enabled=1."""
         fd = _ffi.lib().bpf_program__fd(self._progs[name])
-        info = ffi.new("char[]", _PROG_INFO_SIZE)
-        ln = ffi.new("uint32_t *", _PROG_INFO_SIZE)
+        info = ffi.new("struct bpf_prog_info *")
+        ln = ffi.new("uint32_t *", ffi.sizeof(info[0]))
         check(_ffi.lib().bpf_obj_get_info_by_fd(fd, info, ln), f"reading info of program {name}")
-        raw = ffi.buffer(info, _PROG_INFO_SIZE)[:]
-        (pid,) = struct.unpack_from("<I", raw, _PROG_ID_OFF)
-        rt, rc = struct.unpack_from("<QQ", raw, _RUN_TIME_OFF)
-        return pid, rt, rc
+        return info.id, info.run_time_ns, info.run_cnt
 
     # -- lifetime --
     def close(self) -> None:
@@ -355,7 +343,3 @@ def _last_message() -> str:
 
 def probe_map_type(map_type: int) -> bool:
     return _ffi.lib().libbpf_probe_bpf_map_type(map_type, ffi.NULL) == 1
-
-
-def probe_prog_type(prog_type: int) -> bool:
-    return _ffi.lib().libbpf_probe_bpf_prog_type(prog_type, ffi.NULL) == 1

@@ -6,7 +6,7 @@ host paths: containerd runtime-v2 state dirs first, because they name every
 task and its init PID exactly, then a scan of /proc/*/cgroup for runtimes
 that leave no such state dir (CRI-O, podman, docker with its own layouts).
 
-Pure stdlib, no BPF. Every root is injectable so tests can use a fake tree.
+Pure stdlib (and errors.py), no BPF. Every root is injectable so tests can use a fake tree.
 Processes exit while we scan; any vanished or unreadable entry is skipped
 rather than raised, because a half-finished scan is still useful and a
 crash is not.
@@ -19,6 +19,8 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Iterable
+
+from .errors import InputError
 
 __all__ = [
     "Container",
@@ -48,7 +50,7 @@ DEFAULT_STORAGE_ROOTS: tuple[str, ...] = (
 DEFAULT_DOCKER_ROOT = "/var/lib/docker"
 
 
-class ContainerError(ValueError):
+class ContainerError(InputError):
     """A container selector matched nothing or more than one container."""
 
 
@@ -473,7 +475,7 @@ def resolve(containers: Iterable[Container], wanted: Iterable[str]) -> list[Cont
     """Pick containers by exact id, exact name ('name' or 'pod/name') or
     unique id prefix, in the order asked, without duplicates.
 
-    Raises ContainerError (a ValueError) with a one-line message when a
+    Raises ContainerError (an InputError) with a one-line message when a
     selector matches nothing or is ambiguous.
     """
     pool = list(containers)

@@ -81,8 +81,7 @@ def run_checks(policy: LoadPolicy) -> list[Check]:
     lib_ok = False
     try:
         from . import _ffi
-        lib = _ffi.lib()
-        add("libbpf", "ok", f"libbpf.so.1 {lib.libbpf_major_version()}.{lib.libbpf_minor_version()}")
+        add("libbpf", "ok", f"{_ffi.LIBBPF_SONAME} {_ffi.libbpf_version()}")
         lib_ok = True
     except RunqlatError as exc:
         add("libbpf", "FAIL", str(exc))

@@ -129,6 +129,10 @@ class Tracer:
         self.policy = policy or LoadPolicy()
         self.object_path = self.policy.object_path or elf.default_object_path()
         self.features: dict[str, str] = {}
+        self.task_slots = 0  # task_slots entries, set at load (_configure)
+        self.rows = 0        # hist_arr rows, set at load (_configure)
+        self._wanted: list[str] = []  # the programs to attach, set at load (_configure)
+        self._hists_used: int | None = None  # keys seen by the last read_hists
         self._gen = 1
         self._filter = Filter(0)
         self._pids: dict[int, int] = {}   # mirror of the listed entries we put in tracked_pids
@@ -502,7 +506,7 @@ class Tracer:
         out = {"tracked_pids": (self.obj.map("tracked_pids").max_entries, tracked_pids_used)}
         if self.opts.agg != AggMode.GLOBAL:
             m = self.obj.map("hists")
-            used = getattr(self, "_hists_used", None)
+            used = self._hists_used
             if used is None:
                 used = len(m.keys()) + len(self.obj.map("hist_index").keys())
             # every key has a row or a hists entry (rarely, for a moment, both)
