@@ -16,8 +16,9 @@ import pytest
 
 from containerd_env import ContainerdEnv, ContainerdUnavailable
 from helpers import unavailable
-from runqlat.containers import STATE_ENV, discover
-from runqlat.monitor import CONTAINER_SCAN_S
+from runqlat.containers import discover
+from runqlat.policy import STATE_ENV
+from runqlat.tracking import CONTAINER_SCAN_S
 from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 from containerd_env import ContainerdEnv, ContainerdUnavailable
 from runqlat.cgroups import cgroup2_mount
 from helpers import IN_CI, unavailable
-from runqlat.containers import STATE_ENV, discover, resolve
+from runqlat.containers import ContainerError, discover, resolve
+from runqlat.policy import STATE_ENV, LoadPolicy
 
 pytestmark = pytest.mark.bpf
 
@@ -95,12 +96,11 @@ def test_discover_lifecycle(env):
     assert set(found) == {"idle", "third"}
 
 
-def test_env_var_adds_state_dir(env, monkeypatch):
+def test_env_var_adds_state_dir(env):
     env.run("viaenv", "sleep 1000")
-    monkeypatch.delenv(STATE_ENV, raising=False)
     assert "viaenv" not in {c.id for c in discover() if c.namespace == env.namespace}
-    monkeypatch.setenv(STATE_ENV, "/nonexistent/state:" + env.task_state_dir)
-    found = {c.id: c for c in discover() if c.namespace == env.namespace}
+    dirs = LoadPolicy.from_env({STATE_ENV: "/nonexistent/state:" + env.task_state_dir}).containerd_state_dirs
+    found = {c.id: c for c in discover(containerd_state_dirs=dirs) if c.namespace == env.namespace}
     assert set(found) == {"viaenv"}
 
 
@@ -124,7 +124,7 @@ def test_resolve_against_real_containers(env):
     cs = list(_ours(env).values())
     assert [c.id for c in resolve(cs, ["b"])] == ["beta"]
     assert [c.id for c in resolve(cs, ["alpha-2", "beta"])] == ["alpha-2", "beta"]
-    with pytest.raises(ValueError, match="ambiguous"):
+    with pytest.raises(ContainerError, match="ambiguous"):
         resolve(cs, ["alpha"])
 
 

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 
 import typer
 
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from helpers import unavailable
 from runqlat import cli
 from runqlat.metrics import Collector, parse_addr, parse_buckets
-from runqlat.monitor import Mode
+from runqlat.model import Mode, Snapshot
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "runqlat-core.service"
@@ -95,8 +94,8 @@ def dashboard_targets(dash: dict):
 
 def exported_series_names() -> set[str]:
     """Every sample name the Prometheus collector can emit, from its families' types."""
-    snap = SimpleNamespace(
-        mode=Mode.PID, hists={}, tracked_processes=0, tracked_containers=0,
+    snap = Snapshot(
+        ts=0.0, mode=Mode.PID, hists={}, tracked_processes=0, tracked_containers=0,
         drops={}, maps={}, progs={}, features={})
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",),
                 "gauge": ("",), "info": ("_info",)}

@@ -36,7 +36,7 @@ from runqlat.hist import (
     slot_upper_ns,
 )
 from runqlat.metrics import HIST_NAME, Collector, MetricsServer, parse_addr, parse_buckets
-from runqlat.monitor import Mode, Snapshot
+from runqlat.model import Mode, Snapshot
 
 US = 1000
 MS = 1_000_000

@@ -28,7 +28,7 @@ from runqlat.hist import (
     summary_line,
     trim,
 )
-from runqlat.monitor import Mode, Snapshot
+from runqlat.model import Mode, Snapshot
 from runqlat.output import Printer, log2_table_lines, mode_header, summary_lines
 
 
