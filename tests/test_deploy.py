@@ -389,3 +389,23 @@ def test_man_page_renders_cleanly():
         unavailable("groff is not installed (package groff-base)")
     r = subprocess.run([groff, "-man", "-ww", "-z", str(MANPAGE)], capture_output=True, text=True)
     assert r.returncode == 0 and not r.stderr, r.stderr
+
+
+def test_libbpf_callback_works_under_memory_deny_write_execute():
+    """The unit sets MemoryDenyWriteExecute=yes: libbpf's message callback must not need
+    write+execute memory (cffi's ffi.callback would: MemoryError at import)."""
+    assert parse_unit(UNIT)["Service"]["MemoryDenyWriteExecute"] == ["yes"]
+    try:
+        import ctypes
+        ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        unavailable("libseccomp.so.2 is missing (apt-get install libseccomp2)")
+    code = ("from runqlat import _ffi, bpf, errors\n"
+            "try:\n    bpf.BpfObject('/nonexistent/runqlat.bpf.o')\n"
+            "except errors.RunqlatError as exc:\n    print(exc)\n")
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "seccomp_exec.py"), "--mdwe", "--",
+                        sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "python")})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    # libbpf's own message came through the callback
+    assert "libbpf: elf: failed to open /nonexistent/runqlat.bpf.o" in r.stdout, r.stdout

@@ -6,8 +6,8 @@ order: the user (DynamicUser= -> an unused uid, no groups) and capabilities
 (bounding, inheritable and ambient set = CapabilityBoundingSet=/
 AmbientCapabilities=) through setpriv, then SystemCallFilter=/
 SystemCallErrorNumber=, expanded with `systemd-analyze syscall-filter`,
-through seccomp (tests/seccomp_exec.py), then exec of the unit's command
-with a config like the shipped one.
+and MemoryDenyWriteExecute= through seccomp (tests/seccomp_exec.py), then
+exec of the unit's command with a config like the shipped one.
 
 One full run under all of that, recorded with `strace -f`: start; -P with a
 pids file that is replaced mid-run; --all-containers with a private
@@ -96,7 +96,10 @@ class Confinement:
             cmd.append("--no-new-privs")
         errno_name = self.svc.get("SystemCallErrorNumber", ["EPERM"])[0]
         assert errno_name == "EPERM", "seccomp_exec.py answers EPERM only"
-        return cmd + [sys.executable, str(SECCOMP_EXEC), "--allow", str(self.allow_file), "--"]
+        launcher = [sys.executable, str(SECCOMP_EXEC), "--allow", str(self.allow_file)]
+        if self.svc.get("MemoryDenyWriteExecute") == ["yes"]:
+            launcher.append("--mdwe")
+        return cmd + launcher + ["--"]
 
     def env(self) -> dict[str, str]:
         # what systemd gives a service (no test-runner environment), plus where the code is
