@@ -298,6 +298,9 @@ def test_service_runs_confined_with_the_units_capabilities(full_run):
         have = int(re.search(rf"^{field}:\s+([0-9a-f]+)$", status, re.M).group(1), 16)
         expected = sum(1 << CAP_NUMBERS[c] for c in conf.ambient) if field == "CapAmb" else want
         assert have == expected, f"{field} {have:#x}, the unit grants {expected:#x}"
+    print("\nthe confined tracer's /proc/PID/status: " + "; ".join(
+        l.replace("\t", " ") for l in status.splitlines()
+        if l.split(":")[0] in ("Uid", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")))
     assert re.search(r"^Seccomp:\s+2$", status, re.M), "no seccomp filter on the tracer"
     assert re.search(r"^NoNewPrivs:\s+1$", status, re.M)
     assert full_run["progs"], "the confined tracer holds no BPF program"
