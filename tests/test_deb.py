@@ -89,7 +89,9 @@ for a in "$@"; do
 done
 exit 0
 """
-APT_OPTS = ["-y", "-q", "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"]
+# The root is thrown away after the session: dpkg need not fsync every file (force-unsafe-io).
+APT_OPTS = ["-y", "-q", "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
+            "-o", "Dpkg::Options::=--force-unsafe-io"]
 
 
 def _sh(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
@@ -234,7 +236,8 @@ def root(built, tmp_path_factory):
     path.mkdir()
     try:
         r = _sh(["unshare", "--mount", "--propagation", "private", "--", "mmdebstrap", "--variant=minbase",
-                 "--mode=root", "--skip=cleanup/apt/lists", *(f"--aptopt={o}" for o in options),
+                 "--mode=root", "--skip=cleanup/apt/lists", "--dpkgopt=force-unsafe-io",
+                 '--aptopt=Acquire::Languages "none"', *(f"--aptopt={o}" for o in options),
                  "bookworm", str(path), str(base / "sources.list")], timeout=1200)
         assert r.returncode == 0, f"mmdebstrap failed:\n{r.stderr[-3000:]}"
         # systemd "running" for the maintainer scripts, with a recorder as its systemctl
