@@ -219,11 +219,24 @@ def _mounts_under(path: Path) -> list[str]:
             if line.split()[4].startswith(str(path) + "/")]
 
 
+def _our_loaded_programs() -> dict[int, str]:
+    ours = {p[:15] for p in abi.PROGRAMS}  # the kernel keeps 15 characters of a name
+    r = _sh(["bpftool", "-j", "prog", "show"])
+    assert r.returncode == 0, r.stderr
+    return {p["id"]: p["name"] for p in json.loads(r.stdout or "[]") if p.get("name") in ours}
+
+
 @pytest.fixture(scope="session")
-def root(built, tmp_path_factory):
+def programs_before() -> set[int]:
+    """Our programs loaded before the installed tracer first ran (other runs on this machine)."""
+    _need("bpftool", "bpftool")
+    return set(_our_loaded_programs())
+
+
+@pytest.fixture(scope="session")
+def root(built, programs_before, tmp_path_factory):
     """A fresh bookworm root with the package installed by apt; deleted in the end."""
-    for tool, package in (("mmdebstrap", "mmdebstrap"), ("unshare", "util-linux"), ("chroot", "coreutils"),
-                          ("bpftool", "bpftool")):
+    for tool, package in (("mmdebstrap", "mmdebstrap"), ("unshare", "util-linux"), ("chroot", "coreutils")):
         _need(tool, package)
     if not Path("/sys/kernel/btf/vmlinux").exists():
         unavailable("the kernel has no BTF (/sys/kernel/btf/vmlinux)")
@@ -524,20 +537,19 @@ def test_service_command_with_unit_capabilities(installed, busy_shell):
             proc.communicate()
 
 
-def test_no_bpf_programs_left_loaded(installed):
-    """Every run above has ended: none of our programs stays loaded (pinned, or held by nobody).
-    Programs of other tracers on the machine are held by their processes and do not count."""
-    ours = {p[:15] for p in abi.PROGRAMS}
+def test_no_bpf_programs_left_loaded(installed, programs_before):
+    """Every run above has ended: none of the programs it loaded stays loaded (pinned, or
+    held by nobody). Other tracers' programs loaded meanwhile are held by their processes."""
     deadline = time.monotonic() + 10
     while True:  # a closed program is freed after an RCU grace period
-        progs = json.loads(_sh(["bpftool", "-j", "prog", "show"]).stdout or "[]")
+        new = {i: n for i, n in _our_loaded_programs().items() if i not in programs_before}
         held = set()
         for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
             try:
                 held.update(int(m) for m in re.findall(r"^prog_id:\s+(\d+)$", fdinfo.read_text(), re.M))
             except OSError:
                 continue
-        leaked = {p["id"]: p.get("name") for p in progs if p.get("name") in ours and p["id"] not in held}
+        leaked = {i: n for i, n in new.items() if i not in held}
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.5)
