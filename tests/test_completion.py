@@ -6,22 +6,23 @@ debian/rules runs this file after generating the script it installs.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import typer.main
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT / "packaging"))
+from runqlat import cli
 
-import bash_completion  # noqa: E402
-from bash_completion import click  # noqa: E402  (the click typer uses)
-from runqlat import cli  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+# a build script, not a module on the path
+_spec = importlib.util.spec_from_file_location("bash_completion", ROOT / "packaging/bash_completion.py")
+bash_completion = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bash_completion)
+click = bash_completion.click  # the click typer uses
 
 DRIVER = r"""
 source "$1"; shift
