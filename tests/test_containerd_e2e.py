@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from containerd_env import ContainerdEnv, ContainerdUnavailable  # noqa: E402
+from containerd_env import ContainerdEnv  # noqa: E402
 from runqlat.cgroups import cgroup2_mount  # noqa: E402
 from helpers import unavailable  # noqa: E402
 from runqlat.containers import STATE_ENV, discover, resolve  # noqa: E402
@@ -34,17 +34,12 @@ _unavailable = unavailable  # a skip off CI, a failure under CI=true
 
 
 @pytest.fixture
-def env():
-    if os.geteuid() != 0:
-        _unavailable("containerd e2e needs root")
+def env(containerd_session):
+    """The session's containerd; what a test started is removed after it."""
     try:
-        e = ContainerdEnv().__enter__()
-    except ContainerdUnavailable as exc:
-        _unavailable(f"containerd unavailable: {exc}")
-    try:
-        yield e
+        yield containerd_session
     finally:
-        e.close()
+        containerd_session.stop_all()
 
 
 def _ours(env: ContainerdEnv, **kw) -> dict:

@@ -511,17 +511,23 @@ def list_containers(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """List the containers found on this host (what --container and --all-containers see)."""
-    from .containers import discover
-    found = discover()
+    from .containers import discover, pod_path
+    _setup_logging(False)
+    problems: list[str] = []
+    found = discover(problems=problems)
+    for p in problems:
+        log.warning("%s", p)
     if as_json:
         typer.echo(json.dumps([c.__dict__ for c in found], indent=1))
         return
     if not found:
         typer.echo("no containers found (looked at containerd state dirs and /proc/*/cgroup)")
         return
-    typer.echo(f"{'ID':<14}{'NAME':<24}{'RUNTIME':<12}{'PID':>8}  CGROUP")
+    typer.echo(f"{'ID':<14}{'NAME':<24}{'POD':<32}{'RUNTIME':<12}{'PID':>8}  CGROUP")
     for c in found:
-        typer.echo(f"{c.id[:12]:<14}{(c.name or '-')[:23]:<24}{c.runtime:<12}{c.init_pid:>8}  {c.cgroup or '-'}")
+        pod = (pod_path(c) or "-")[:31]
+        typer.echo(f"{c.id[:12]:<14}{(c.name or '-')[:23]:<24}{pod:<32}{c.runtime:<12}{c.init_pid:>8}"
+                   f"  {c.cgroup or '-'}")
 
 
 @app.command()

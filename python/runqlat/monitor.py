@@ -188,6 +188,10 @@ class Warner:
     def clear(self, prefix: str) -> None:
         self._seen = {k for k in self._seen if not k.startswith(prefix)}
 
+    def keep(self, prefix: str, current: set[str]) -> None:
+        """Forget the problems under prefix that are not current (fixed, or gone)."""
+        self._seen = {k for k in self._seen if not k.startswith(prefix) or k in current}
+
 
 class Monitor:
     def __init__(self, tracer: Tracer, mode: Mode, sources: Sources, proc: str = "/proc",
@@ -278,7 +282,11 @@ class Monitor:
         now = time.monotonic()
         if now >= self._next_container_scan:
             self._next_container_scan = now + CONTAINER_SCAN_S
-            found = ctr.discover(self.proc, self._state_dirs)
+            problems: list[str] = []
+            found = ctr.discover(self.proc, self._state_dirs, problems=problems)
+            for msg in problems:  # once each while it lasts: discovery runs every 2 s
+                self.warn.once("state:" + msg, "%s", msg)
+            self.warn.keep("state:", {"state:" + m for m in problems})
             if self.sources.all_containers:
                 chosen = found
             else:
