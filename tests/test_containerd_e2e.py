@@ -8,6 +8,7 @@ it is a failure, so a broken CI machine cannot pass by skipping.
 from __future__ import annotations
 
 import json
+import secrets
 import os
 import subprocess
 import sys
@@ -191,3 +192,67 @@ def test_cli_per_container_latency(env):
     except ValueError:
         docs = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert any(_mentions_with_samples(d, "busy") for d in docs), text[-2000:]
+
+
+# -- Kubernetes, laid out as the kubelet does it through CRI ---------------------------
+
+CRI = "io.kubernetes.cri."
+
+
+def _run_pod(env: ContainerdEnv, pod: str, namespace: str, containers: dict[str, str]) -> dict[str, str]:
+    """A pod as containerd's CRI plugin makes it: a sandbox ("pause") container and
+    app containers in namespace k8s.io, with the CRI annotations in their OCI specs
+    and cgroups under /kubepods/besteffort/pod<uid>/<id> (kubelet, cgroupfs driver).
+    Returns container name -> id."""
+    uid = secrets.token_hex(4) + "-" + secrets.token_hex(2) + "-" + secrets.token_hex(2)
+    parent = f"/kubepods/besteffort/pod{uid}"
+    sandbox = secrets.token_hex(32)
+    common = {CRI + "sandbox-name": pod, CRI + "sandbox-namespace": namespace,
+              CRI + "sandbox-uid": uid, CRI + "sandbox-id": sandbox}
+    env.run(sandbox, "sleep 100000", namespace="k8s.io", cgroup=f"{parent}/{sandbox}",
+            annotations={**common, CRI + "container-type": "sandbox"})
+    ids = {"(sandbox)": sandbox}
+    for name, command in containers.items():
+        cid = secrets.token_hex(32)
+        env.run(cid, command, namespace="k8s.io", cgroup=f"{parent}/{cid}",
+                annotations={**common, CRI + "container-type": "container", CRI + "container-name": name})
+        ids[name] = cid
+    return ids
+
+
+def test_kubernetes_pods_named_from_cri_annotations(env):
+    tag = secrets.token_hex(3)
+    web = _run_pod(env, f"web-{tag}", "shop", {"app": "while :; do :; done", "sidecar": "sleep 1000"})
+    db = _run_pod(env, f"db-{tag}", "data", {"app": "sleep 1000"})
+    found = {c.id: c for c in discover(containerd_state_dirs=[env.task_state_dir]) if c.namespace == "k8s.io"}
+    # the sandboxes (pause containers) are not workloads: not listed
+    assert web["(sandbox)"] not in found and db["(sandbox)"] not in found
+    mine = {cid for cid in found if cid in set(web.values()) | set(db.values())}
+    assert mine == {web["app"], web["sidecar"], db["app"]}
+    for ids, pod, ns in ((web, f"web-{tag}", "shop"), (db, f"db-{tag}", "data")):
+        for name, cid in ids.items():
+            if name == "(sandbox)":
+                continue
+            c = found[cid]
+            assert (c.runtime, c.pod_namespace, c.pod, c.name) == ("cri", ns, pod, name), c
+            # the cgroup the kubelet chose, in the unified hierarchy of this hybrid host too
+            assert c.cgroup is not None and c.cgroup.startswith("/kubepods/besteffort/pod")
+            assert c.cgroup.endswith("/" + cid)
+            assert c.init_pid == env.init_pid(cid, namespace="k8s.io")
+    # the same container name in two pods: only namespace/pod/name is unique
+    with pytest.raises(ValueError, match="ambiguous"):
+        resolve(found.values(), ["app"])
+    assert [c.id for c in resolve(found.values(), [f"shop/web-{tag}/app"])] == [web["app"]]
+    assert [c.id for c in resolve(found.values(), [f"db-{tag}/app"])] == [db["app"]]
+
+
+def test_kubernetes_pods_in_the_containers_command(env):
+    tag = secrets.token_hex(3)
+    ids = _run_pod(env, f"api-{tag}", "prod", {"server": "sleep 1000"})
+    r = subprocess.run(
+        [sys.executable, "-m", "runqlat", "containers"], capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "python"), **{STATE_ENV: env.task_state_dir}))
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in r.stdout.splitlines() if line.startswith(ids["server"][:12]))
+    assert "server" in line and f"prod/api-{tag}" in line and " cri " in line
+    assert ids["(sandbox)"][:12] not in r.stdout
