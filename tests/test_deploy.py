@@ -322,10 +322,12 @@ def test_daemonset_mounts_and_args():
         mounts = {m["mountPath"]: m for m in ctr["volumeMounts"]}
         vols = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
         for path in ("/sys/fs/cgroup", "/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/bpf",
-                     "/run/containerd"):
+                     "/run/containerd", "/run/containers/storage"):
             assert path in mounts, f"{path} is not mounted"
             assert vols[mounts[path]["name"]] == path
-        assert mounts["/run/containerd"]["readOnly"] is True
+        # the runtimes' state (pod names come from it) is only read
+        for path in ("/run/containerd", "/run/containers/storage"):
+            assert mounts[path]["readOnly"] is True
         args = ctr["args"]
         assert ctr["command"] == ["/usr/bin/runqlat-core"]
         port = ctr["ports"][0]["containerPort"]
@@ -335,7 +337,7 @@ def test_daemonset_mounts_and_args():
         assert re.search(r"^\s+hostPID: true$", text, re.M)
         assert re.search(r"^\s+privileged: true$", text, re.M)
         for path in ("/sys/fs/cgroup", "/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/bpf",
-                     "/run/containerd"):
+                     "/run/containerd", "/run/containers/storage"):
             assert re.search(rf"^\s+mountPath: {path}$", text, re.M), f"{path} is not mounted"
             assert re.search(rf"^\s+path: {path}$", text, re.M), f"{path} is not a hostPath volume"
         m = re.search(r"^\s+args:\n((?:\s+- .+\n)+)", text, re.M)
