@@ -179,3 +179,34 @@ def test_real_cgroup_with_quota_and_hogs():
         assert ctx.pressure_full_seconds is not None
     else:
         assert any("PSI" in n for n in ctx.notes)
+
+
+def test_pod_is_its_parent_cgroup(tmp_path):
+    f = Fake(tmp_path, v2_cpu=False)
+    # the pod cgroup /pod with its own figures; two containers below it
+    (f.v1 / "pod" / "cpu.stat").write_text("nr_periods 7\nnr_throttled 3\nthrottled_time 2000000000\n")
+    (f.unified / "pod" / "cpu.pressure").write_text("some total=9000000\nfull total=1000000\n")
+    (f.unified / "pod/y").mkdir()
+    ctx = f.reader().for_group([("/pod/x", 100), ("/pod/y", 100)], parent=True)
+    assert (ctx.periods, ctx.throttled_periods, ctx.throttled_seconds) == (7, 3, 2.0)
+    assert (ctx.pressure_some_seconds, ctx.pressure_full_seconds) == (9.0, 1.0)
+    # one container left: still the pod's cgroup (its counters must not jump)
+    assert f.reader().for_group([("/pod/x", 100)], parent=True).periods == 7
+    # not a pod: its own cgroup
+    assert f.reader().for_group([("/pod/x", 100)]).periods == 50
+
+
+def test_group_without_a_common_parent_is_summed(tmp_path):
+    f = Fake(tmp_path, v2_cpu=True, v1=False)
+    (f.unified / "other").mkdir()
+    (f.unified / "other" / "cpu.stat").write_text(V2_STAT)
+    (f.unified / "other" / "cpu.pressure").write_text(PSI)
+    ctx = f.reader().for_group([("/pod/x", 100), ("/other", 100)])
+    assert (ctx.periods, ctx.throttled_periods, ctx.throttled_seconds) == (240, 60, 5.0)
+    assert ctx.pressure_some_seconds == 6.0
+
+
+def test_host_notes(tmp_path):
+    r = Fake(tmp_path, v2_cpu=False, psi=False, v1=False).reader()
+    notes = r.host_notes()
+    assert any("no PSI" in n for n in notes) and any("cpu controller" in n for n in notes)

@@ -98,16 +98,18 @@ def dashboard_targets(dash: dict):
 
 
 def exported_series_names() -> set[str]:
-    """Every sample name the Prometheus collector can emit, from its families' types."""
-    snap = SimpleNamespace(
-        mode=Mode.PID, hists={}, tracked_processes=0, tracked_containers=0,
-        drops={}, maps={}, progs={}, features={})
+    """Every sample name the Prometheus collector can emit, from its families' types
+    (in every mode: some families exist only for containers and pods)."""
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",),
                 "gauge": ("",), "info": ("_info",)}
     names = set()
-    for family in Collector(lambda: snap, bpf_stats=lambda: True).collect():
-        for suffix in suffixes[family.type]:
-            names.add(family.name + suffix)
+    for mode in Mode:
+        snap = SimpleNamespace(
+            mode=mode, hists={}, tracked_processes=0, tracked_containers=0,
+            drops={}, maps={}, progs={}, features={}, cpu={})
+        for family in Collector(lambda: snap, bpf_stats=lambda: True).collect():
+            for suffix in suffixes[family.type]:
+                names.add(family.name + suffix)
     return names
 
 
@@ -290,6 +292,18 @@ def test_rules_unit_tests_pass():
                        timeout=120, cwd=DEPLOY)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
+
+
+def test_rules_use_exported_metrics_and_labels():
+    text = RULES.read_text()
+    used = set(re.findall(r"\brunqlat_[a-z_]+", text)) - set(re.findall(r"(?<=:)runqlat_[a-z_]+(?=:)", text))
+    exported = exported_series_names()
+    assert used and used <= exported, sorted(used - exported)
+    # label names the rules group by are ones the exporter uses
+    known = {n for m in Mode for n in m.labels} | {"instance", "job", "le", "reason"}
+    for group in re.findall(r"by \(([^)]*)\)", text):
+        labels = {x.strip() for x in group.split(",")}
+        assert labels <= known, labels - known
 
 
 def test_rules_cover_every_level_and_window():

@@ -52,6 +52,7 @@ class RunConfig:
     per_thread: bool = False
     pidnss: bool = False
     per_container: bool = False
+    per_pod: bool = False
     per_cgroup: bool = False
     pids: list = field(default_factory=list)
     pids_file: Optional[str] = None
@@ -240,10 +241,10 @@ def _pick_mode(cfg: RunConfig):
     from .monitor import Mode
     chosen = [m for flag, m in ((cfg.per_process, Mode.PID), (cfg.per_thread, Mode.TID),
                                 (cfg.pidnss, Mode.PIDNS), (cfg.per_container, Mode.CONTAINER),
-                                (cfg.per_cgroup, Mode.CGROUP)) if flag]
+                                (cfg.per_pod, Mode.POD), (cfg.per_cgroup, Mode.CGROUP)) if flag]
     if len(chosen) > 1:
         names = {Mode.PID: "-P", Mode.TID: "-L", Mode.PIDNS: "--pidnss", Mode.CONTAINER: "--per-container",
-                 Mode.CGROUP: "--per-cgroup"}
+                 Mode.POD: "--per-pod", Mode.CGROUP: "--per-cgroup"}
         raise UsageError(f"choose one of {', '.join(names[m] for m in chosen)}: one histogram key at a time")
     return chosen[0] if chosen else Mode.GLOBAL
 
@@ -286,7 +287,11 @@ def run(
     per_thread: bool = typer.Option(False, "-L", "--tids", help="One histogram per thread (tid, comm)."),
     pidnss: bool = typer.Option(False, "--pidnss", help="One histogram per PID namespace."),
     per_container: bool = typer.Option(
-        False, "--per-container", help="One histogram per container (id and name)."),
+        False, "--per-container", help="One histogram per container (id and name; Kubernetes namespace, "
+                                       "pod and container name), with its CPU throttling and pressure."),
+    per_pod: bool = typer.Option(
+        False, "--per-pod", help="One histogram per Kubernetes pod (namespace, pod): its containers "
+                                 "together, with the pod's CPU throttling and pressure."),
     per_cgroup: bool = typer.Option(False, "--per-cgroup", help="One histogram per cgroup v2 (its path)."),
     pid: Optional[List[int]] = typer.Option(
         None, "-p", "--pid", help="Track this process and its threads (repeatable)."),
@@ -329,7 +334,8 @@ def run(
     _steady_memory()
     cli_cfg = RunConfig(interval=interval, count=count, milliseconds=milliseconds, timestamp=timestamp,
                         per_process=per_process, per_thread=per_thread, pidnss=pidnss,
-                        per_container=per_container, per_cgroup=per_cgroup, pids=list(pid or []),
+                        per_container=per_container, per_pod=per_pod, per_cgroup=per_cgroup,
+                        pids=list(pid or []),
                         pids_file=pids_file, follow_children=follow_children, cgroups=list(cgroup or []),
                         containers=list(container or []), all_containers=all_containers, output=output,
                         output_file=output_file, quiet=quiet, metrics_addr=metrics_addr, buckets=buckets,
@@ -382,7 +388,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     try:
         with ExitStack() as stack:
             opts = Options(agg=mode.agg, follow_children=cfg.follow_children,
-                           watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
+                           watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER,
+                                                                              Mode.POD),
                            max_tracked=cfg.max_tracked or 0, initial_filter=sources.filter,
                            expected_keys=expected_keys(mode, sources))
             server = None

@@ -19,6 +19,7 @@ A cgroup that disappears between two reads is simply not there any more.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,15 @@ class CpuContext:
                 "throttled_seconds": self.throttled_seconds,
                 "pressure_some_seconds": self.pressure_some_seconds,
                 "pressure_full_seconds": self.pressure_full_seconds}
+
+
+_NUMBERS = ("periods", "throttled_periods", "throttled_seconds", "pressure_some_seconds",
+            "pressure_full_seconds")
+
+
+def _sum(values):
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
 
 
 def _read(path: Path) -> str | None:
@@ -153,7 +163,40 @@ class CpuContextReader:
     def psi_available(self) -> bool:
         return self._psi_missing is None
 
-    def for_cgroup(self, path: str | None, pid: int | None = None) -> CpuContext:
+    def host_notes(self) -> list[str]:
+        """What this host cannot give at all, said once (e.g. at start)."""
+        notes = []
+        if self._psi_missing is not None:
+            notes.append(self._psi_missing)
+        if self.v1_cpu is None and (self.unified is None or "cpu" not in
+                                    (_read(self.unified / "cgroup.subtree_control") or "").split()):
+            notes.append("no CPU throttling figures: the cpu controller is enabled on neither "
+                         "cgroup v1 nor the cgroup2 root")
+        return notes
+
+    def for_group(self, members: list[tuple[str, int | None]], parent: bool = False) -> CpuContext:
+        """One context for several cgroups (path, member pid).
+
+        parent: they are a Kubernetes pod's containers, whose common parent is the
+        kubelet's pod cgroup (pod<uid>): read that one, which holds the pod's own
+        quota and sees all its tasks, also while it has a single container (the
+        counters stay those of one cgroup as containers come and go). Otherwise,
+        or when they have no such parent, the sum of theirs (pressure then counts
+        overlapping waits more than once)."""
+        if parent:
+            dirs = {os.path.dirname(path.rstrip("/")) for path, _ in members}
+            if len(dirs) == 1:
+                d = dirs.pop()
+                if d not in ("", "/"):
+                    return self.for_cgroup(d, members[0][1], levels_up=1)
+        if len(members) == 1:
+            return self.for_cgroup(*members[0])
+        ctxs = [self.for_cgroup(*m) for m in members]
+        return CpuContext(*(_sum(getattr(c, f) for c in ctxs) for f in _NUMBERS),
+                          throttling_from=ctxs[0].throttling_from, notes=ctxs[0].notes)
+
+    def for_cgroup(self, path: str | None, pid: int | None = None, levels_up: int = 0) -> CpuContext:
+        """levels_up: the cgroup is that many levels above pid's (in v1 as in v2)."""
         notes: list[str] = []
         throttling = None
         source = None
@@ -164,6 +207,8 @@ class CpuContextReader:
             source = "cgroup2" if throttling else None
         if throttling is None and self.v1_cpu is not None and pid:
             rel = _v1_cpu_path(self.proc, pid)
+            for _ in range(levels_up):
+                rel = os.path.dirname(rel.rstrip("/")) if rel else rel
             v1dir = _under(self.v1_cpu, rel) if rel else None
             if v1dir is not None:
                 text = _read(v1dir / "cpu.stat")

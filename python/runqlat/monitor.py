@@ -25,6 +25,7 @@ from pathlib import Path
 from . import containers as ctr
 from .abi import AggMode, Filter
 from .cgroups import CgroupTree
+from .cpuctx import CpuContextReader
 from .errors import InputError
 from .hist import Histogram
 from .targets import FileWatch, Identity, read_pids_file, start_time
@@ -49,6 +50,7 @@ class Mode(str, enum.Enum):
     TID = "tid"
     PIDNS = "pidns"
     CONTAINER = "container"
+    POD = "pod"
     CGROUP = "cgroup"
 
     @property
@@ -61,10 +63,28 @@ class Mode(str, enum.Enum):
 
 
 _MODE_AGG = {Mode.GLOBAL: AggMode.GLOBAL, Mode.PID: AggMode.PID, Mode.TID: AggMode.TID,
-             Mode.PIDNS: AggMode.PIDNS, Mode.CONTAINER: AggMode.CGROUP, Mode.CGROUP: AggMode.CGROUP}
+             Mode.PIDNS: AggMode.PIDNS, Mode.CONTAINER: AggMode.CGROUP, Mode.POD: AggMode.CGROUP,
+             Mode.CGROUP: AggMode.CGROUP}
+# A container's Kubernetes context (namespace, pod, container name within the pod)
+# follows its own labels: empty for containers outside Kubernetes.
+K8S_LABELS = ("namespace", "pod", "container")
 _MODE_LABELS = {Mode.GLOBAL: (), Mode.PID: ("pid", "comm"), Mode.TID: ("tid", "comm"),
-                Mode.PIDNS: ("pidns",), Mode.CONTAINER: ("container_id", "container_name"),
-                Mode.CGROUP: ("cgroup",)}
+                Mode.PIDNS: ("pidns",), Mode.CONTAINER: ("container_id", "container_name") + K8S_LABELS,
+                Mode.POD: ("namespace", "pod"), Mode.CGROUP: ("cgroup",)}
+# Modes whose keys are the cgroups of containers
+CONTAINER_MODES = (Mode.CONTAINER, Mode.POD)
+
+
+def container_labels(c: ctr.Container) -> tuple[str, ...]:
+    """Labels of a container in Mode.CONTAINER."""
+    in_pod = c.pod is not None
+    return (c.id, c.name or "", (c.pod_namespace or "") if in_pod else "", c.pod or "",
+            (c.name or "") if in_pod else "")
+
+
+def pod_labels(c: ctr.Container) -> tuple[str, str]:
+    """Labels of a container's pod in Mode.POD; ("", "") outside Kubernetes."""
+    return ((c.pod_namespace or "") if c.pod else "", c.pod or "")
 
 
 @dataclass(frozen=True)
@@ -131,12 +151,14 @@ class Snapshot:
     features: dict[str, str]
     gone: set = field(default_factory=set)  # labels shown for the last time
     retired_dropped: int = 0  # final values of exited owners no consumer could be handed
+    # CPU throttling and pressure of each container's (or pod's) cgroup, cumulative
+    cpu: dict = field(default_factory=dict)  # Labels -> cpuctx.CpuContext
 
 
 def expected_keys(mode: Mode, sources: Sources, proc: str = "/proc") -> int:
     """Histogram keys to expect at start (sizes the kernel's array rows; more still fit)."""
     if mode not in (Mode.PID, Mode.TID):
-        return 0  # a few namespaces or cgroups: the minimum is plenty
+        return 0  # a few namespaces, cgroups or pods: the minimum is plenty
     pids: set[int] | None = None
     if sources.uses_pids and not sources.uses_groups:
         pids = set(sources.pids)
@@ -211,6 +233,7 @@ class Monitor:
         self._label_dicts: dict[Labels, dict] = {}  # Histogram.labels of each label, made once
         self._retired_at: dict[int, float] = {}    # keys retired in the last second -> when
         self._cgtree: CgroupTree | None = None
+        self._cpu_reader: CpuContextReader | None = None
         self._containers: list[ctr.Container] = []
         self._next_container_scan = 0.0
         self._pidns_live: set[int] = set()
@@ -242,7 +265,7 @@ class Monitor:
                 self._watch.changed()
             self._pids_dirty = True
             self._next_container_scan = 0.0
-            if (sources.uses_groups or self.mode in (Mode.CONTAINER, Mode.CGROUP)) and self._cgtree is None:
+            if (sources.uses_groups or self.mode in (*CONTAINER_MODES, Mode.CGROUP)) and self._cgtree is None:
                 self._cgtree = CgroupTree()
                 self._cgtree.require()
         self.refresh()
@@ -431,18 +454,18 @@ class Monitor:
             return (path,)
         for c in self._containers:
             if c.cgroup and (path == c.cgroup or path.startswith(c.cgroup.rstrip("/") + "/")):
-                return (c.id, c.name or "")
+                return container_labels(c) if m == Mode.CONTAINER else pod_labels(c)
         if self.sources.uses_containers and not (self.sources.uses_pids or self.sources.cgroups):
             return None  # a cgroup of a container that stopped
-        return ("", "")
+        return ("",) * len(m.labels)
 
     def _fallback_label(self, key: int, h: Histogram) -> Labels:
         """Labels of a key whose owner was gone before we first saw it."""
         m = self.mode
         if m in (Mode.PID, Mode.TID):
             return (str(key), h.labels.get("comm", ""))
-        if m == Mode.CONTAINER:
-            return ("", "")
+        if m in CONTAINER_MODES:
+            return ("",) * len(m.labels)
         if m == Mode.CGROUP:
             return (f"(removed cgroup {key})",)
         return (str(key),) * len(m.labels)
@@ -472,7 +495,25 @@ class Monitor:
                 drops=t.drops(), maps=t.map_fill(tracked_pids_used=len(self._tracked_now)),
                 progs=t.prog_stats(),
                 features=dict(t.features), gone=gone, retired_dropped=self.retired_dropped,
+                cpu=self._cpu_context(hists),
             )
+
+    def _cpu_context(self, hists: dict) -> dict:
+        """Throttling and pressure of the containers (or pods) that have a histogram."""
+        if self.mode not in CONTAINER_MODES:
+            return {}
+        if self._cpu_reader is None:
+            self._cpu_reader = CpuContextReader(self.proc)
+            for note in self._cpu_reader.host_notes():
+                log.info("%s", note)
+        groups: dict[Labels, list[ctr.Container]] = {}
+        for c in self._containers:
+            lab = container_labels(c) if self.mode == Mode.CONTAINER else pod_labels(c)
+            if lab in hists and c.cgroup:
+                groups.setdefault(lab, []).append(c)
+        pods = self.mode == Mode.POD
+        return {lab: self._cpu_reader.for_group([(c.cgroup, c.init_pid) for c in cs], parent=pods and bool(lab[1]))
+                for lab, cs in groups.items()}
 
     def maintain(self) -> None:
         """Retire what is gone even when nobody reads (e.g. --quiet between scrapes),
@@ -500,7 +541,7 @@ class Monitor:
             self._live_tgids = {int(d) for d in os.listdir(self.proc) if d.isdigit()}
         if self.mode == Mode.PIDNS:
             self._scan_pidns()
-        if self.mode in (Mode.CGROUP, Mode.CONTAINER) and raw:
+        if self.mode in (Mode.CGROUP, *CONTAINER_MODES) and raw:
             if any(k not in self._cgtree._by_id for k in raw):
                 self._cgtree.scan(min_age=1.0)
         hists: dict[Labels, Histogram] = {}
