@@ -260,6 +260,28 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         )
         return self.init_pid(id, namespace=ns)
 
+    def run_pod(self, pod: str, namespace: str, containers: dict[str, str]) -> dict[str, str]:
+        """A pod as containerd's CRI plugin makes it for the kubelet: a sandbox
+        ("pause") container and app containers in containerd namespace k8s.io, the
+        CRI annotations in their OCI specs, cgroups /kubepods/besteffort/pod<uid>/<id>
+        (the kubelet's cgroupfs driver). containers: name -> shell command.
+        Returns name -> id, plus "(sandbox)" and "(cgroup)" (the pod's cgroup)."""
+        cri = "io.kubernetes.cri."
+        uid = "-".join(secrets.token_hex(n) for n in (4, 2, 2, 2, 6))
+        parent = f"/kubepods/besteffort/pod{uid}"
+        sandbox = secrets.token_hex(32)
+        common = {cri + "sandbox-name": pod, cri + "sandbox-namespace": namespace,
+                  cri + "sandbox-uid": uid, cri + "sandbox-id": sandbox}
+        self.run(sandbox, "sleep 100000", namespace="k8s.io", cgroup=f"{parent}/{sandbox}",
+                 annotations={**common, cri + "container-type": "sandbox"})
+        ids = {"(sandbox)": sandbox, "(cgroup)": parent}
+        for name, command in containers.items():
+            cid = secrets.token_hex(32)
+            self.run(cid, command, namespace="k8s.io", cgroup=f"{parent}/{cid}",
+                     annotations={**common, cri + "container-type": "container", cri + "container-name": name})
+            ids[name] = cid
+        return ids
+
     def init_pid(self, id: str, namespace: str | None = None) -> int:
         ns = namespace or self.namespace
         pid_file = Path(self.task_state_dir) / ns / id / "init.pid"
