@@ -195,18 +195,45 @@ def test_config_reload_keys_are_documented():
 
 # -- Grafana -----------------------------------------------------------------------
 
+RECORDED_RE = r"\b[a-z]+:runqlat_[a-z_]+:[a-z0-9_]+"
+
+
+def recorded_names() -> set[str]:
+    return set(re.findall(r"^\s+- record: (\S+)$", RULES.read_text(), re.M))
+
+
 def test_dashboard_queries_use_exported_metrics():
     dash = json.loads(DASHBOARD.read_text())
     exported = exported_series_names()
     exprs = [t["expr"] for _, t in dashboard_targets(dash)]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if v.get("definition")]
     assert exprs
-    used = set()
+    used, recorded = set(), set()
     for expr in exprs:
-        names = set(re.findall(r"\brunqlat_[a-z_]+", expr))
-        assert names, f"query uses no runqlat metric: {expr}"
+        rec = set(re.findall(RECORDED_RE, expr))
+        names = set(re.findall(r"\brunqlat_[a-z_]+", re.sub(RECORDED_RE, "", expr)))
+        assert names or rec, f"query uses no runqlat metric: {expr}"
         used |= names
+        recorded |= rec
     assert used <= exported, f"dashboard queries metrics that are not exported: {sorted(used - exported)}"
+    # series of recording rules: ones deploy/prometheus-rules.yml records
+    assert recorded <= recorded_names(), sorted(recorded - recorded_names())
     assert any(HIST in e for e in exprs)
+
+
+def test_dashboard_queries_parse(tmp_path):
+    """Every query is valid PromQL (promtool parses it as a rule), variables filled in."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for _, t in dashboard_targets(dash)]
+    lines = ["groups:", "  - name: dashboard", "    rules:"]
+    for i, e in enumerate(exprs):
+        e = e.replace("$__rate_interval", "5m")
+        e = re.sub(r"\$\{?\w+\}?", ".*", e)
+        lines += [f"      - record: dashboard:query:{i}", f"        expr: {json.dumps(e)}"]
+    f = tmp_path / "dashboard-rules.yml"
+    f.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([_promtool(), "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_dashboard_has_the_promised_panels():
@@ -215,13 +242,13 @@ def test_dashboard_has_the_promised_panels():
     heat = [(p, t) for p, t in targets if p["type"] == "heatmap"]
     assert heat and all(f"{HIST}_bucket" in t["expr"] and t.get("format") == "heatmap" for _, t in heat)
 
-    def quantiles_by(label):
-        return [t["expr"] for _, t in targets
-                if t["expr"].startswith("histogram_quantile(") and f", {label}" in t["expr"]]
-    for label in ("pid", "container_id"):
-        qs = quantiles_by(label)
-        assert any(q.startswith("histogram_quantile(0.99,") for q in qs), f"no p99 by {label}"
-        assert any(q.startswith("histogram_quantile(0.5,") for q in qs), f"no p50 by {label}"
+    # p50 and p99 per process, container and pod come from the recording rules
+    exprs = [t["expr"] for _, t in targets]
+    for level in ("process", "container", "pod"):
+        for q in ("p50", "p99"):
+            assert any(e.startswith(f"{level}:{HIST}:{q}_") for e in exprs), f"no {q} per {level}"
+    assert any("runqlat_cpu_throttled_periods" in e for e in exprs)
+    assert any("runqlat_cpu_pressure_some_seconds_total" in e for e in exprs)
     exprs = " ".join(t["expr"] for _, t in targets)
     assert "runqlat_tracked_processes" in exprs
     assert "runqlat_dropped_events_total" in exprs
@@ -230,6 +257,7 @@ def test_dashboard_has_the_promised_panels():
 def test_dashboard_layout_and_variables():
     dash = json.loads(DASHBOARD.read_text())
     variables = {v["name"] for v in dash["templating"]["list"]}
+    assert {"namespace", "pod"} <= variables
     text = DASHBOARD.read_text()
     grafana_builtin = {"__rate_interval", "__interval", "__range"}
     for ref in set(re.findall(r"\$\{?(\w+)", text)):
