@@ -8,6 +8,7 @@ promtool check metrics). Root and real BPF; one containerd per session.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from helpers import unavailable
 from runqlat.containers import STATE_ENV
 from runqlat.cpuctx import CpuContextReader
+from runqlat.monitor import CONTAINER_SCAN_S
 from workload import require_bpf, tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
@@ -57,14 +59,23 @@ def _pods(env, tag: str) -> tuple[dict, dict]:
     return web, db
 
 
-def test_per_pod_json_with_throttling(env, tracer_cli):
+def test_per_pod_json_with_throttling(env, tracer_cli, tmp_path):
     require_bpf()
     tag = secrets.token_hex(3)
     web, db = _pods(env, tag)
-    t = tracer_cli("--all-containers", "--per-pod", "-o", "json", "1", env={STATE_ENV: env.task_state_dir})
+    # a second state dir with a broken task next to the real one: warned once, tracing goes on
+    broken = tmp_path / "state" / "k8s.io" / ("e" * 64)
+    broken.mkdir(parents=True)
+    (broken / "init.pid").write_text(str(os.getpid()))  # alive, so its spec is read
+    (broken / "config.json").write_text('{"annotations": {"io.kubernetes.cri.sandbox-name": ')
+    t = tracer_cli("--all-containers", "--per-pod", "-o", "json", "1",
+                   env={STATE_ENV: f"{env.task_state_dir}:{tmp_path / 'state'}"})
     rec = t.wait_for(lambda r: r.get("pod") == f"web-{tag}" and r["count"] > 0
-                     and (r.get("cpu") or {}).get("throttled_periods_total", 0) > 0, 30)
+                     and (r.get("cpu") or {}).get("throttled_periods_total", 0) > 0, 60)
+    time.sleep(2 * CONTAINER_SCAN_S + 1)  # discovery runs again: the same problem is not warned again
     assert t.stop() == 0, t.describe()
+    warned = [line for line in t.stderr if str(broken) in line]
+    assert len(warned) == 1 and "is not valid JSON" in warned[0], t.stderr
     assert rec["mode"] == "pod" and rec["namespace"] == "shop"
     assert set(rec) >= {"namespace", "pod"} and "container_id" not in rec
     cpu = rec["cpu"]
@@ -98,7 +109,7 @@ def test_per_container_exposition_has_pod_labels_and_cpu_counters(env, tracer_cl
     url = f"http://127.0.0.1:{port}/metrics"
     want = {"container_id": web["app"], "container_name": "app", "namespace": "shop", "pod": f"web-{tag}",
             "container": "app"}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while True:
         try:
             body = _scrape(url)
