@@ -123,14 +123,16 @@ def test_all_containers_per_container(rt, tracer_cli):
     assert {r["container_name"] for r in t.records if r["container_id"] == third} == {rt.name("third")}
 
 
-def test_container_by_name_tracks_only_that_one(rt, tracer_cli):
+def test_container_by_name_and_id_tracks_only_those(rt, tracer_cli):
     require_bpf()
     alpha = rt.run("alpha", SPIN)
     rt.run("beta", SPIN)
-    t = tracer_cli("--container", rt.name("alpha"), "--per-container", "-o", "json", INTERVAL,
-                   env=rt.discovery_env)
+    gamma = rt.run("gamma", SPIN)
+    t = tracer_cli("--container", rt.name("alpha"), "--container", gamma[:12], "--per-container", "-o", "json",
+                   INTERVAL, env=rt.discovery_env)
     _wait_counted(t, alpha, FIRST_LINE_S)
-    t.wait_intervals(2)
+    _wait_counted(t, gamma, FIRST_LINE_S)
     assert t.stop() == 0, t.describe()
-    assert {(r["container_id"], r["container_name"]) for r in t.records} == {(alpha, rt.name("alpha"))}
+    assert {(r["container_id"], r["container_name"]) for r in t.records} == \
+        {(alpha, rt.name("alpha")), (gamma, rt.name("gamma"))}
     assert not [line for line in t.stderr if "warning" in line], t.stderr
