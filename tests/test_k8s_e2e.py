@@ -50,19 +50,23 @@ def _limit_cpu(rel: str, quota_us: int) -> None:
         unavailable("no cpu controller to set a CPU limit with")
 
 
-def _pods(env, tag: str) -> tuple[dict, dict]:
+def _pods(env, tag: str, pod_quota_us: int, app_quota_us: int | None) -> tuple[dict, dict]:
+    """Pods web (a busy app and an idle sidecar) and db; CPU limits (per 100 ms) on
+    web's pod cgroup and, unless None, its app container's, as the kubelet sets
+    them (a container's at most its pod's). The one that runs out is the one
+    counted as throttled."""
     web = env.run_pod(f"web-{tag}", "shop", {"app": SPIN, "sidecar": "sleep 1000"})
     db = env.run_pod(f"db-{tag}", "data", {"postgres": "sleep 1000"})
-    # limits: the pod 20% of a CPU, its app container 15% (the kubelet sets both)
-    _limit_cpu(web["(cgroup)"], 20000)
-    _limit_cpu(f"{web['(cgroup)']}/{web['app']}", 15000)
+    _limit_cpu(web["(cgroup)"], pod_quota_us)
+    if app_quota_us is not None:
+        _limit_cpu(f"{web['(cgroup)']}/{web['app']}", app_quota_us)
     return web, db
 
 
 def test_per_pod_json_with_throttling(env, tracer_cli, tmp_path):
     require_bpf()
     tag = secrets.token_hex(3)
-    web, db = _pods(env, tag)
+    web, db = _pods(env, tag, pod_quota_us=10000, app_quota_us=None)
     # a second state dir with a broken task next to the real one: warned once, tracing goes on
     broken = tmp_path / "state" / "k8s.io" / ("e" * 64)
     broken.mkdir(parents=True)
@@ -71,7 +75,7 @@ def test_per_pod_json_with_throttling(env, tracer_cli, tmp_path):
     t = tracer_cli("--all-containers", "--per-pod", "-o", "json", "1",
                    env={STATE_ENV: f"{env.task_state_dir}:{tmp_path / 'state'}"})
     rec = t.wait_for(lambda r: r.get("pod") == f"web-{tag}" and r["count"] > 0
-                     and (r.get("cpu") or {}).get("throttled_periods_total", 0) > 0, 60)
+                     and (r.get("cpu") or {}).get("throttled_periods_total", 0) >= 3, 60)
     time.sleep(2 * CONTAINER_SCAN_S + 1)  # discovery runs again: the same problem is not warned again
     assert t.stop() == 0, t.describe()
     warned = [line for line in t.stderr if str(broken) in line]
@@ -80,13 +84,16 @@ def test_per_pod_json_with_throttling(env, tracer_cli, tmp_path):
     assert set(rec) >= {"namespace", "pod"} and "container_id" not in rec
     cpu = rec["cpu"]
     # the pod's own cgroup (its quota), not a container's: periods pass at 100 ms
-    assert cpu["periods_total"] >= cpu["throttled_periods_total"] > 0
+    assert cpu["periods_total"] >= cpu["throttled_periods_total"] >= 3
+    # (the time of a throttling still going on is added when it ends)
     assert cpu["throttled_seconds_total"] > 0
     reader = CpuContextReader()
     if reader.psi_available:
         assert cpu["pressure_some_seconds_total"] is not None
     else:
         assert cpu["pressure_some_seconds_total"] is None
+    # containers outside Kubernetes (e.g. of other tests) share one series, without cpu figures
+    assert all("cpu" not in r for r in t.records if not r["pod"])
     # one series per pod (the sidecar is in web's), none for the sandboxes' own keys
     pods = {(r["namespace"], r["pod"]) for r in t.records}
     assert ("shop", f"web-{tag}") in pods
@@ -102,7 +109,7 @@ def test_per_container_exposition_has_pod_labels_and_cpu_counters(env, tracer_cl
     require_bpf()
     from prometheus_client.parser import text_string_to_metric_families
     tag = secrets.token_hex(3)
-    web, _db = _pods(env, tag)
+    web, _db = _pods(env, tag, pod_quota_us=20000, app_quota_us=15000)
     port = _free_port()
     t = tracer_cli("--all-containers", "--per-container", "--metrics-addr", f"127.0.0.1:{port}", "-q",
                    env={STATE_ENV: env.task_state_dir})

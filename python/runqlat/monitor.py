@@ -507,12 +507,14 @@ class Monitor:
             for note in self._cpu_reader.host_notes():
                 log.info("%s", note)
         groups: dict[Labels, list[ctr.Container]] = {}
+        pods = self.mode == Mode.POD
         for c in self._containers:
-            lab = container_labels(c) if self.mode == Mode.CONTAINER else pod_labels(c)
+            if pods and not c.pod:
+                continue  # containers outside Kubernetes share a series, not a cgroup
+            lab = pod_labels(c) if pods else container_labels(c)
             if lab in hists and c.cgroup:
                 groups.setdefault(lab, []).append(c)
-        pods = self.mode == Mode.POD
-        return {lab: self._cpu_reader.for_group([(c.cgroup, c.init_pid) for c in cs], parent=pods and bool(lab[1]))
+        return {lab: self._cpu_reader.for_group([(c.cgroup, c.init_pid) for c in cs], parent=pods)
                 for lab, cs in groups.items()}
 
     def maintain(self) -> None:
