@@ -8,8 +8,8 @@ it is a failure, so a broken CI machine cannot pass by skipping.
 from __future__ import annotations
 
 import json
-import secrets
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -17,21 +17,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from containerd_env import ContainerdEnv
+from helpers import IN_CI
+from runqlat.cgroups import cgroup2_mount
+from runqlat.containers import STATE_ENV, discover, resolve
 
-from containerd_env import ContainerdEnv  # noqa: E402
-from runqlat.cgroups import cgroup2_mount  # noqa: E402
-from helpers import unavailable  # noqa: E402
-from runqlat.containers import STATE_ENV, discover, resolve  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.bpf
-
-IN_CI = os.environ.get("CI") == "true"
-
-
-_unavailable = unavailable  # a skip off CI, a failure under CI=true
 
 
 @pytest.fixture

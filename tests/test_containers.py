@@ -6,15 +6,12 @@ import builtins
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import containers as ct  # noqa: E402
-from runqlat.containers import Container, ContainerError, discover, resolve  # noqa: E402
+from runqlat import containers as ct
+from runqlat.containers import Container, ContainerError, discover, resolve
 
 HOST_NS = 4026531836
 IDS = {k: (k * 64)[:64] for k in "abcdef"}  # 64-hex ids: "aaaa...", "bbbb..."

@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from helpers import ROOT, need_tool, unavailable  # noqa: E402
-from runqlat import _ffi, abi, elf, hist  # noqa: E402
-from runqlat.bpf import BpfObject  # noqa: E402
+from helpers import ROOT, need_tool, unavailable
+from runqlat import _ffi, abi, elf, hist
+from runqlat.bpf import BpfObject
 
 HEADER = ROOT / "bpf" / "runqlat.h"
 BPF_SRC = ROOT / "bpf" / "runqlat.bpf.c"

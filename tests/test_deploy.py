@@ -13,7 +13,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,12 +20,11 @@ from types import SimpleNamespace
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
 
-from helpers import unavailable  # noqa: E402
-from runqlat import cli  # noqa: E402
-from runqlat.metrics import Collector, parse_addr, parse_buckets  # noqa: E402
-from runqlat.monitor import Mode  # noqa: E402
+from helpers import unavailable
+from runqlat import cli
+from runqlat.metrics import Collector, parse_addr, parse_buckets
+from runqlat.monitor import Mode
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "runqlat-core.service"

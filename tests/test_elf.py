@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import abi, elf  # noqa: E402
-from runqlat.errors import ObjectInvalid  # noqa: E402
+from runqlat import abi, elf
+from runqlat.errors import ObjectInvalid
 
 FIX = "make -C bpf"
 

@@ -21,7 +21,7 @@ from helpers import unavailable
 from runqlat.containers import STATE_ENV
 from runqlat.cpuctx import CpuContextReader
 from runqlat.monitor import CONTAINER_SCAN_S
-from workload import require_bpf, tracer_cli  # noqa: F401 (fixture)
+from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
 
@@ -64,7 +64,6 @@ def _pods(env, tag: str, pod_quota_us: int, app_quota_us: int | None) -> tuple[d
 
 
 def test_per_pod_json_with_throttling(env, tracer_cli, tmp_path):
-    require_bpf()
     tag = secrets.token_hex(3)
     web, db = _pods(env, tag, pod_quota_us=10000, app_quota_us=None)
     # a second state dir with a broken task next to the real one: warned once, tracing goes on
@@ -106,7 +105,6 @@ def _scrape(url: str) -> str:
 
 
 def test_per_container_exposition_has_pod_labels_and_cpu_counters(env, tracer_cli, tmp_path):
-    require_bpf()
     from prometheus_client.parser import text_string_to_metric_families
     tag = secrets.token_hex(3)
     web, _db = _pods(env, tag, pod_quota_us=20000, app_quota_us=15000)

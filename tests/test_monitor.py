@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import monitor as monitor_mod  # noqa: E402
-from runqlat.monitor import Mode, Monitor, Sources  # noqa: E402
-from test_targets import FakeProc  # noqa: E402
+from runqlat import monitor as monitor_mod
+from runqlat.monitor import Mode, Monitor, Sources
+from test_targets import FakeProc
 
 
 class FakeTracer:

@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 
-from helpers import unavailable
 from runqlat import monitor as monitor_mod
 from runqlat.monitor import Mode, Monitor, Sources
 from runqlat.tracer import Options, Tracer
@@ -22,9 +21,7 @@ def _churn(n: int) -> None:
         subprocess.run(["sh", "-c", "i=0; while [ $i -lt 200 ]; do i=$((i+1)); done"], check=True)
 
 
-def test_exited_processes_retire_without_readers(monkeypatch):
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
+def test_exited_processes_retire_without_readers(monkeypatch, root_bpf):
     monkeypatch.setattr(monitor_mod, "MAX_PENDING_FINALS", 10)
     with Tracer(Options(agg=Mode.PID.agg)) as tr:
         mon = Monitor(tr, Mode.PID, Sources())
@@ -43,9 +40,7 @@ def test_exited_processes_retire_without_readers(monkeypatch):
         assert snap.retired_dropped == mon.retired_dropped
 
 
-def test_exporter_folds_processes_it_never_saw():
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
+def test_exporter_folds_processes_it_never_saw(root_bpf):
     with Tracer(Options(agg=Mode.PID.agg)) as tr:
         mon = Monitor(tr, Mode.PID, Sources())
         mon.register("scrape", fold_unseen=True)

@@ -21,7 +21,7 @@ import pytest
 
 from runqlat.containers import discover, resolve
 from runqlat.monitor import CONTAINER_SCAN_S
-from workload import require_bpf, tracer_cli  # noqa: F401 (fixture)
+from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
 
@@ -98,7 +98,6 @@ def _records(t, cid: str, after: float = 0.0) -> list[dict]:
 
 
 def test_all_containers_per_container(rt, tracer_cli):
-    require_bpf()
     busy = rt.run("busy", SPIN)
     idle = rt.run("idle", "sleep 1000")
     t = tracer_cli("--all-containers", "--per-container", "-o", "json", INTERVAL, env=rt.discovery_env)
@@ -124,7 +123,6 @@ def test_all_containers_per_container(rt, tracer_cli):
 
 
 def test_container_by_name_and_id_tracks_only_those(rt, tracer_cli):
-    require_bpf()
     alpha = rt.run("alpha", SPIN)
     rt.run("beta", SPIN)
     gamma = rt.run("gamma", SPIN)

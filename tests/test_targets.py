@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import targets  # noqa: E402
-from runqlat.errors import InputError, RunqlatError  # noqa: E402
-from runqlat.targets import (  # noqa: E402
+from runqlat import targets
+from runqlat.errors import InputError, RunqlatError
+from runqlat.targets import (
     PID_MAX_LIMIT,
     FileWatch,
     Identity,

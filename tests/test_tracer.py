@@ -18,9 +18,6 @@ import numpy as np
 import pytest
 
 from helpers import (
-    Busy,
-    BusyInPidns,
-    SPIN_THREADS,
     TempCgroup,
     affinity,
     contention_cpu,
@@ -29,6 +26,7 @@ from helpers import (
     unavailable,
     wait_for,
 )
+from workload import BusyInPidns, BusyLoops
 from runqlat import abi, bpf
 from runqlat.cgroups import cgroup2_mount
 from runqlat.abi import AggMode, DropReason, Filter, TrackedReason
@@ -37,6 +35,7 @@ from runqlat.tracer import Options, Tracer
 pytestmark = pytest.mark.bpf
 
 US, MS = 1000, 1_000_000
+HOG = "rq-hog"  # the busy loops' comm
 FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BATCH", "RUNQLAT_FORCE_HIST_HASH",
              "RUNQLAT_FORCE_NO_TASK_SLOTS")
 
@@ -44,9 +43,7 @@ FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BAT
 # -- module fixtures: the contention, shared by every test --
 
 @pytest.fixture(scope="module")
-def cpus():
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
+def cpus(root_bpf):
     hog_cpu, rest = contention_cpu()
     if hog_cpu in rest:
         unavailable("needs at least 2 CPUs (one for the busy loops, one for the test)")
@@ -60,7 +57,7 @@ def hogs(cpus):
     procs = []
     try:
         for _ in range(3):
-            procs.append(Busy(cpus))
+            procs.append(BusyLoops(1, cpus, name=HOG))
         yield procs
     finally:
         for p in procs:
@@ -110,7 +107,7 @@ def test_tracked_process_latency_untracked_absent(tracers, hogs):
     h = hists[tracked.pid]
     assert h.count > 10
     assert int(h.slots.sum()) == h.count  # every counted event is in exactly one slot
-    assert h.labels["comm"] == "sh"
+    assert h.labels["comm"] == HOG
     p50 = h.percentile_ns(0.5)
     # three CPU hogs on one CPU under CFS/EEVDF: each waits for the others' slices (ms)
     assert 100 * US < p50 < 200 * MS, f"p50 {p50 / 1e6:.3f} ms"
@@ -282,7 +279,7 @@ def test_live_set_changes_keep_programs(tracers, hogs):
 
 def test_exited_process_leaves_tracked_set(tracers, cpus):
     tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS))
-    with Busy(cpus) as gone, Busy(cpus) as stays:
+    with BusyLoops(1, cpus) as gone, BusyLoops(1, cpus) as stays:
         tr.set_targets(pids={gone.pid, stays.pid})
         assert set(tr.kernel_tracked_pids()) == {gone.pid, stays.pid}
         gone.close()
@@ -319,7 +316,7 @@ def test_follow_children_tracks_forks(tracers, cpus):
 # -- other aggregation modes --
 
 def test_tid_mode_keys_threads(tracers, cpus):
-    with Busy(cpus, SPIN_THREADS + ["2"], ready_line=True) as p:
+    with BusyLoops(1, cpus, threads=2) as p:
         tr = tracers(Options(agg=AggMode.TID, initial_filter=Filter.PIDS))
         tr.set_targets(pids={p.pid})
         time.sleep(1.0)
@@ -348,7 +345,7 @@ def test_cgroup_filter_counts_process_moved_in(tracers, cpus, hogs):
     mount = cgroup2_mount()
     if mount is None:
         unavailable("no cgroup v2 hierarchy mounted")
-    with TempCgroup(mount) as cg, Busy(cpus) as mover:
+    with TempCgroup(mount) as cg, BusyLoops(1, cpus) as mover:
         tr = tracers(Options(agg=AggMode.CGROUP, watch_cgroup_moves=True, initial_filter=Filter.CGROUPS))
         assert "cgroup_attach" in tr.features["programs"]
         tr.set_targets(cgroups={cg.id})
@@ -414,7 +411,8 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
     and the retired key's task, still running, never writes to it again."""
     tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, max_rows=1))
     assert tr.rows == 1
-    with Busy(cpus) as first, Busy(cpus) as second, Busy(cpus) as third:
+    with BusyLoops(1, cpus, name=HOG) as first, BusyLoops(1, cpus, name=HOG) as second, \
+            BusyLoops(1, cpus, name=HOG) as third:
         tr.set_targets(pids={first.pid})
         wait_for(lambda: first.pid in tr.read_hists(), timeout=3, what="a histogram for the first process")
         tr.set_targets(pids={first.pid, second.pid})
@@ -456,7 +454,7 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
         assert kernel > 100 * MS, detail
         # the first process's waits would be in it if the row were not zeroed or it still wrote there
         assert abs(ours - kernel) <= 0.05 * kernel, detail
-        assert h[third.pid].labels["comm"] == "sh"
+        assert h[third.pid].labels["comm"] == HOG
 
 
 @pytest.mark.parametrize("batch", [True, False])

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "vm"))
-
-import vmrun  # noqa: E402
+import vmrun  # tests/vm is on pytest's pythonpath
 
 
 def test_deb822_mirror_is_used(tmp_path):
