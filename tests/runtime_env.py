@@ -63,6 +63,36 @@ def _apt_install(packages: tuple[str, ...], binaries: tuple[str, ...]) -> None:
         raise RuntimeUnavailable(f"apt-get install {' '.join(packages)} failed: {' | '.join(tail)}")
 
 
+def _processes_naming(root: Path) -> list[int]:
+    """PIDs whose command line names a path under root (our daemons' helpers)."""
+    needle = str(root).encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                if needle in Path("/proc", d, "cmdline").read_bytes():
+                    out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
+def _mounts_under(root: Path) -> list[str]:
+    out = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return out
+    prefix = str(root).rstrip("/") + "/"
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4:
+            mnt = fields[4].replace("\\040", " ")
+            if mnt.startswith(prefix) or mnt == str(root):
+                out.append(mnt)
+    return out
+
+
 class _Env:
     runtime = ""
     # the parent cgroup the runtime makes (cgroupfs driver) in every hierarchy
@@ -117,16 +147,25 @@ class _Env:
             except Exception:  # cleanup goes on for the rest
                 pass
         self._stop()
-        # rmdir removes only an empty one: a parent another daemon still uses stays
-        for d in [Path("/sys/fs/cgroup")] + sorted(Path("/sys/fs/cgroup").glob("*")):
-            try:
-                (d / self.cgroup_parent).rmdir()
-            except OSError:
-                pass
         if self.tmp is not None:
-            subprocess.run(["umount", "-R", "-l", str(self.tmp)], capture_output=True)
+            # conmon runs `podman container cleanup` after a container exits, which
+            # mounts the store again: let such helpers of ours finish first
+            deadline = time.monotonic() + 15
+            while _processes_naming(self.tmp) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            # the storage drivers mount their home on itself, containers' roots below it
+            for mnt in sorted(_mounts_under(self.tmp), key=len, reverse=True):
+                subprocess.run(["umount", "-l", mnt], capture_output=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+        # rmdir removes only an empty one: a parent another daemon still uses stays
+        # (podman also leaves its conmon cgroup below its parent)
+        for d in [Path("/sys/fs/cgroup")] + sorted(Path("/sys/fs/cgroup").glob("*")):
+            for sub in ("conmon", ""):
+                try:
+                    (d / self.cgroup_parent / sub).rmdir()
+                except OSError:
+                    pass
 
     # per runtime
     def base_cmd(self) -> list[str]:
