@@ -82,7 +82,7 @@ class FakeHost:
 
     def discover(self, **kw) -> list[Container]:
         kw.setdefault("containerd_state_dirs", [str(self.state)])
-        kw.setdefault("docker_root", str(self.docker))
+        kw.setdefault("docker_roots", [str(self.docker)])
         kw.setdefault("storage_roots", [str(self.storage)])
         return discover(str(self.proc), **kw)
 
@@ -399,7 +399,7 @@ def test_crio_pod_namespace(host):
     assert [x.id for x in resolve([c], ["shop/api-7d9/api"])] == [cid]
 
 
-def test_storage_and_docker_roots_from_env(host, tmp_path, monkeypatch):
+def test_storage_and_docker_roots_given(host, tmp_path):
     podman_id, docker_id = IDS["b"], IDS["a"]
     other = tmp_path / "private/storage"
     (other / "overlay-containers").mkdir(parents=True)
@@ -411,10 +411,15 @@ def test_storage_and_docker_roots_from_env(host, tmp_path, monkeypatch):
     (dk / "containers" / docker_id / "config.v2.json").write_text(json.dumps({"Name": "/dk"}))
     host.add_proc(500, pidns=4026532005, cgroup=f"/docker/{docker_id}")
     assert host.by_id()[podman_id].name is None
-    monkeypatch.setenv(ct.STORAGE_ENV, f"/nonexistent:{other}")
-    monkeypatch.setenv(ct.DOCKER_ROOT_ENV, str(dk))
-    found = host.by_id()
+    found = host.by_id(storage_roots=["/nonexistent", str(other)], docker_roots=[str(host.docker), str(dk)])
     assert (found[podman_id].name, found[docker_id].name) == ("pm", "dk")
+
+
+def test_roots_from_env():
+    docker, storage = ct.roots_from_env({ct.DOCKER_ROOT_ENV: "/a::/b", ct.STORAGE_ENV: "/s"})
+    assert docker == (ct.DEFAULT_DOCKER_ROOT, "/a", "/b")
+    assert storage == ct.DEFAULT_STORAGE_ROOTS + ("/s",)
+    assert ct.roots_from_env({}) == ((ct.DEFAULT_DOCKER_ROOT,), ct.DEFAULT_STORAGE_ROOTS)
 
 
 def test_docker_data_root_from_the_hostname_mount(host, tmp_path):

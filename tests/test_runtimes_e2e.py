@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from runqlat.containers import discover, resolve
+from runqlat.containers import STATE_ENV, discover, resolve, roots_from_env
 from runqlat.monitor import CONTAINER_SCAN_S
 from workload import tracer_cli  # noqa: F401 (fixture)
 
@@ -44,19 +44,14 @@ def rt(request):
 
 
 def _discover(rt) -> dict:
-    old = {k: os.environ.get(k) for k in rt.discovery_env}
-    os.environ.update(rt.discovery_env)
-    try:
-        problems: list[str] = []
-        found = {c.id: c for c in discover(problems=problems)}
-        assert not [p for p in problems if str(rt.tmp) in p], problems
-        return found
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """What discovery finds with the roots the CLI would take from rt's environment."""
+    docker_roots, storage_roots = roots_from_env(rt.discovery_env)
+    problems: list[str] = []
+    found = {c.id: c for c in discover(containerd_state_dirs=[rt.discovery_env.get(STATE_ENV, "/nonexistent")],
+                                        docker_roots=docker_roots, storage_roots=storage_roots,
+                                        problems=problems)}
+    assert not [p for p in problems if str(rt.tmp) in p], problems
+    return found
 
 
 def test_discovered_with_runtime_names(rt):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -400,7 +401,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
                     cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds), start=False))
             tracer = stack.enter_context(Tracer(opts))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
-            monitor = Monitor(tracer, mode, sources)
+            from .containers import roots_from_env
+            docker_roots, storage_roots = roots_from_env(os.environ)
+            monitor = Monitor(tracer, mode, sources, docker_roots=docker_roots, storage_roots=storage_roots)
             printing = not cfg.quiet
             if printing:
                 monitor.register("print")
@@ -518,10 +521,11 @@ def list_containers(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """List the containers found on this host (what --container and --all-containers see)."""
-    from .containers import discover, pod_path
+    from .containers import discover, pod_path, roots_from_env
     _setup_logging(False)
     problems: list[str] = []
-    found = discover(problems=problems)
+    docker_roots, storage_roots = roots_from_env(os.environ)
+    found = discover(problems=problems, docker_roots=docker_roots, storage_roots=storage_roots)
     for p in problems:
         log.warning("%s", p)
     if as_json:

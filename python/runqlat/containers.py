@@ -37,6 +37,7 @@ __all__ = [
     "STORAGE_ENV",
     "clean_label",
     "discover",
+    "roots_from_env",
     "resolve",
 ]
 
@@ -63,7 +64,8 @@ DEFAULT_STORAGE_ROOTS: tuple[str, ...] = (
 
 DEFAULT_DOCKER_ROOT = "/var/lib/docker"
 # Colon-separated extra docker data roots and containers/storage roots (graph
-# or run roots), for daemons started with --data-root / podman --root.
+# or run roots), for daemons started with --data-root / podman --root. Read by
+# the CLI (roots_from_env) and passed down, not read here.
 DOCKER_ROOT_ENV = "RUNQLAT_DOCKER_ROOT"
 STORAGE_ENV = "RUNQLAT_CONTAINERS_STORAGE"
 
@@ -352,12 +354,6 @@ def _annotations(spec: dict | None, path: str, problems: _Problems) -> dict:
     return ann
 
 
-def _docker_roots(explicit: Iterable[str] | None) -> list[str]:
-    roots = list(explicit) if explicit is not None else [DEFAULT_DOCKER_ROOT]
-    roots += [d for d in os.environ.get(DOCKER_ROOT_ENV, "").split(":") if d]
-    return list(dict.fromkeys(roots))
-
-
 def _docker_root_from_spec(spec: dict | None, cid: str) -> str | None:
     """dockerd bind-mounts <data-root>/containers/<id>/hostname at /etc/hostname:
     that names the data root of a daemon started with --data-root."""
@@ -499,12 +495,6 @@ def _match_cgroup(lines: list[tuple[str, str]]) -> tuple[str, str] | None:
     return None
 
 
-def _storage_roots(explicit: Iterable[str] | None) -> list[str]:
-    roots = list(explicit) if explicit is not None else list(DEFAULT_STORAGE_ROOTS)
-    roots += [d for d in os.environ.get(STORAGE_ENV, "").split(":") if d]
-    return list(dict.fromkeys(roots))
-
-
 @dataclass(frozen=True)
 class _StorageMeta:
     name: str | None = None
@@ -597,11 +587,21 @@ def _from_cgroups(
 # public API
 
 
+def roots_from_env(env) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(docker data roots, containers/storage roots): the defaults plus those in
+    $RUNQLAT_DOCKER_ROOT and $RUNQLAT_CONTAINERS_STORAGE (colon-separated) of the
+    mapping given (the CLI gives os.environ)."""
+    def extra(var: str) -> tuple[str, ...]:
+        return tuple(d for d in env.get(var, "").split(":") if d)
+    return ((DEFAULT_DOCKER_ROOT,) + extra(DOCKER_ROOT_ENV),
+            DEFAULT_STORAGE_ROOTS + extra(STORAGE_ENV))
+
+
 def discover(
     proc: str = "/proc",
     containerd_state_dirs: Iterable[str] | None = None,
     *,
-    docker_root: str | None = None,
+    docker_roots: Iterable[str] | None = None,
     storage_roots: Iterable[str] | None = None,
     scan_cgroups: bool = True,
     problems: list[str] | None = None,
@@ -610,22 +610,23 @@ def discover(
 
     containerd_state_dirs: runtime-v2 task dirs to read; None means
     DEFAULT_CONTAINERD_STATE_DIRS. Dirs listed in $RUNQLAT_CONTAINERD_STATE
-    (colon-separated) are always added, and likewise docker data roots in
-    $RUNQLAT_DOCKER_ROOT and containers/storage roots in
-    $RUNQLAT_CONTAINERS_STORAGE. Missing dirs are ignored; malformed files
-    are skipped and described, one line each, in `problems` when given.
+    (colon-separated) are always added. docker_roots (data roots, for names)
+    and storage_roots (containers/storage graph or run roots: podman, CRI-O)
+    default to the usual places; roots_from_env adds the user's. Missing dirs
+    are ignored; malformed files are skipped and described, one line each, in
+    `problems` when given.
     """
     report = _Problems(problems)
     host_ns = _host_pidns(proc)
-    docker_roots = _docker_roots([docker_root] if docker_root is not None else None)
+    docker_roots = list(dict.fromkeys(docker_roots if docker_roots is not None else (DEFAULT_DOCKER_ROOT,)))
+    storage_roots = list(dict.fromkeys(storage_roots if storage_roots is not None else DEFAULT_STORAGE_ROOTS))
     claimed: set[str] = set()
     found: dict[str, Container] = {}
     for state_dir in _state_dirs(containerd_state_dirs):
         for c in _from_containerd(proc, host_ns, state_dir, docker_roots, claimed, report):
             found.setdefault(c.id, c)
     if scan_cgroups:
-        for c in _from_cgroups(proc, host_ns, docker_roots, _storage_roots(storage_roots),
-                               claimed | set(found), report):
+        for c in _from_cgroups(proc, host_ns, docker_roots, storage_roots, claimed | set(found), report):
             found.setdefault(c.id, c)
     return sorted(found.values(), key=lambda c: (c.id, c.init_pid))
 

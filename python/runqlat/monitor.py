@@ -217,13 +217,14 @@ class Warner:
 
 class Monitor:
     def __init__(self, tracer: Tracer, mode: Mode, sources: Sources, proc: str = "/proc",
-                 containerd_state_dirs=None):
+                 containerd_state_dirs=None, docker_roots=None, storage_roots=None):
         self.tracer = tracer
         self.mode = mode
         self.proc = proc
         self.lock = threading.RLock()
         self.warn = Warner()
         self._state_dirs = containerd_state_dirs
+        self._roots = {"docker_roots": docker_roots, "storage_roots": storage_roots}
         self._consumers: set[str] = set()
         self._stash: dict[str, dict[Labels, Histogram]] = {}
         self._seen: dict[str, set] = {}              # labels a folding consumer has read
@@ -306,7 +307,7 @@ class Monitor:
         if now >= self._next_container_scan:
             self._next_container_scan = now + CONTAINER_SCAN_S
             problems: list[str] = []
-            found = ctr.discover(self.proc, self._state_dirs, problems=problems)
+            found = ctr.discover(self.proc, self._state_dirs, problems=problems, **self._roots)
             for msg in problems:  # once each while it lasts: discovery runs every 2 s
                 self.warn.once("state:" + msg, "%s", msg)
             self.warn.keep("state:", {"state:" + m for m in problems})
