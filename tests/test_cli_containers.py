@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from runqlat.containers import STATE_ENV, discover
-from runqlat.monitor import CONTAINER_SCAN_S
+from runqlat.containers import discover
+from runqlat.policy import STATE_ENV
+from runqlat.tracking import CONTAINER_SCAN_S
 from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf

@@ -20,7 +20,8 @@ import pytest
 from containerd_env import ContainerdEnv
 from helpers import IN_CI
 from runqlat.cgroups import cgroup2_mount
-from runqlat.containers import STATE_ENV, discover, resolve
+from runqlat.containers import ContainerError, discover, resolve
+from runqlat.policy import STATE_ENV, LoadPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,12 +92,11 @@ def test_discover_lifecycle(env):
     assert set(found) == {"idle", "third"}
 
 
-def test_env_var_adds_state_dir(env, monkeypatch):
+def test_env_var_adds_state_dir(env):
     env.run("viaenv", "sleep 1000")
-    monkeypatch.delenv(STATE_ENV, raising=False)
     assert "viaenv" not in {c.id for c in discover() if c.namespace == env.namespace}
-    monkeypatch.setenv(STATE_ENV, "/nonexistent/state:" + env.task_state_dir)
-    found = {c.id: c for c in discover() if c.namespace == env.namespace}
+    dirs = LoadPolicy.from_env({STATE_ENV: "/nonexistent/state:" + env.task_state_dir}).containerd_state_dirs
+    found = {c.id: c for c in discover(containerd_state_dirs=dirs) if c.namespace == env.namespace}
     assert set(found) == {"viaenv"}
 
 
@@ -120,7 +120,7 @@ def test_resolve_against_real_containers(env):
     cs = list(_ours(env).values())
     assert [c.id for c in resolve(cs, ["b"])] == ["beta"]
     assert [c.id for c in resolve(cs, ["alpha-2", "beta"])] == ["alpha-2", "beta"]
-    with pytest.raises(ValueError, match="ambiguous"):
+    with pytest.raises(ContainerError, match="ambiguous"):
         resolve(cs, ["alpha"])
 
 
@@ -209,7 +209,7 @@ def test_kubernetes_pods_named_from_cri_annotations(env):
             assert c.cgroup.endswith("/" + cid)
             assert c.init_pid == env.init_pid(cid, namespace="k8s.io")
     # the same container name in two pods: only namespace/pod/name is unique
-    with pytest.raises(ValueError, match="ambiguous"):
+    with pytest.raises(ContainerError, match="ambiguous"):
         resolve(found.values(), ["app"])
     assert [c.id for c in resolve(found.values(), [f"shop/web-{tag}/app"])] == [web["app"]]
     assert [c.id for c in resolve(found.values(), [f"db-{tag}/app"])] == [db["app"]]

@@ -17,6 +17,7 @@ import pytest
 
 from helpers import affinity, contention_cpu, schedstat, sysctl, unavailable
 from runqlat.abi import AggMode, Filter
+from runqlat.policy import LoadPolicy
 from runqlat.tracer import Options, Tracer
 from workload import BusyLoops
 
@@ -41,7 +42,7 @@ def test_old_state_field_name(tmp_path, root_bpf):
     with affinity(rest), sysctl("kernel.task_delayacct", "1"):
         hogs = [BusyLoops(1, hog_cpu) for _ in range(3)]
         try:
-            with Tracer(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, core_btf=str(btf))) as tr:
+            with Tracer(Options(agg=AggMode.PID, initial_filter=Filter.PIDS), LoadPolicy(core_btf=str(btf))) as tr:
                 assert tr.features["core_btf"] == str(btf)
                 task = hogs[0]
                 tr.set_targets(pids={task.pid})

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 
 import typer
 
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from helpers import unavailable
 from runqlat import cli
 from runqlat.metrics import Collector, parse_addr, parse_buckets
-from runqlat.monitor import Mode
+from runqlat.model import Mode, Snapshot, context_of, label_names
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "runqlat-core.service"
@@ -102,9 +101,9 @@ def exported_series_names() -> set[str]:
                 "gauge": ("",), "info": ("_info",)}
     names = set()
     for mode in Mode:
-        snap = SimpleNamespace(
-            mode=mode, hists={}, tracked_processes=0, tracked_containers=0,
-            drops={}, maps={}, progs={}, features={}, cpu={})
+        snap = Snapshot(
+            ts=0.0, mode=mode, hists={}, tracked_processes=0, tracked_containers=0,
+            drops={}, maps={}, progs={}, features={})
         for family in Collector(lambda: snap, bpf_stats=lambda: True).collect():
             for suffix in suffixes[family.type]:
                 names.add(family.name + suffix)
@@ -326,7 +325,7 @@ def test_rules_use_exported_metrics_and_labels():
     exported = exported_series_names()
     assert used and used <= exported, sorted(used - exported)
     # label names the rules group by are ones the exporter uses
-    known = {n for m in Mode for n in m.labels} | {"instance", "job", "le", "reason"}
+    known = {n for m in Mode for n in label_names(m, context_of(m))} | {"instance", "job", "le", "reason"}
     for group in re.findall(r"by \(([^)]*)\)", text):
         labels = {x.strip() for x in group.split(",")}
         assert labels <= known, labels - known

@@ -18,9 +18,9 @@ import urllib.request
 import pytest
 
 from helpers import unavailable
-from runqlat.containers import STATE_ENV
 from runqlat.cpuctx import CpuContextReader
-from runqlat.monitor import CONTAINER_SCAN_S
+from runqlat.policy import STATE_ENV
+from runqlat.tracking import CONTAINER_SCAN_S
 from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf

@@ -36,7 +36,7 @@ from runqlat.hist import (
     slot_upper_ns,
 )
 from runqlat.metrics import HIST_NAME, Collector, MetricsServer, parse_addr, parse_buckets
-from runqlat.monitor import Mode, Snapshot
+from runqlat.model import Mode, Snapshot, context_of, label_names
 
 US = 1000
 MS = 1_000_000
@@ -86,13 +86,18 @@ LABELS = {
 PROGS = {"switch_ts": (17, 2_500_000_000, 123_456), "wakeup_ts": (18, 1_000, 7)}
 
 
+def names_of(mode: Mode) -> tuple[str, ...]:
+    """A mode's label names, its context (Kubernetes, for containers) included."""
+    return label_names(mode, context_of(mode))
+
+
 def snapshot(mode: Mode, hists: dict | None = None) -> Snapshot:
     if hists is None:
         hists = {}
         for i, labels in enumerate(LABELS[mode]):
             slots = dict(EDGE_SLOTS)
             slots[slot_of((i + 1) * 7 * US)] = i + 1  # make the histograms differ
-            hists[labels] = hist_of_slots(slots, labels=dict(zip(mode.labels, labels)))
+            hists[labels] = hist_of_slots(slots, labels=dict(zip(names_of(mode), labels)))
     return Snapshot(
         ts=1_700_000_000.0, mode=mode, hists=hists, tracked_processes=42, tracked_containers=3,
         drops={"tracked_full": 5, "hist_full": 0, "task_ctx": 11},
@@ -174,7 +179,7 @@ def test_histogram_per_mode(mode, fmt):
     fams = families(snap, fmt)
     fam = fams[HIST_NAME]
     assert fam.type == "histogram"
-    series = by_series(fam, mode.labels)
+    series = by_series(fam, names_of(mode))
     assert set(series) == set(snap.hists)
     bounds = power_of_two_bounds_ns()
     for labels, d in series.items():
@@ -211,12 +216,12 @@ def test_cpu_context_counters(mode, fmt):
     for name, (_attr, first, last) in names.items():
         fam = fams[name]
         assert fam.type == "counter"
-        got = {tuple(smp.labels[n] for n in mode.labels): smp.value
+        got = {tuple(smp.labels[n] for n in names_of(mode)): smp.value
                for smp in fam.samples if smp.name == name + "_total"}
         want = {labs[0]: first} | ({labs[-1]: last} if last is not None else {})
         assert got == want, name
         # the same label names as the histogram: they join in PromQL without relabelling
-        assert all(set(smp.labels) == set(mode.labels) for smp in fam.samples if smp.name.endswith("_total"))
+        assert all(set(smp.labels) == set(names_of(mode)) for smp in fam.samples if smp.name.endswith("_total"))
 
 
 def test_no_cpu_families_outside_container_modes():
@@ -475,7 +480,7 @@ def test_server_serves_metrics_on_loopback():
         assert status == 200
         assert ctype.startswith("text/plain")
         fams = {f.name: f for f in parse_text(body)}
-        assert set(by_series(fams[HIST_NAME], Mode.CONTAINER.labels)) == set(LABELS[Mode.CONTAINER])
+        assert set(by_series(fams[HIST_NAME], names_of(Mode.CONTAINER))) == set(LABELS[Mode.CONTAINER])
         # what Prometheus asks for
         status, ctype, body = fetch(f"http://127.0.0.1:{port}/metrics",
                                     "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
@@ -545,7 +550,7 @@ def test_concurrent_scrapes():
         try:
             status, _, body = fetch(f"http://127.0.0.1:{port}/metrics")
             fams = {f.name: f for f in parse_text(body)}
-            ok = status == 200 and len(by_series(fams[HIST_NAME], Mode.CONTAINER.labels)) == len(LABELS[Mode.CONTAINER])
+            ok = status == 200 and len(by_series(fams[HIST_NAME], names_of(Mode.CONTAINER))) == len(LABELS[Mode.CONTAINER])
         except Exception as exc:  # noqa: BLE001 - reported below
             ok = exc
         with lock:

@@ -28,7 +28,7 @@ from runqlat.hist import (
     summary_line,
     trim,
 )
-from runqlat.monitor import Mode, Snapshot
+from runqlat.model import Mode, Snapshot
 from runqlat.output import Printer, log2_table_lines, mode_header, summary_lines
 
 
@@ -77,7 +77,7 @@ class ReferencePrinter:
         if self.timestamp:
             parts.append(time.strftime("%H:%M:%S", time.localtime(snap.ts)) + "\n")
         for labels, d in deltas:
-            head = mode_header(snap.mode, dict(zip(snap.mode.labels, labels)))
+            head = mode_header(snap.mode, dict(zip(snap.label_names, labels)))
             if head:
                 parts.append("\n" + head + "\n")
             parts.append(render_log2(trim(log2_matrix(d.slots, self.unit_ns)[0]), unit) + "\n")
@@ -87,7 +87,7 @@ class ReferencePrinter:
     def _json(self, snap, deltas, interval_s):
         for labels, d in deltas:
             rec = {"ts": round(snap.ts, 3), "interval_s": interval_s, "mode": snap.mode.value}
-            for k, v in zip(snap.mode.labels, labels):
+            for k, v in zip(snap.label_names, labels):
                 rec[k] = int(v) if k in ("pid", "tid", "pidns") else v
             p50, p90, p99 = np.round(percentiles_ns(d.slots, (0.5, 0.9, 0.99)), 1)[0].tolist()
             nz = np.flatnonzero(d.slots)

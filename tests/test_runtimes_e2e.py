@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from runqlat.containers import STATE_ENV, discover, resolve, roots_from_env
-from runqlat.monitor import CONTAINER_SCAN_S
+from runqlat.containers import discover, resolve
+from runqlat.policy import STATE_ENV, LoadPolicy
+from runqlat.tracking import CONTAINER_SCAN_S
 from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
@@ -44,11 +45,11 @@ def rt(request):
 
 
 def _discover(rt) -> dict:
-    """What discovery finds with the roots the CLI would take from rt's environment."""
-    docker_roots, storage_roots = roots_from_env(rt.discovery_env)
+    """What discovery finds with the dirs the CLI would take from rt's environment."""
+    policy = LoadPolicy.from_env(rt.discovery_env)
     problems: list[str] = []
-    found = {c.id: c for c in discover(containerd_state_dirs=[rt.discovery_env.get(STATE_ENV, "/nonexistent")],
-                                        docker_roots=docker_roots, storage_roots=storage_roots,
+    found = {c.id: c for c in discover(containerd_state_dirs=policy.containerd_state_dirs,
+                                        docker_roots=policy.docker_roots, storage_roots=policy.storage_roots,
                                         problems=problems)}
     assert not [p for p in problems if str(rt.tmp) in p], problems
     return found

@@ -30,14 +30,14 @@ from workload import BusyInPidns, BusyLoops
 from runqlat import abi, bpf
 from runqlat.cgroups import cgroup2_mount
 from runqlat.abi import AggMode, DropReason, Filter, TrackedReason
+from runqlat.policy import FORCE_ENV as FORCE_FIELDS, LoadPolicy
 from runqlat.tracer import Options, Tracer
 
 pytestmark = pytest.mark.bpf
 
 US, MS = 1000, 1_000_000
 HOG = "rq-hog"  # the busy loops' comm
-FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BATCH", "RUNQLAT_FORCE_HIST_HASH",
-             "RUNQLAT_FORCE_NO_TASK_SLOTS")
+FORCE_ENV = tuple(FORCE_FIELDS)
 
 
 # -- module fixtures: the contention, shared by every test --
@@ -72,11 +72,12 @@ def _clean_env(monkeypatch):
 
 @pytest.fixture
 def tracers(root_bpf):
-    """Open tracers with tracers(opts); every one is closed when the test ends."""
+    """Open tracers with tracers(opts), under the load policy of the environment
+    as the test has set it; every one is closed when the test ends."""
     opened: list[Tracer] = []
 
     def open_(opts: Options) -> Tracer:
-        t = Tracer(opts)
+        t = Tracer(opts, LoadPolicy.from_env(os.environ))
         opened.append(t)
         return t.open()
 
@@ -170,7 +171,8 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
 
     task = hogs[0]
     opts = Options(agg=AggMode.PID, initial_filter=Filter.PIDS)
-    assert opts.force_hash == (path == "hash") and opts.force_raw_tp == path.startswith("raw_tp")
+    policy = LoadPolicy.from_env(os.environ)
+    assert policy.force_hash == (path == "hash") and policy.force_raw_tp == path.startswith("raw_tp")
     tr = tracers(opts)
     assert (tr.features["attach"], tr.features["timestamps"]) == (attach, store)
     slots = env is not NO_SLOTS and "RUNQLAT_FORCE_NO_TASK_SLOTS" not in env
@@ -205,7 +207,7 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
 
     hists_map = tr.obj.map("hists")
     if path == "no_batch":
-        assert not hists_map._batch_ok and batch_calls == [], "RUNQLAT_FORCE_NO_BATCH=1 still used batch ops"
+        assert not hists_map.batch_ok and batch_calls == [], "RUNQLAT_FORCE_NO_BATCH=1 still used batch ops"
     else:
         assert {"hists", "hist_index"} <= set(batch_calls), "reading did not use batch map operations"
     in_row = path != "hist_hash"
@@ -514,7 +516,7 @@ def test_doctor_reports_task_slots(slots, monkeypatch, root_bpf):
     from runqlat import doctor
     if not slots:
         monkeypatch.setenv("RUNQLAT_FORCE_NO_TASK_SLOTS", "1")
-    rows = {c.name: c for c in doctor._trial_load()}
+    rows = {c.name: c for c in doctor._trial_load(LoadPolicy.from_env(os.environ))}
     assert rows["load + attach"].status == "ok", rows
     assert rows["task slots"].status == ("ok" if slots else "warn"), rows["task slots"]
 

@@ -6,7 +6,7 @@ host paths: containerd runtime-v2 state dirs first, because they name every
 task and its init PID exactly, then a scan of /proc/*/cgroup for runtimes
 that leave no such state dir (CRI-O, podman, docker with its own layouts).
 
-Pure stdlib, no BPF. Every root is injectable so tests can use a fake tree.
+Pure stdlib (and errors.py), no BPF. Every root is injectable so tests can use a fake tree.
 Processes exit while we scan; any vanished or unreadable entry is skipped
 rather than raised, because a half-finished scan is still useful and a
 crash is not.
@@ -26,25 +26,20 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from .errors import InputError
+
 __all__ = [
     "Container",
     "ContainerError",
     "DEFAULT_CONTAINERD_STATE_DIRS",
     "DEFAULT_STORAGE_ROOTS",
-    "DOCKER_ROOT_ENV",
+    "DEFAULT_DOCKER_ROOT",
     "MAX_LABEL_LEN",
-    "STATE_ENV",
-    "STORAGE_ENV",
     "clean_label",
     "discover",
-    "roots_from_env",
+    "pod_path",
     "resolve",
 ]
-
-# Colon-separated extra containerd state dirs (each an
-# ".../io.containerd.runtime.v2.task" directory); set by the CLI's users and
-# by the e2e tests, which run a private containerd.
-STATE_ENV = "RUNQLAT_CONTAINERD_STATE"
 
 DEFAULT_CONTAINERD_STATE_DIRS: tuple[str, ...] = (
     # Stock containerd (also docker >= 23 and Kubernetes nodes).
@@ -63,11 +58,6 @@ DEFAULT_STORAGE_ROOTS: tuple[str, ...] = (
 )
 
 DEFAULT_DOCKER_ROOT = "/var/lib/docker"
-# Colon-separated extra docker data roots and containers/storage roots (graph
-# or run roots), for daemons started with --data-root / podman --root. Read by
-# the CLI (roots_from_env) and passed down, not read here.
-DOCKER_ROOT_ENV = "RUNQLAT_DOCKER_ROOT"
-STORAGE_ENV = "RUNQLAT_CONTAINERS_STORAGE"
 
 # Kubernetes names are at most 253 characters; anything longer is not a name
 # a runtime made for a real workload, and label values must stay bounded.
@@ -77,7 +67,7 @@ MAX_LABEL_LEN = 253
 MAX_FILE_BYTES = 4 << 20
 
 
-class ContainerError(ValueError):
+class ContainerError(InputError):
     """A container selector matched nothing or more than one container."""
 
 
@@ -392,8 +382,6 @@ def _state_dirs(explicit: Iterable[str] | None) -> list[str]:
         dirs = list(explicit)
     else:
         dirs = list(DEFAULT_CONTAINERD_STATE_DIRS)
-    extra = os.environ.get(STATE_ENV, "")
-    dirs += [d for d in extra.split(":") if d]
     seen: set[str] = set()
     out = []
     for d in dirs:
@@ -587,16 +575,6 @@ def _from_cgroups(
 # public API
 
 
-def roots_from_env(env) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(docker data roots, containers/storage roots): the defaults plus those in
-    $RUNQLAT_DOCKER_ROOT and $RUNQLAT_CONTAINERS_STORAGE (colon-separated) of the
-    mapping given (the CLI gives os.environ)."""
-    def extra(var: str) -> tuple[str, ...]:
-        return tuple(d for d in env.get(var, "").split(":") if d)
-    return ((DEFAULT_DOCKER_ROOT,) + extra(DOCKER_ROOT_ENV),
-            DEFAULT_STORAGE_ROOTS + extra(STORAGE_ENV))
-
-
 def discover(
     proc: str = "/proc",
     containerd_state_dirs: Iterable[str] | None = None,
@@ -609,10 +587,10 @@ def discover(
     """All running containers visible from this host, sorted by id.
 
     containerd_state_dirs: runtime-v2 task dirs to read; None means
-    DEFAULT_CONTAINERD_STATE_DIRS. Dirs listed in $RUNQLAT_CONTAINERD_STATE
-    (colon-separated) are always added. docker_roots (data roots, for names)
+    DEFAULT_CONTAINERD_STATE_DIRS (policy.LoadPolicy adds the user's
+    RUNQLAT_CONTAINERD_STATE to them). docker_roots (data roots, for names)
     and storage_roots (containers/storage graph or run roots: podman, CRI-O)
-    default to the usual places; roots_from_env adds the user's. Missing dirs
+    default to the usual places (LoadPolicy adds the user's). Missing dirs
     are ignored; malformed files are skipped and described, one line each, in
     `problems` when given.
     """
@@ -655,7 +633,7 @@ def resolve(containers: Iterable[Container], wanted: Iterable[str]) -> list[Cont
     'namespace/pod/name') or unique id prefix, in the order asked, without
     duplicates.
 
-    Raises ContainerError (a ValueError) with a one-line message when a
+    Raises ContainerError (an InputError) with a one-line message when a
     selector matches nothing or is ambiguous.
     """
     pool = list(containers)
