@@ -14,6 +14,12 @@ BPF side from the hist_free stack; user space sizes them, reads them (summed
 over CPUs) and gives a retired key's row back, zeroed, after a quarantine.
 Keys beyond the rows live in the hists hash (RUNQLAT_FORCE_HIST_HASH=1 puts
 every key there).
+
+Why tasks waited (issue 14), each part only when asked for: the wait kind
+(by_kind: a key's preemption waits under the key with abi.PREEMPT_KEY set,
+folded back here), culprits and throttled time (attribute: the culprits and
+causes maps), slow-wait events (slower_than_ns: a ring buffer read by a
+thread of ours).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import errno as _errno
 import logging
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from . import abi, elf
-from .abi import AggMode, Filter
-from .bpf import BPF_MAP_TYPE_TASK_STORAGE, BpfObject, possible_cpus, probe_map_type
+from .abi import AggMode, CulpritBy, CulpritType, Filter, WaitKind
+from .bpf import (BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_TASK_STORAGE, BpfObject, RingBuffer, possible_cpus,
+                  probe_map_type)
 from .errors import KernelUnsupported, LibbpfError, PermissionDenied
 from .hist import Histogram
 
@@ -50,6 +58,15 @@ ROW_QUARANTINE_S = 0.1
 TASK_SLOTS_BUDGET_BYTES = 32 << 20
 # hist_arr is read this many bytes at a time (below cli.MMAP_THRESHOLD)
 ROWS_READ_BYTES = 768 << 10
+# wait_slots (the wait in progress of each thread id below pid_max; only when the
+# kind, culprits or slow waits are asked for) may take at most this much.
+WAIT_SLOTS_BUDGET_BYTES = 32 << 20
+# (victim, culprit) pairs the kernel keeps by default; a full map counts what it
+# could not record (why_counts culprits_full).
+CULPRITS_DEFAULT = 65536
+# The slow-wait ring buffer (a power of two of pages) and the events per CPU a second.
+SLOW_RING_BYTES = 256 << 10
+SLOW_EVENTS_PER_S = 1000
 
 
 # A hash map allocates its buckets up front, 16 bytes an entry it may hold: sized
@@ -96,6 +113,61 @@ class Options:
     force_hist_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HIST_HASH") == "1")
     # BTF for CO-RE relocations instead of the running kernel's (RUNQLAT_CORE_BTF; tests)
     core_btf: str | None = field(default_factory=lambda: os.environ.get("RUNQLAT_CORE_BTF") or None)
+    # why tasks waited (issue 14); all off: the programs do what they did before
+    by_kind: bool = False         # wakeup and preemption waits in their own histograms
+    attribute: bool = False       # culprits and throttled time
+    culprit_by: CulpritBy | None = None  # None: cgroups for per-cgroup modes, processes otherwise
+    slower_than_ns: int = 0       # a slow-wait event for each longer wait (turns attribute on)
+    slow_events_per_s: int = SLOW_EVENTS_PER_S  # per CPU; beyond it counted, not sent
+    max_culprits: int = 0         # culprits entries; 0: CULPRITS_DEFAULT
+
+    @property
+    def attributing(self) -> bool:
+        return self.attribute or self.slower_than_ns > 0
+
+
+@dataclass
+class SlowWait:
+    """One tracked wait longer than Options.slower_than_ns (comms as the kernel had them: hostile)."""
+
+    time: float            # wall clock, seconds
+    latency_ns: int
+    throttled_ns: int
+    pid: int
+    tid: int
+    comm: str
+    cgroup: int
+    cpu: int
+    kind: str              # "wakeup" or "preempt"
+    culprit_type: str      # "task", "kernel", "idle", "quota" or "unknown"
+    culprit_pid: int
+    culprit_tid: int
+    culprit_comm: str
+    culprit_cgroup: int
+    culprit_ns: int        # the part of the wait the culprit held the CPU
+
+    @property
+    def cause(self) -> str:
+        return "throttled" if self.throttled_ns * 2 > self.latency_ns else "contention"
+
+
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def decode_slow_wait(raw: bytes, mono_to_wall: float) -> SlowWait:
+    """A struct slow_event (abi.SLOW_EVENT_DTYPE) as a SlowWait."""
+    e = np.frombuffer(raw, dtype=abi.SLOW_EVENT_DTYPE, count=1)[0]
+    ctype = int(e["culprit_type"])
+    return SlowWait(
+        time=mono_to_wall + int(e["ts_ns"]) / 1e9, latency_ns=int(e["latency_ns"]),
+        throttled_ns=int(e["throttled_ns"]), pid=int(e["pid"]), tid=int(e["tid"]), comm=_comm(e["comm"]),
+        cgroup=int(e["cgroup"]), cpu=int(e["cpu"]),
+        kind="preempt" if int(e["kind"]) == WaitKind.PREEMPT else "wakeup",
+        culprit_type=CulpritType(ctype).name.lower() if ctype in CulpritType._value2member_map_ else "unknown",
+        culprit_pid=int(e["culprit_pid"]), culprit_tid=int(e["culprit_tid"]),
+        culprit_comm=_comm(e["culprit_comm"]), culprit_cgroup=int(e["culprit_cgroup"]),
+        culprit_ns=int(e["culprit_ns"]))
 
 
 def check_environment(btf_path: str | None = None) -> None:
@@ -149,6 +221,10 @@ class Tracer:
         # walks skipped while the BPF side's counters stand still (abi.COUNTER_VARS):
         self._tracked_seen: tuple[int, dict[int, int]] | None = None  # (tracked_changes, map)
         self._hash_empty_at: int | None = None  # hists_made when a walk found hists empty
+        self.kinds: dict[int, tuple[Histogram, Histogram]] = {}  # by_kind: key -> (wakeup, preempt), last read
+        self._ring: RingBuffer | None = None
+        self._ring_thread: threading.Thread | None = None
+        self._ring_stop = threading.Event()
         self.info = elf.inspect(self.object_path)
 
     # -- lifetime --
@@ -194,6 +270,7 @@ class Tracer:
         raise first_error
 
     def close(self) -> None:
+        self.stop_slow_waits()
         if self._obj is not None:
             self._obj.close()
             self._obj = None
@@ -240,10 +317,13 @@ class Tracer:
             obj.set_autocreate("task_ctx_storage", False)
         per_task = pid_map_entries(pm, o.expected_keys)
         hists = o.max_hists or {AggMode.GLOBAL: 1, AggMode.PID: per_task, AggMode.TID: per_task}.get(o.agg, o.max_groups)
+        if o.by_kind:  # a key's preemption waits are a second key
+            hists *= 2
         obj.set_max_entries("hists", hists)
         self.rows = self._row_count(hists)
         for name in ("hist_arr", "hist_index", "hist_free"):
             obj.set_max_entries(name, self.rows)
+        self._configure_why(obj, pm, hists)
 
         v = self.info.variables
         sec, off, _ = v[abi.LIVE_VAR]
@@ -251,9 +331,47 @@ class Tracer:
         self._filter = Filter(o.initial_filter)
         for name, fmt, val in (("agg_mode", "<I", int(o.agg)),
                                ("follow_children", "<B", int(o.follow_children)),
-                               ("watch_cgroup_moves", "<B", int(o.watch_cgroup_moves))):
+                               ("watch_cgroup_moves", "<B", int(o.watch_cgroup_moves)),
+                               ("by_kind", "<B", int(o.by_kind)),
+                               ("attribute", "<B", int(o.attributing)),
+                               ("culprit_by", "<I", int(self.culprit_by)),
+                               ("slower_than_ns", "<Q", int(o.slower_than_ns)),
+                               ("slow_events_per_s", "<I", int(o.slow_events_per_s))):
             sec, off, _ = v[name]
             obj.write_initial(sec, off, struct.pack(fmt, val))
+
+    @property
+    def culprit_by(self) -> CulpritBy:
+        o = self.opts
+        if o.culprit_by is not None:
+            return CulpritBy(o.culprit_by)
+        return CulpritBy.CGROUP if o.agg in (AggMode.CGROUP, AggMode.PIDNS) else CulpritBy.PROCESS
+
+    def _configure_why(self, obj: BpfObject, pm: int, keys: int) -> None:
+        """Sizes of the maps of issue 14: one entry each unless their part is asked for."""
+        o = self.opts
+        why = []
+        if o.by_kind:
+            why.append("kinds")
+            obj.set_max_entries("hist_global", 2)  # entry 1: preemption waits
+        if o.attributing:
+            why.append(f"culprits-by-{self.culprit_by.name.lower()}")
+        if o.slower_than_ns:
+            why.append(f"slower-than-{o.slower_than_ns}ns")
+        if why:
+            self.features["why"] = ",".join(why)
+        wait_slots = min(pm, WAIT_SLOTS_BUDGET_BYTES // abi.WAIT_SLOT_DTYPE.itemsize)
+        obj.set_max_entries("wait_slots", wait_slots if why else 1)
+        obj.set_max_entries("cpu_runs", possible_cpus() if o.attributing else 1)
+        obj.set_max_entries("culprits", (o.max_culprits or CULPRITS_DEFAULT) if o.attributing else 1)
+        obj.set_max_entries("causes", keys if o.attributing else 1)
+        if not probe_map_type(BPF_MAP_TYPE_RINGBUF):
+            if o.slower_than_ns:
+                raise KernelUnsupported("--slower-than needs BPF ring buffers, which this kernel lacks "
+                                        "(Linux 5.8 or later); run without --slower-than")
+            obj.stand_in_array("slow_waits")
+        elif o.slower_than_ns:
+            obj.set_max_entries("slow_waits", SLOW_RING_BYTES)
 
     def _task_slot_count(self, pm: int) -> int:
         """task_slots entries: thread ids below this have a slot (0 is the idle task's, unused)."""
@@ -390,8 +508,12 @@ class Tracer:
         """Cumulative histograms by key, summed over CPUs."""
         if self.opts.agg == AggMode.GLOBAL:
             m = self.obj.map("hist_global")
-            raw = m.lookup(struct.pack("<I", 0)) or b""
-            parts = [([0], *_sum_cpus(raw, 1, m.ncpus))]
+            if self.opts.by_kind:
+                raw = m.rows(2)
+                parts = [([0, abi.PREEMPT_KEY], *_sum_cpus(raw, 2, m.ncpus))]
+            else:
+                raw = m.lookup(struct.pack("<I", 0)) or b""
+                parts = [([0], *_sum_cpus(raw, 1, m.ncpus))]
         else:
             parts = self._read_keyed()
         out: dict[int, Histogram] = {}
@@ -411,6 +533,32 @@ class Tracer:
                     h.labels["comm"] = comm
                 out[key] = h
         self._hists_used = n
+        if self.opts.by_kind:
+            out = self._fold_kinds(out)
+        return out
+
+    def _fold_kinds(self, raw: dict[int, Histogram]) -> dict[int, Histogram]:
+        """Each key's wakeup and preemption histograms (PREEMPT_KEY) -> their sum
+        by key; the parts are kept in self.kinds."""
+        out: dict[int, Histogram] = {}
+        preempt: dict[int, Histogram] = {}
+        for k, h in raw.items():
+            if k & abi.PREEMPT_KEY:
+                preempt[k & ~abi.PREEMPT_KEY] = h
+            else:
+                out[k] = h
+        kinds = {}
+        for k, w in out.items():
+            p = preempt.pop(k, None)
+            kinds[k] = (w, p if p is not None else Histogram.empty(labels=dict(w.labels), key=k))
+        for k, p in preempt.items():  # preempted only, so far
+            kinds[k] = (Histogram.empty(labels=dict(p.labels), key=k), p)
+        for k, (w, p) in kinds.items():
+            both = w + p
+            both.key = k
+            both.labels["comm"] = w.labels.get("comm") or p.labels.get("comm", "")
+            out[k] = both
+        self.kinds = kinds
         return out
 
     def _read_keyed(self) -> list[tuple[list[int], np.ndarray, list[str]]]:
@@ -467,6 +615,10 @@ class Tracer:
         back to the free stack after a quarantine, zeroed."""
         if self.opts.agg == AggMode.GLOBAL:
             return
+        if self.opts.attributing:
+            self._delete_why(set(keys))
+        if self.opts.by_kind:
+            keys = list(keys) + [k | abi.PREEMPT_KEY for k in keys]
         rowed = [k for k in keys if k in self._row_of]
         rows = [self._row_of.pop(k) for k in rowed]
         if rows:
@@ -491,6 +643,90 @@ class Tracer:
         m = self.obj.map("hist_arr")
         m.update_batch(struct.pack(f"<{len(ready)}I", *ready), bytes(m.value_size * len(ready)), len(ready))
         self._free_rows(ready)
+
+    # -- why tasks waited --
+    def read_culprits(self) -> dict[int, dict[tuple[str, int], tuple[int, int]]]:
+        """victim key -> {(culprit type, id): (waited ns, pieces)}, cumulative.
+
+        type is a CulpritType name in lower case; id is a tgid or cgroup id
+        (Tracer.culprit_by) for "task", 0 otherwise."""
+        if not self.opts.attributing:
+            return {}
+        kb, vb, n = self.obj.map("culprits").items()
+        keys = np.frombuffer(kb, dtype=abi.CULPRIT_KEY_DTYPE, count=n)
+        vals = np.frombuffer(vb, dtype=abi.CULPRIT_VAL_DTYPE, count=n)
+        names = {int(t): t.name.lower() for t in CulpritType}
+        out: dict[int, dict[tuple[str, int], tuple[int, int]]] = {}
+        for victim, cid, typ, ns, cnt in zip(keys["victim"].tolist(), keys["culprit"].tolist(),
+                                             keys["type"].tolist(), vals["wait_ns"].tolist(),
+                                             vals["count"].tolist()):
+            out.setdefault(victim, {})[(names.get(typ, "unknown"), cid)] = (ns, cnt)
+        return out
+
+    def read_causes(self) -> dict[int, tuple[int, int]]:
+        """victim key -> (throttled ns, waits with a throttled part), cumulative."""
+        if not self.opts.attributing:
+            return {}
+        kb, vb, n = self.obj.map("causes").items()
+        keys = struct.unpack(f"<{n}Q", kb)
+        vals = np.frombuffer(vb, dtype=abi.CAUSE_VAL_DTYPE, count=n)
+        return dict(zip(keys, zip(vals["throttled_ns"].tolist(), vals["throttled_waits"].tolist())))
+
+    def why_counts(self) -> dict[str, int]:
+        m = self.obj.map("why_counts")
+        out = {}
+        for r in abi.WhyCounter:
+            raw = m.lookup(struct.pack("<I", int(r))) or b""
+            out[r.name.lower()] = sum(struct.unpack(f"<{len(raw) // 8}Q", raw))
+        return out
+
+    def _delete_why(self, victims: set[int]) -> None:
+        """Forget the culprits and causes of retired keys."""
+        cm = self.obj.map("culprits")
+        kb, _, n = cm.items()
+        if n:
+            keys = np.frombuffer(kb, dtype=abi.CULPRIT_KEY_DTYPE, count=n)
+            gone = np.isin(keys["victim"], np.fromiter(victims, dtype=np.uint64, count=len(victims)))
+            cm.delete_many([keys[i].tobytes() for i in np.flatnonzero(gone).tolist()])
+        self.obj.map("causes").delete_many([struct.pack("<Q", k) for k in victims])
+
+    def start_slow_waits(self, on_event) -> None:
+        """Call on_event(SlowWait) for each slow-wait event, from a thread of ours
+        (daemon: it never keeps the process alive; stop_slow_waits ends it)."""
+        if not self.opts.slower_than_ns or self._ring_thread is not None:
+            return
+        mono_to_wall = time.time() - time.monotonic()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
+        self._ring = RingBuffer(self.obj.map("slow_waits"), lambda raw: on_event(decode_slow_wait(raw, mono_to_wall)))
+        self._ring_stop.clear()
+        ring, stop = self._ring, self._ring_stop
+
+        def run():
+            while not stop.is_set():
+                try:
+                    ring.poll(100)
+                except LibbpfError as exc:
+                    log.warning("slow-wait events stopped: %s", exc)
+                    return
+
+        self._ring_thread = threading.Thread(target=run, name="runqlat-slow-waits", daemon=True)
+        self._ring_thread.start()
+
+    def stop_slow_waits(self) -> None:
+        t, self._ring_thread = self._ring_thread, None
+        if t is not None:
+            self._ring_stop.set()
+            t.join(timeout=1.0)
+            if t.is_alive():  # a consumer stuck in a callback: leave the buffer to it
+                log.warning("slow-wait reader did not stop; leaving it")
+                self._ring = None
+                return
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+    @property
+    def slow_wait_errors(self) -> int:
+        return self._ring.callback_errors if self._ring else 0
 
     def drops(self) -> dict[str, int]:
         m = self.obj.map("drops")
