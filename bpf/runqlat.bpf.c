@@ -12,12 +12,16 @@
  *    tasks with a thread id beyond the array keep it in task local storage;
  *    the decision is re-made only when user space bumps live_cfg.gen (the
  *    tracked set changed) or a task changed cgroup;
- *  - histograms are per-CPU: plain increments, no atomics, no lost counts;
- *  - a per-key histogram (per process, thread, ...) is a row of a per-CPU
- *    array: the row is found once per task and decision (hist_index, rows
- *    handed out from the hist_free stack, given back by user space when the
- *    key retires) and kept in the task's state, so recording is an array
- *    access, not a hash lookup. Keys beyond the rows use the hists hash;
+ *  - the global histogram is per-CPU: plain increments, no atomics;
+ *  - a per-key histogram (per process, thread, ...) is one row shared by
+ *    every CPU, updated with atomic adds: its kernel memory does not grow
+ *    with the number of CPUs (a per-CPU row costs 1,768 bytes times the
+ *    possible CPUs: 113 KB a key on a 64-CPU host), and user space reads the
+ *    rows in place through mmap. The row is found once per task and decision
+ *    (hist_index, rows handed out from the hist_free stack, given back by user
+ *    space when the key retires) and kept in the task's state, so recording is
+ *    an array access, not a hash lookup. Keys beyond the rows use the hists
+ *    hash, shared rows too;
  *  - nothing is deleted on the hot path.
  * Fallbacks, picked by user space at load time with set_autoload():
  *  - *_h programs keep the state of tasks beyond task_slots in a hash keyed by
@@ -31,6 +35,9 @@
 #include "runqlat.h"
 
 #define TASK_RUNNING 0
+
+_Static_assert(sizeof(struct hist) <= HIST_KEY_BYTES_MAX - 256,
+	       "a key's row and its hist_index entry must fit HIST_KEY_BYTES_MAX");
 
 /* Configuration fixed at load time. */
 const volatile __u32 agg_mode = AGG_GLOBAL;
@@ -109,10 +116,13 @@ struct {
  * histogram is the row hist_index names in hist_arr; a key that found no free
  * row (all in use) has its histogram in hists instead. User space sizes all
  * of them, fills hist_free with every row and gives rows back there once it
- * has read a retired key's last value and zeroed its row.
+ * has read a retired key's last value and zeroed its row. hist_arr is
+ * mmap-able: user space reads it in place, without a copy through a syscall
+ * (kernels without BPF_F_MMAPABLE, before 5.5, get it without the flag).
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct hist);
@@ -134,7 +144,7 @@ struct {
 } hist_free SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1);
 	__type(key, __u64);
@@ -962,10 +972,21 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 	barrier_var(slot);
 	if (slot >= HIST_SLOTS)
 		slot = HIST_SLOTS - 1;
-	/* per-CPU value, preemption is off in a tracepoint: plain adds are exact */
-	h->slots[slot]++;
-	h->count++;
-	h->sum_ns += delta;
+	if (agg_mode == AGG_GLOBAL) {
+		/* per-CPU value, preemption is off in a tracepoint: plain adds are exact */
+		h->slots[slot]++;
+		h->count++;
+		h->sum_ns += delta;
+	} else {
+		/*
+		 * A row shared by every CPU. count last: user space skips rows whose count
+		 * and sum did not move, and on x86 (TSO) a new count means the slot and
+		 * sum before it are visible too.
+		 */
+		__sync_fetch_and_add(&h->slots[slot], 1);
+		__sync_fetch_and_add(&h->sum_ns, delta);
+		__sync_fetch_and_add(&h->count, 1);
+	}
 	if (attribute && w)
 		explain_wait(t, tid, w, c->hist_key, delta, *now, r, prev, prev_tid, logged, kind, direct);
 }

@@ -74,12 +74,20 @@ enum drop_reason {
 	DROP_REASONS = 5,
 };
 
+/*
+ * A histogram. Per key (hist_arr rows, hists entries) one copy is shared by
+ * every CPU and updated with atomic adds, so a key's kernel memory does not
+ * grow with the CPU count: at most HIST_KEY_BYTES_MAX with its index entry.
+ * The global histogram is per-CPU (one value, plain adds).
+ */
 struct hist {
 	__u64 slots[HIST_SLOTS];
 	__u64 count;
 	__u64 sum_ns;
 	char comm[TASK_COMM_LEN];
 };
+
+#define HIST_KEY_BYTES_MAX 4096
 
 /* Written by user space at run time; a change of gen makes every task re-decide. */
 struct live_cfg {

@@ -236,6 +236,33 @@ MAP_SHAPES = {
 }
 
 
+# enum bpf_map_type (uapi)
+MAP_TYPES = {"BPF_MAP_TYPE_HASH": 1, "BPF_MAP_TYPE_ARRAY": 2, "BPF_MAP_TYPE_PERCPU_HASH": 5,
+             "BPF_MAP_TYPE_PERCPU_ARRAY": 6}
+PERCPU_TYPES = {5, 6, 10}  # + LRU_PERCPU_HASH
+
+
+def test_per_key_memory_does_not_grow_with_cpus(obj_path):
+    """Per-key histograms are one value shared by every CPU (not per-CPU maps),
+    within HIST_KEY_BYTES_MAX with room for the index entry; hist_arr is mmap-able;
+    only the small fixed-size maps are per-CPU."""
+    assert abi.HIST_SIZE + 256 <= abi.HIST_KEY_BYTES_MAX
+    assert "HIST_KEY_BYTES_MAX - 256" in BPF_SRC.read_text()  # the same bound, asserted at compile time
+    obj = BpfObject(obj_path)
+    try:
+        lib = _ffi.lib()
+        types = {n: lib.bpf_map__type(obj._map_ptrs[n]) for n in abi.MAPS}
+        assert types["hist_arr"] == MAP_TYPES["BPF_MAP_TYPE_ARRAY"]
+        assert types["hists"] == MAP_TYPES["BPF_MAP_TYPE_HASH"]
+        assert {n for n, t in types.items() if t in PERCPU_TYPES} == set(abi.PERCPU_MAPS)
+        assert abi.SHARED_HIST_MAPS.isdisjoint(abi.PERCPU_MAPS)
+        for name in abi.MAPS:
+            mmapable = bool(obj.map_flags(name) & abi.BPF_F_MMAPABLE)
+            assert mmapable == (name in abi.MMAP_MAPS), name
+    finally:
+        obj.close()
+
+
 def test_map_key_and_value_sizes(obj_path):
     assert set(MAP_SHAPES) == set(abi.MAPS)
     obj = BpfObject(obj_path)  # opened, not loaded: no root needed

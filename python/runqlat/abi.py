@@ -21,6 +21,9 @@ HIST_DIV_LIMIT = 1 << 31
 LATENCY_MAX_NS = 600_000_000_000
 NO_INDEX = 0xFFFFFFFF  # task_ctx.hist_idx of a key whose histogram is in hists
 MAX_CGROUP_DEPTH = 16
+# A histogram key's kernel memory at most (its row plus its index entry), at
+# any number of CPUs: per-key rows are shared by every CPU.
+HIST_KEY_BYTES_MAX = 4096
 
 
 class AggMode(enum.IntEnum):
@@ -132,8 +135,15 @@ LIVE_SECTION = ".data.live"
 COUNTER_VARS = ("tracked_changes", "hists_made")
 COUNTER_SECTION = ".bss"
 
-# Per-CPU maps: user space reads one value per possible CPU.
-PERCPU_MAPS = frozenset(("hist_arr", "hists", "hist_global", "hist_scratch", "drops", "why_counts"))
+# Per-CPU maps: user space reads one value per possible CPU. Only small ones
+# (a fixed number of entries, not one per key).
+PERCPU_MAPS = frozenset(("hist_global", "hist_scratch", "drops", "why_counts"))
+# Per-key histograms: one value shared by every CPU, updated with atomic adds.
+SHARED_HIST_MAPS = frozenset(("hist_arr", "hists"))
+# uapi BPF_F_MMAPABLE: hist_arr is read in place through mmap (the loader
+# clears the flag on kernels before 5.5, which lack it).
+BPF_F_MMAPABLE = 1 << 10
+MMAP_MAPS = frozenset(("hist_arr",))
 
 MAPS = (
     "task_slots",

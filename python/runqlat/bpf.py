@@ -7,6 +7,7 @@ from __exit__; links are destroyed before the object.
 from __future__ import annotations
 
 import errno as _errno
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -64,6 +65,16 @@ class Map:
         self.value_size = ((vsize + 7) // 8 * 8) * self.ncpus if percpu else vsize
         self._batch_ok = os.environ.get("RUNQLAT_FORCE_NO_BATCH") != "1"
         self._last_n = 0
+
+    def mmap_readonly(self) -> mmap.mmap:
+        """The values of a BPF_F_MMAPABLE array, mapped read-only: max_entries
+        values of value_size (rounded up to 8) bytes, back to back."""
+        size = self.max_entries * ((self.value_size + 7) // 8 * 8)
+        length = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            return mmap.mmap(self.fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise error_for(f"mapping map {self.name} into memory", exc.errno or _errno.EINVAL) from None
 
     def lookup(self, key: bytes) -> bytes | None:
         val = ffi.new("char[]", self.value_size)
@@ -250,6 +261,12 @@ class BpfObject:
     def set_max_entries(self, name: str, n: int) -> None:
         check(_ffi.lib().bpf_map__set_max_entries(self._map_ptrs[name], n), f"sizing map {name}")
 
+    def map_flags(self, name: str) -> int:
+        return _ffi.lib().bpf_map__map_flags(self._map_ptrs[name])
+
+    def set_map_flags(self, name: str, flags: int) -> None:
+        check(_ffi.lib().bpf_map__set_map_flags(self._map_ptrs[name], flags), f"setting flags of map {name}")
+
     def set_autocreate(self, name: str, on: bool) -> None:
         check(_ffi.lib().bpf_map__set_autocreate(self._map_ptrs[name], on), f"set_autocreate({name})")
 
@@ -402,6 +419,18 @@ def _last_message() -> str:
 
 def probe_map_type(map_type: int) -> bool:
     return _ffi.lib().libbpf_probe_bpf_map_type(map_type, ffi.NULL) == 1
+
+
+def probe_mmapable_array() -> bool:
+    """Does the kernel create BPF_F_MMAPABLE arrays (5.5+)?"""
+    l = _ffi.lib()
+    opts = ffi.new("struct bpf_map_create_opts *",
+                   {"sz": ffi.sizeof("struct bpf_map_create_opts"), "map_flags": abi.BPF_F_MMAPABLE})
+    fd = l.bpf_map_create(BPF_MAP_TYPE_ARRAY, b"rq_mmap_probe", 4, 8, 1, opts)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
 
 
 def probe_prog_type(prog_type: int) -> bool:

@@ -9,11 +9,12 @@ the id is below the array's size (pid_max, within TASK_SLOTS_BUDGET_BYTES), and
 in task storage (or the hash) otherwise. RUNQLAT_FORCE_NO_TASK_SLOTS=1 sends
 every task to the latter (tests).
 
-Per-key histograms are rows of the per-CPU array hist_arr, handed out by the
-BPF side from the hist_free stack; user space sizes them, reads them (summed
-over CPUs) and gives a retired key's row back, zeroed, after a quarantine.
-Keys beyond the rows live in the hists hash (RUNQLAT_FORCE_HIST_HASH=1 puts
-every key there).
+Per-key histograms are rows of hist_arr, one row per key shared by every CPU
+(the BPF side adds atomically), handed out by the BPF side from the hist_free
+stack; user space sizes them, reads them in place through mmap (kernels before
+5.5, or RUNQLAT_FORCE_NO_MMAP=1: through the map syscalls) and gives a retired
+key's row back, zeroed, after a quarantine. Keys beyond the rows live in the
+hists hash (RUNQLAT_FORCE_HIST_HASH=1 puts every key there).
 
 Why tasks waited (issue 14), each part only when asked for: the wait kind
 (by_kind: a key's preemption waits under the key with abi.PREEMPT_KEY set,
@@ -37,7 +38,7 @@ import numpy as np
 from . import abi, elf
 from .abi import AggMode, CulpritBy, CulpritType, Filter, WaitKind
 from .bpf import (BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_TASK_STORAGE, BpfObject, RingBuffer, possible_cpus,
-                  probe_map_type)
+                  probe_map_type, probe_mmapable_array)
 from .errors import KernelUnsupported, LibbpfError, PermissionDenied
 from .hist import Histogram
 
@@ -45,18 +46,25 @@ log = logging.getLogger(__name__)
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 
-# Kernel memory the hist_arr rows (preallocated, one copy per CPU) may take at most;
-# keys beyond the rows still work, through the hists hash.
+# Kernel memory the hist_arr rows (preallocated, one row per key whatever the
+# number of CPUs) may take at most; keys beyond the rows still work, through
+# the hists hash.
 ROWS_BUDGET_BYTES = 64 << 20
 # A retired row is zeroed and handed out again no sooner than this: by then no
 # program that read the old generation can still be writing to it.
 ROW_QUARANTINE_S = 0.1
+# Rows beyond the keys present at start (and a quarter more): room for keys that
+# appear later, e.g. threads created and joined by the hundred a second, whose
+# rows come back only after their retirement (the next collection).
+SPARE_ROWS = 64
 # Kernel memory of the task_slots array (preallocated, one slot per thread id
 # below pid_max): 32 MiB covers a pid_max of 838,860. Higher thread ids keep their
 # state in task storage, which costs a helper call per event instead of an
 # inlined array access.
 TASK_SLOTS_BUDGET_BYTES = 32 << 20
-# hist_arr is read this many bytes at a time (below cli.MMAP_THRESHOLD)
+# hist_arr is read (copied out of the mapping) this many bytes at a time, a
+# block of rows: below cli.MMAP_THRESHOLD, and a block whose rows' counts,
+# sums and comms did not move since the last read is not copied again
 ROWS_READ_BYTES = 768 << 10
 # wait_slots (the wait in progress of each thread id below pid_max; only when the
 # kind, culprits or slow waits are asked for) may take at most this much.
@@ -111,6 +119,8 @@ class Options:
         default_factory=lambda: os.environ.get("RUNQLAT_FORCE_NO_TASK_SLOTS") == "1")
     # no hist_arr rows: every key's histogram in the hists hash (RUNQLAT_FORCE_HIST_HASH; tests)
     force_hist_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HIST_HASH") == "1")
+    # hist_arr read through the map syscalls, not mmap (RUNQLAT_FORCE_NO_MMAP; tests)
+    force_no_mmap: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_NO_MMAP") == "1")
     # BTF for CO-RE relocations instead of the running kernel's (RUNQLAT_CORE_BTF; tests)
     core_btf: str | None = field(default_factory=lambda: os.environ.get("RUNQLAT_CORE_BTF") or None)
     # why tasks waited (issue 14); all off: the programs do what they did before
@@ -191,8 +201,11 @@ _COUNT, _SUM, _COMM = (abi.HIST_DTYPE.fields[f][1] // 8 for f in ("count", "sum_
 def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
     """n per-CPU struct hist values -> (n, _WORDS) words summed over CPUs (the comm
     words of the sum mean nothing) and each one's comm: the copy that has one (the
-    CPU that created the entry or took the row wrote it; the others are zero)."""
+    CPU that created the entry or took the row wrote it; the others are zero).
+    ncpus 1: shared values, as they are."""
     v = np.frombuffer(raw, dtype="<u8", count=n * ncpus * _WORDS).reshape(n, ncpus, _WORDS)
+    if ncpus == 1:
+        return v[:, 0, :], _comms(v[:, 0, _COMM:])
     words = v.sum(axis=1, dtype=np.uint64)
     names = v[:, :, _COMM:].copy().view(f"S{abi.TASK_COMM_LEN}").reshape(n, ncpus)
     comm = names[:, 0]
@@ -202,6 +215,11 @@ def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
             break
         comm = np.where(empty, names[:, cpu], comm)
     return words, [c.split(b"\0", 1)[0].decode(errors="replace") for c in comm.tolist()]
+
+
+def _comms(comm_words: np.ndarray) -> list[str]:
+    names = np.ascontiguousarray(comm_words).view(f"S{abi.TASK_COMM_LEN}").reshape(-1)
+    return [c.split(b"\0", 1)[0].decode(errors="replace") for c in names.tolist()]
 
 
 class Tracer:
@@ -218,6 +236,11 @@ class Tracer:
         self._row_of: dict[int, int] = {}       # key -> hist_arr row, as last read
         self._in_hash: set[int] = set()         # keys last read from hists
         self._retired_rows: list[tuple[float, list[int]]] = []
+        # hist_arr mapped (None: read through syscalls) as (rows, _WORDS) words
+        self._rows_mm = None
+        self._rows_view: np.ndarray | None = None
+        # block start -> (its rows' count..comm words when copied, the copy, comms)
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
         # walks skipped while the BPF side's counters stand still (abi.COUNTER_VARS):
         self._tracked_seen: tuple[int, dict[int, int]] | None = None  # (tracked_changes, map)
         self._hash_empty_at: int | None = None  # hists_made when a walk found hists empty
@@ -251,6 +274,7 @@ class Tracer:
                 obj.load()
                 if not self.opts.force_hist_hash:
                     self._free_rows(range(self.rows - 1, -1, -1))  # row 0 on top
+                self._map_rows()
                 self._attach(obj)
                 return self
             except PermissionDenied:
@@ -271,6 +295,14 @@ class Tracer:
 
     def close(self) -> None:
         self.stop_slow_waits()
+        self._blocks.clear()
+        self._rows_view = None
+        if self._rows_mm is not None:
+            try:
+                self._rows_mm.close()
+            except BufferError:  # a view still exported: unmapped when it goes
+                pass
+            self._rows_mm = None
         if self._obj is not None:
             self._obj.close()
             self._obj = None
@@ -315,6 +347,12 @@ class Tracer:
         if store == "hash":  # the state of threads beyond the slots
             obj.set_max_entries("task_ctx_hash", pid_map_entries(max(1, pm - self.task_slots), o.expected_keys))
             obj.set_autocreate("task_ctx_storage", False)
+        self._mmap_rows = (o.agg != AggMode.GLOBAL and not o.force_hist_hash and not o.force_no_mmap
+                           and probe_mmapable_array())
+        if not self._mmap_rows:
+            obj.set_map_flags("hist_arr", obj.map_flags("hist_arr") & ~abi.BPF_F_MMAPABLE)
+        if o.agg != AggMode.GLOBAL and not o.force_hist_hash:
+            self.features["row_reads"] = "mmap" if self._mmap_rows else "syscall"
         per_task = pid_map_entries(pm, o.expected_keys)
         hists = o.max_hists or {AggMode.GLOBAL: 1, AggMode.PID: per_task, AggMode.TID: per_task}.get(o.agg, o.max_groups)
         if o.by_kind:  # a key's preemption waits are a second key
@@ -387,8 +425,17 @@ class Tracer:
             return 1
         if o.max_rows:
             return o.max_rows
-        budget = max(1, ROWS_BUDGET_BYTES // (possible_cpus() * abi.HIST_SIZE))
-        return max(1, min(hists_max, budget, o.expected_keys + o.expected_keys // 4 + 64))
+        budget = max(1, ROWS_BUDGET_BYTES // abi.HIST_SIZE)
+        keys = o.expected_keys * (2 if o.by_kind else 1)  # by_kind: preemption waits are a second key
+        return max(1, min(hists_max, budget, keys + keys // 4 + SPARE_ROWS))
+
+    def _map_rows(self) -> None:
+        """hist_arr mapped into our memory, when it was created mmap-able."""
+        if not getattr(self, "_mmap_rows", False):
+            return
+        self._rows_mm = self.obj.map("hist_arr").mmap_readonly()
+        self._rows_view = np.frombuffer(self._rows_mm, dtype="<u8", count=self.rows * _WORDS).reshape(
+            self.rows, _WORDS)
 
     def _free_rows(self, rows) -> None:
         m = self.obj.map("hist_free")
@@ -603,12 +650,30 @@ class Tracer:
             mine = np.flatnonzero(idx >= 0)
             if not mine.size:
                 continue
-            words, comms = _sum_cpus(am.rows(hi, start=lo), hi - lo, am.ncpus)
+            words, comms = self._rows_block(am, lo, hi)
             if mine.size < hi - lo:
                 words = words[mine]
                 comms = [comms[i] for i in mine.tolist()]
             parts.append(([keys[i] for i in idx[mine].tolist()], words, comms))
         return parts
+
+    def _rows_block(self, am, lo: int, hi: int) -> tuple[np.ndarray, list[str]]:
+        """Rows lo..hi-1 of hist_arr as (n, _WORDS) words and their comms: copied
+        out of the mapping, unless no row's count, sum or comm moved since the
+        last copy (then that copy). Without the mapping, read through syscalls."""
+        if self._rows_view is None:
+            return _sum_cpus(am.rows(hi, start=lo), hi - lo, 1)
+        v = self._rows_view[lo:hi]
+        # read before the copy: a change after it shows next time. The BPF side adds
+        # to count last, so (on x86) a count seen here means its slot and sum are too.
+        tail = v[:, _COUNT:].copy()
+        last = self._blocks.get(lo)
+        if last is not None and np.array_equal(last[0], tail):
+            return last[1], last[2]
+        words = v.copy()
+        comms = _comms(words[:, _COMM:])
+        self._blocks[lo] = (tail, words, comms)
+        return words, comms
 
     def delete_hists(self, keys: list[int]) -> None:
         """Forget retired keys (their last values have been read). Their rows go
