@@ -145,7 +145,7 @@ enum wait_kind {
  * (below) is taken as its beginning and charged to CULPRIT_QUOTA; what lies
  * before the oldest switch remembered goes to CULPRIT_UNKNOWN.
  */
-#define RUN_LOG_LEN 32
+#define RUN_LOG_LEN 64
 /* A task's charges to one culprit are summed in its wait_slot and written to
  * the culprits map when the culprit changes or the sum reaches these. */
 #define CULPRIT_FLUSH_NS 1000000ULL

@@ -58,7 +58,7 @@ DROP_REASONS = len(DropReason)
 # -- why tasks waited (issue 14) --
 PREEMPT_KEY_BIT = 63
 PREEMPT_KEY = 1 << PREEMPT_KEY_BIT  # a key's preemption-wait histogram (by_kind)
-RUN_LOG_LEN = 32
+RUN_LOG_LEN = 64
 CULPRIT_FLUSH_NS = 1_000_000
 CULPRIT_FLUSH_COUNT = 64
 WAIT_PREEMPT = 1
