@@ -65,6 +65,9 @@ class RunConfig:
     metrics_addr: Optional[str] = None
     buckets: Optional[str] = None
     max_tracked: Optional[int] = None
+    by_kind: bool = False
+    culprits: bool = False
+    slower_than: Optional[str] = None
 
 
 # Keys a config file may hold (the same names as RunConfig's fields).
@@ -105,7 +108,7 @@ def load_config(path: Path) -> dict:
             raise InputError(f"config file {path}: {key} must be true or false")
         elif key in ("count", "max_tracked") and (not isinstance(val, int) or isinstance(val, bool)):
             raise InputError(f"config file {path}: {key} must be an integer")
-        elif key in ("pids_file", "output", "output_file", "metrics_addr") and not isinstance(val, str):
+        elif key in ("pids_file", "output", "output_file", "metrics_addr", "slower_than") and not isinstance(val, str):
             raise InputError(f"config file {path}: {key} must be a string")
     return data
 
@@ -269,6 +272,12 @@ def _validate(cfg: RunConfig) -> None:
             raise UsageError(f"--pid {p} is not a valid PID")
     if cfg.max_tracked is not None and not 1 <= cfg.max_tracked <= 4 * 1024 * 1024:
         raise UsageError("--max-tracked must be between 1 and 4194304")
+    if cfg.slower_than is not None:
+        from .events import parse_duration_ns
+        try:
+            parse_duration_ns(cfg.slower_than)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if cfg.follow_children and not (cfg.pids or cfg.pids_file):
         log.warning("--follow-children has no effect without -p or --pids-file")
 
@@ -318,6 +327,18 @@ def run(
     max_tracked: Optional[int] = typer.Option(
         None, "--max-tracked", help="Capacity of the tracked-PID map (default: kernel.pid_max up to 65536, "
                                         "or twice the processes present at start if more)."),
+    by_kind: bool = typer.Option(
+        False, "--by-kind", help="Wakeup and preemption waits apart (text: two histograms per key; JSON: "
+                                 "kind; Prometheus: label kind). A wait after a wakeup is a wakeup wait, "
+                                 "one after being switched out while runnable a preemption wait."),
+    culprits: bool = typer.Option(
+        False, "--culprits", help="Why tasks waited: who held the CPU (top culprits per key) and which part "
+                                  "was throttling by a CPU quota (cause). Costs more per tracked event."),
+    slower_than: Optional[str] = typer.Option(
+        None, "--slower-than", metavar="DURATION",
+        help="Print every tracked wait longer than DURATION (e.g. 5ms) as it happens, with its kind, cause "
+             "and culprit (at most 1000 a second per CPU; the rest are counted). Implies --culprits' "
+             "bookkeeping; needs Linux 5.8+."),
     config: Optional[Path] = typer.Option(
         None, "--config", metavar="FILE",
         help="TOML file with these options (keys as the long names with '_'); SIGHUP re-reads "
@@ -333,7 +354,7 @@ def run(
                         pids_file=pids_file, follow_children=follow_children, cgroups=list(cgroup or []),
                         containers=list(container or []), all_containers=all_containers, output=output,
                         output_file=output_file, quiet=quiet, metrics_addr=metrics_addr, buckets=buckets,
-                        max_tracked=max_tracked)
+                        max_tracked=max_tracked, by_kind=by_kind, culprits=culprits, slower_than=slower_than)
     try:
         cfg = merge(cli_cfg, load_config(config)) if config else cli_cfg
         _validate(cfg)
@@ -350,6 +371,7 @@ def run(
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     from .monitor import Mode, Monitor, expected_keys
     from .output import Printer
+    from .events import parse_duration_ns
     from .tracer import Options, Tracer
 
     mode = _pick_mode(cfg)
@@ -384,7 +406,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
             opts = Options(agg=mode.agg, follow_children=cfg.follow_children,
                            watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
                            max_tracked=cfg.max_tracked or 0, initial_filter=sources.filter,
-                           expected_keys=expected_keys(mode, sources))
+                           expected_keys=expected_keys(mode, sources), by_kind=cfg.by_kind,
+                           attribute=cfg.culprits,
+                           slower_than_ns=parse_duration_ns(cfg.slower_than) if cfg.slower_than else 0)
             server = None
             if cfg.metrics_addr:
                 # bound before loading anything: a port in use fails fast and alone
@@ -409,6 +433,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
                 except OSError as exc:
                     raise InputError(f"cannot open --output-file {cfg.output_file}: {exc.strerror}") from None
             printer = Printer(out, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)
+            if cfg.slower_than:
+                printer = _LockedPrinter(printer)
+                tracer.start_slow_waits(_event_writer(out, cfg.output, printer.lock))
             if printing and cfg.output == "text" and not cfg.output_file:
                 what = sources.describe
                 end = "Hit Ctrl-C to end." if cfg.interval is None else ""
@@ -418,6 +445,37 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+class _LockedPrinter:
+    """The interval printer, sharing the output with the slow-wait event thread."""
+
+    def __init__(self, printer):
+        self.printer = printer
+        self.lock = threading.Lock()
+
+    def emit(self, snap, interval_s) -> None:
+        with self.lock:
+            self.printer.emit(snap, interval_s)
+
+
+def _event_writer(out, fmt: str, lock: threading.Lock):
+    """The callback of the slow-wait thread: one line per event. A failed write
+    (closed pipe) is logged once; the tracer keeps running."""
+    from .events import json_line, text_line
+    line = json_line if fmt == "json" else text_line
+    failed = []
+
+    def write(ev) -> None:
+        try:
+            with lock:
+                out.write(line(ev) + "\n")
+                out.flush()
+        except (OSError, ValueError) as exc:
+            if not failed:
+                failed.append(exc)
+                log.warning("cannot write slow-wait events: %s", exc)
+    return write
 
 
 def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config) -> int:
