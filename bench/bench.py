@@ -42,8 +42,12 @@ CONFIGS = (
     ("outside", "runqlat-core -p, workload outside"),
     ("inside", "runqlat-core -p, workload inside"),
     ("perproc", "runqlat-core -P, all tasks"),
+    # why tasks waited (issue 14): the same -p cases with it on
+    ("why_outside", "--culprits --by-kind -p, outside"),
+    ("why_inside", "--culprits --by-kind -p, inside"),
+    ("kind_inside", "--by-kind -p, inside"),
 )
-OURS = ("all", "outside", "inside", "perproc")
+OURS = ("all", "outside", "inside", "perproc", "why_outside", "why_inside", "kind_inside")
 
 
 def tracer_argv(cfg: str, gate_pid: int, idle_pid: int) -> list[str] | None:
@@ -57,6 +61,10 @@ def tracer_argv(cfg: str, gate_pid: int, idle_pid: int) -> list[str] | None:
         # the workload is exec'd by the gate shell, its forked worker followed
         "inside": rqc + ["run", "--output", "json", "-p", str(gate_pid), "--follow-children"],
         "perproc": rqc + ["run", "--output", "json", "-P"],
+        "why_outside": rqc + ["run", "--output", "json", "--culprits", "--by-kind", "-p", str(idle_pid)],
+        "why_inside": rqc + ["run", "--output", "json", "--culprits", "--by-kind", "-p", str(gate_pid),
+                             "--follow-children"],
+        "kind_inside": rqc + ["run", "--output", "json", "--by-kind", "-p", str(gate_pid), "--follow-children"],
     }[cfg]
     return argv and ["taskset", "-c", TRACER_CPU] + argv
 
@@ -436,6 +444,16 @@ def targets_text(summary: dict, us: dict) -> str:
     if "over_empty_ns" in s.get("outside", {}):
         check(s["outside"]["over_empty_ns"] <= 30,
               f"untracked tasks: {s['outside']['over_empty_ns']:+.0f} ns/event over the empty program (target <= 30)")
+    # issue 14
+    if "over_empty_ns" in s.get("why_outside", {}):
+        check(s["why_outside"]["over_empty_ns"] <= 10,
+              f"untracked tasks, --culprits --by-kind: {s['why_outside']['over_empty_ns']:+.0f} ns/event over "
+              f"the empty program (target <= 10; -p without them: "
+              f"{s.get('outside', {}).get('over_empty_ns', float('nan')):+.0f})")
+    if "ratio_runqlat" in s.get("why_inside", {}):
+        check(s["why_inside"]["ratio_runqlat"] <= 0.35,
+              f"tracked tasks, --culprits --by-kind: {s['why_inside']['ratio_runqlat']:.2f}x runqlat per event "
+              f"(target <= 0.35; without them {s.get('inside', {}).get('ratio_runqlat', float('nan')):.2f}x)")
     if e:
         for cfg in OURS:
             if "over_empty_pts" in s.get(cfg, {}):
