@@ -90,3 +90,41 @@ def test_options_defaults_are_all_off():
     o = Options()
     assert not (o.by_kind or o.attribute or o.slower_than_ns or o.attributing)
     assert Options(slower_than_ns=1).attributing
+
+
+# -- why.py: culprits as users read them --
+
+from runqlat import why as why_mod  # noqa: E402
+
+
+def test_why_delta_and_sum():
+    a = why_mod.Why({("task", 1): (100, 2), ("kernel", 0): (5, 1)}, 40, 1)
+    b = why_mod.Why({("task", 1): (250, 3), ("kernel", 0): (5, 1), ("task", 2): (7, 1)}, 90, 2)
+    d = b - a
+    assert d.culprits == {("task", 1): (150, 1), ("task", 2): (7, 1)}  # the unmoved one left out
+    assert (d.throttled_ns, d.throttled_waits) == (50, 1)
+    s = a + d
+    assert s.culprits[("task", 1)] == (250, 3) and s.charged_ns == 262
+    assert why_mod.cause_split(d, 100) == (50, 50)
+    assert why_mod.cause_split(why_mod.Why(throttled_ns=500), 100) == (100, 0)
+
+
+def test_named_and_top_fold_the_rest():
+    w = why_mod.Why({("task", 1): (100, 1), ("task", 2): (300, 3), ("task", 3): (50, 1),
+                     ("quota", 0): (200, 2), ("unknown", 0): (1, 1)})
+    names = why_mod.named(w, lambda typ, cid: "same" if cid in (1, 3) else f"pid {cid}")
+    assert names == {"same": (150, 2), "pid 2": (300, 3), "(cpu quota)": (200, 2), "(unknown)": (1, 1)}
+    assert why_mod.top(names, 2) == [("pid 2", 300, 3), ("(cpu quota)", 200, 2), ("(other)", 151, 3)]
+    assert why_mod.top(names, 9)[-1] == ("(unknown)", 1, 1)
+
+
+def test_sticky_top_keeps_counters_monotonic():
+    st = why_mod.StickyTop(2)
+    v = ("42", "app")
+    first = {n: ns for n, ns, _ in st.series(v, {"a": (10, 1), "b": (5, 1), "c": (1, 1)})}
+    assert set(first) == {"a", "b", "(other)"} and first["(other)"] == 1
+    # c overtakes both: it stays in (other), which only grows; a and b keep their series
+    second = dict((n, ns) for n, ns, _ in st.series(v, {"a": (11, 2), "b": (6, 2), "c": (500, 9)}))
+    assert second == {"a": 11, "b": 6, "(other)": 500}
+    st.forget(set())
+    assert dict((n, ns) for n, ns, _ in st.series(v, {"c": (500, 9), "a": (11, 2)})) == {"c": 500, "a": 11}
