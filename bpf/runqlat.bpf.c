@@ -212,7 +212,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1);
-	__type(key, __u64);   /* histogram key (without PREEMPT_KEY) */
+	__type(key, __u64);   /* histogram key (with by_kind, PREEMPT_KEY for preemption waits) */
 	__type(value, struct cause_val);
 } causes SEC(".maps");
 
@@ -448,10 +448,10 @@ struct task_struct___pre516 {
 	unsigned int cpu;
 } __attribute__((preserve_access_index));
 
-static __always_inline __u32 task_cpu_of(struct task_struct *t)
+static __always_inline __u32 task_cpu_of(struct task_struct *t, bool direct)
 {
 	if (bpf_core_field_exists(t->thread_info.cpu))
-		return BPF_CORE_READ(t, thread_info.cpu);
+		return READ(direct, t, thread_info.cpu);
 	return BPF_CORE_READ((struct task_struct___pre516 *)t, cpu);
 }
 
@@ -523,19 +523,27 @@ static __always_inline struct wait_slot *wait_slot_of(struct task_struct *t, __u
 	return w;
 }
 
-/* The task of w is no longer queued where it was counted. */
-static __always_inline void uncount(struct wait_slot *w)
+/*
+ * The task of w is no longer queued where it was counted. here: this CPU's
+ * cpu_runs when the caller has it (NULL: looked up).
+ */
+static __always_inline void uncount(struct wait_slot *w, struct cpu_runs *here)
 {
 	struct cpu_runs *r;
-	__u32 cpu = w->wait_cpu;
+	__u32 cpu = w->wait_cpu, me;
 
 	if (!(w->flags & WAIT_COUNTED))
 		return;
 	w->flags &= ~WAIT_COUNTED;
+	me = bpf_get_smp_processor_id();
+	if (cpu == me && here) {
+		here->own--;
+		return;
+	}
 	r = bpf_map_lookup_elem(&cpu_runs, &cpu);
 	if (!r)
 		return;
-	if (cpu == bpf_get_smp_processor_id())
+	if (cpu == me)
 		r->own--;
 	else
 		__sync_fetch_and_add(&r->foreign, -1);
@@ -562,8 +570,15 @@ static __always_inline void wait_began(struct task_struct *t, __u32 tid, __u32 k
 		w->flags |= WAIT_THROTTLED;
 	if (w->flags & WAIT_COUNTED)
 		return; /* woken again while queued: counted already */
+	/*
+	 * Woken while still on a CPU (before it got off it): not queued, and
+	 * nothing would take the count back when it blocks. Its clock runs as
+	 * before; if it is preempted it is counted then.
+	 */
+	if (!here && READ(direct, t, on_cpu))
+		return;
 	me = bpf_get_smp_processor_id();
-	cpu = here ? me : task_cpu_of(t);
+	cpu = here ? me : task_cpu_of(t, direct);
 	r = bpf_map_lookup_elem(&cpu_runs, &cpu);
 	if (!r)
 		return;
@@ -591,11 +606,15 @@ static __always_inline void log_run(struct cpu_runs *r, struct task_struct *prev
 		e->type = CULPRIT_KERNEL;
 	else
 		e->type = CULPRIT_TASK;
-	if (direct)
-		e->cgroup = prev->cgroups->dfl_cgrp->kn->id;
-	else
-		e->cgroup = cgroup_id(task_dfl_cgroup(prev));
-	bpf_probe_read_kernel(&e->comm, sizeof(e->comm), &prev->comm);
+	/* four dependent loads: only when culprits are cgroups or events name them */
+	if (culprit_by == CULPRIT_BY_CGROUP || slower_than_ns) {
+		if (direct)
+			e->cgroup = prev->cgroups->dfl_cgrp->kn->id;
+		else
+			e->cgroup = cgroup_id(task_dfl_cgroup(prev));
+	}
+	if (slower_than_ns) /* only slow-wait events name the culprit's comm: a helper call saved */
+		bpf_probe_read_kernel(&e->comm, sizeof(e->comm), &prev->comm);
 	r->head++;
 }
 
@@ -608,27 +627,26 @@ static __always_inline struct cpu_runs *switch_log(struct task_struct *prev, __u
 {
 	__u32 cpu = bpf_get_smp_processor_id();
 	struct cpu_runs *r = bpf_map_lookup_elem(&cpu_runs, &cpu);
-	struct wait_slot *w;
 
 	if (!r || r->own + r->foreign <= 0)
 		return r;
 	log_run(r, prev, prev_tid, clock_ns(now), direct);
 	*logged = true;
-	/* woken while it still ran (so counted), now off the CPU: not queued any more */
-	w = wait_slot_of(prev, prev_tid, false, false);
-	if (w)
-		uncount(w);
 	return r;
 }
 
-/* Write w's pending charges into the culprits map. */
-static __noinline void flush_charges(struct wait_slot *w)
+/*
+ * Write w's pending charges into the culprits map. False: not written (the
+ * map is full, or the kernel could not take its bucket lock just now); they
+ * stay pending and the caller decides.
+ */
+static __noinline bool flush_charges(struct wait_slot *w)
 {
 	struct culprit_key k = {};
 	struct culprit_val zero = {}, *v;
 
 	if (!w || !w->cul_count)
-		return;
+		return true;
 	k.victim = w->cul_victim;
 	k.culprit = w->cul_id;
 	k.type = w->cul_type;
@@ -637,12 +655,19 @@ static __noinline void flush_charges(struct wait_slot *w)
 		bpf_map_update_elem(&culprits, &k, &zero, BPF_NOEXIST);
 		v = bpf_map_lookup_elem(&culprits, &k);
 	}
-	if (v) {
-		__sync_fetch_and_add(&v->wait_ns, w->cul_ns);
-		__sync_fetch_and_add(&v->count, w->cul_count);
-	} else {
-		why_count(WHY_CULPRITS_FULL);
-	}
+	if (!v)
+		return false;
+	__sync_fetch_and_add(&v->wait_ns, w->cul_ns);
+	__sync_fetch_and_add(&v->count, w->cul_count);
+	w->cul_ns = 0;
+	w->cul_count = 0;
+	return true;
+}
+
+/* Pending charges that could not be written and cannot wait: counted, dropped. */
+static __always_inline void drop_charges(struct wait_slot *w)
+{
+	why_count(WHY_CULPRITS_FULL);
 	w->cul_ns = 0;
 	w->cul_count = 0;
 }
@@ -656,9 +681,12 @@ static __noinline void flush_charges(struct wait_slot *w)
 static __always_inline void charge(struct wait_slot *w, __u64 victim, __u32 type, __u64 id, __u64 ns)
 {
 	/* one call site: the verifier walks the loop below with this inside */
-	if (w->cul_count && (w->cul_victim != victim || w->cul_type != type || w->cul_id != id ||
-			     w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT))
-		flush_charges(w);
+	bool other = w->cul_victim != victim || w->cul_type != type || w->cul_id != id;
+
+	/* a failed write of the same culprit's charges is tried again next time */
+	if (w->cul_count && (other || w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT) &&
+	    !flush_charges(w) && other)
+		drop_charges(w);
 	w->cul_victim = victim;
 	w->cul_type = type;
 	w->cul_id = id;
@@ -836,7 +864,27 @@ static __always_inline void explain_wait(struct task_struct *t, __u32 tid, struc
 		thr = delta;
 	if (r && !logged)
 		log_run(r, prev, prev_tid, now, direct);
+	if (r && !thr) {
+		/*
+		 * The usual case, without the walk: the task that just ran ran for
+		 * the whole wait (the run before it ended before the wait began).
+		 */
+		__u32 i = (r->head - 1) & (RUN_LOG_LEN - 1);
+		struct run_entry *e = &r->runs[i];
+
+		if (e->end_ns == now && r->runs[(r->head - 2) & (RUN_LOG_LEN - 1)].end_ns <= now - delta) {
+			charge(w, victim, e->type, e->type != CULPRIT_TASK ? 0 :
+			       culprit_by == CULPRIT_BY_CGROUP ? e->cgroup : e->tgid, delta);
+			if (w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT)
+				flush_charges(w);
+			r->best_ns = delta;
+			r->best = i;
+			r->best_type = e->type;
+			goto event;
+		}
+	}
 	attribute_wait(victim, now - delta, now, thr, tid);
+event:
 	if (r && slower_than_ns && delta > slower_than_ns)
 		send_slow(t, tid, r, now - delta, now, thr, kind, direct);
 }
@@ -938,7 +986,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 		if (w) {
 			kind = w->flags & WAIT_PREEMPT ? KIND_PREEMPT : KIND_WAKEUP;
 			if (attribute)
-				uncount(w);
+				uncount(w, r);
 		}
 	}
 	gen = live.gen;
@@ -987,8 +1035,10 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 		__sync_fetch_and_add(&h->sum_ns, delta);
 		__sync_fetch_and_add(&h->count, 1);
 	}
+	/* with by_kind, a key's culprits and causes are kept per kind too */
 	if (attribute && w)
-		explain_wait(t, tid, w, c->hist_key, delta, *now, r, prev, prev_tid, logged, kind, direct);
+		explain_wait(t, tid, w, by_kind && kind == KIND_PREEMPT ? c->hist_key | PREEMPT_KEY : c->hist_key,
+			     delta, *now, r, prev, prev_tid, logged, kind, direct);
 }
 
 /*
@@ -1065,8 +1115,9 @@ static __always_inline int on_exit(struct task_struct *t)
 		struct wait_slot *w = wait_slot_of(t, tid, false, false);
 
 		if (w) {
-			flush_charges(w); /* its last charges */
-			uncount(w);
+			if (!flush_charges(w)) /* its last charges */
+				drop_charges(w);
+			uncount(w, NULL);
 		}
 	}
 	if (BPF_CORE_READ(t, signal, live.counter) == 0 && bpf_map_delete_elem(&tracked_pids, &tgid) == 0)

@@ -167,7 +167,7 @@ enum culprit_by {
 /* Indexes of the per-CPU why_counts map. */
 enum why_counter {
 	WHY_NO_SLOT = 0,        /* a tracked task beyond wait_slots: kind wakeup, no culprit */
-	WHY_CULPRITS_FULL = 1,  /* charges not recorded: culprits map full */
+	WHY_CULPRITS_FULL = 1,  /* charges not recorded: culprits map full (or busy, twice) */
 	WHY_CAUSES_FULL = 2,    /* throttled waits not recorded: causes map full */
 	WHY_EVENTS_SENT = 3,    /* slow-wait events in the ring buffer */
 	WHY_EVENTS_LIMITED = 4, /* slow waits over the per-CPU rate, not sent */
@@ -176,7 +176,7 @@ enum why_counter {
 };
 
 struct culprit_key {
-	__u64 victim;  /* histogram key of the waiting task (without PREEMPT_KEY) */
+	__u64 victim;  /* histogram key of the waiting task (with by_kind, PREEMPT_KEY too) */
 	__u64 culprit; /* tgid or cgroup id; 0 unless CULPRIT_TASK */
 	__u32 type;    /* enum culprit_type */
 	__u32 pad;
@@ -187,7 +187,7 @@ struct culprit_val {
 	__u64 count;   /* pieces of waits charged (runs that overlapped a wait) */
 };
 
-/* Per histogram key: the throttled part of its waits (contention is the rest). */
+/* Per histogram key (and kind): the throttled part of its waits (contention is the rest). */
 struct cause_val {
 	__u64 throttled_ns;
 	__u64 throttled_waits; /* waits with a throttled part */

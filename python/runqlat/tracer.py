@@ -680,10 +680,10 @@ class Tracer:
         back to the free stack after a quarantine, zeroed."""
         if self.opts.agg == AggMode.GLOBAL:
             return
-        if self.opts.attributing:
-            self._delete_why(set(keys))
         if self.opts.by_kind:
             keys = list(keys) + [k | abi.PREEMPT_KEY for k in keys]
+        if self.opts.attributing:
+            self._delete_why(set(keys))
         rowed = [k for k in keys if k in self._row_of]
         rows = [self._row_of.pop(k) for k in rowed]
         if rows:
@@ -711,7 +711,8 @@ class Tracer:
 
     # -- why tasks waited --
     def read_culprits(self) -> dict[int, dict[tuple[str, int], tuple[int, int]]]:
-        """victim key -> {(culprit type, id): (waited ns, pieces)}, cumulative.
+        """victim key -> {(culprit type, id): (waited ns, pieces)}, cumulative. With
+        by_kind the preemption waits' victims are their key with PREEMPT_KEY.
 
         type is a CulpritType name in lower case; id is a tgid or cgroup id
         (Tracer.culprit_by) for "task", 0 otherwise."""
@@ -729,7 +730,8 @@ class Tracer:
         return out
 
     def read_causes(self) -> dict[int, tuple[int, int]]:
-        """victim key -> (throttled ns, waits with a throttled part), cumulative."""
+        """victim key -> (throttled ns, waits with a throttled part), cumulative (by_kind:
+        as read_culprits)."""
         if not self.opts.attributing:
             return {}
         kb, vb, n = self.obj.map("causes").items()
