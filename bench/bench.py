@@ -48,6 +48,7 @@ CONFIGS = (
     ("kind_inside", "--by-kind -p, inside"),
 )
 OURS = ("all", "outside", "inside", "perproc", "why_outside", "why_inside", "kind_inside")
+BASELINES = ("none", "empty", "runqlat")  # always run: every ratio needs them
 
 
 def tracer_argv(cfg: str, gate_pid: int, idle_pid: int) -> list[str] | None:
@@ -143,11 +144,11 @@ def per_role(progs: dict[str, tuple[int, int]]) -> dict[str, float]:
     return {k: (rt / cnt if cnt else float("nan")) for k, (rt, cnt) in acc.items()}
 
 
-def hot_path(procs: Procs, rounds: int, loops: int, warmup_loops: int) -> dict:
+def hot_path(procs: Procs, rounds: int, loops: int, warmup_loops: int, only: set | None = None) -> dict:
     idle = procs.start(["sleep", "infinity"])  # the tracked set of "outside": a process that never runs
     results: dict[str, list[dict]] = {c: [] for c, _ in CONFIGS}
     failures = results.setdefault("failures", [])
-    names = [c for c, _ in CONFIGS]
+    names = [c for c, _ in CONFIGS if not only or c in only or c in BASELINES]
     log(f"bench: warm-up, every configuration once ({warmup_loops} loops)")
     for cfg in names:
         one_run(procs, cfg, warmup_loops, idle.pid, "warmup")
@@ -228,8 +229,7 @@ def hot_path_table(summary: dict[str, dict]) -> str:
         return "-" if v is None else format(v, fmt)
 
     for cfg, label in CONFIGS:
-        if cfg not in summary:
-            rows.append((label, "-", "-", "-", "-", "-", "-", "failed", "-", "-"))
+        if cfg not in summary:  # not run (--only), or every run failed (listed under the table)
             continue
         s = summary[cfg]
         rows.append((label, f(s.get("wakeup_ns"), ".0f"), f(s.get("switch_ns"), ".0f"),
@@ -491,6 +491,9 @@ def main() -> int:
     ap.add_argument("--measure-s", type=float, default=10.0, help="seconds of tracer CPU sampling")
     ap.add_argument("--skip", action="append", default=[], choices=("hot", "user"),
                     help="leave out the hot-path table or the user-space figures")
+    ap.add_argument("--only", default="", metavar="CFG,...",
+                    help="run only these configurations of the hot path (and the baselines): "
+                         + ", ".join(c for c, _ in CONFIGS if c not in BASELINES))
     a = ap.parse_args()
 
     exit_on_signals()
@@ -507,7 +510,11 @@ def main() -> int:
     try:
         with Sysctl("kernel.bpf_stats_enabled", "1"):
             if "hot" not in a.skip:
-                results = hot_path(procs, a.rounds, a.loops, max(a.loops // 5, 10_000))
+                only = {c for c in a.only.split(",") if c} or None
+                unknown = (only or set()) - {c for c, _ in CONFIGS}
+                if unknown:
+                    ap.error(f"--only: unknown configuration(s) {', '.join(sorted(unknown))}")
+                results = hot_path(procs, a.rounds, a.loops, max(a.loops // 5, 10_000), only)
                 summary = summarize(results)
             if "user" not in a.skip:
                 log("bench: user space: start-up")
