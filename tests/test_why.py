@@ -27,14 +27,14 @@ from runqlat import abi, bpf, hist
 from runqlat import tracer as tracer_mod
 from runqlat.abi import AggMode, Filter
 from runqlat.errors import KernelUnsupported
+from runqlat.policy import FORCE_ENV as FORCE_FIELDS, LoadPolicy
 from runqlat.tracer import Options, Tracer
 
 pytestmark = pytest.mark.bpf
 
 MS = 1_000_000
 V1_CPU = Path("/sys/fs/cgroup/cpu")
-FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BATCH", "RUNQLAT_FORCE_HIST_HASH",
-             "RUNQLAT_FORCE_NO_TASK_SLOTS")
+FORCE_ENV = tuple(FORCE_FIELDS)
 # a process that runs 10 ms and sleeps 1 ms, forever: it has wakeup waits (after
 # its sleeps) and, next to a hog, preemption waits (its slice ends first)
 DUTY = [sys.executable, "-c",
@@ -67,7 +67,7 @@ def tracers(root_bpf):
     opened: list[Tracer] = []
 
     def open_(opts: Options) -> Tracer:
-        t = Tracer(opts)
+        t = Tracer(opts, LoadPolicy.from_env(os.environ))
         opened.append(t)
         return t.open()
 
@@ -423,7 +423,7 @@ def test_slower_than_needs_a_ring_buffer(tracers, monkeypatch):
     real = tracer_mod.probe_map_type
     monkeypatch.setattr(tracer_mod, "probe_map_type", lambda t: False if t == bpf.BPF_MAP_TYPE_RINGBUF else real(t))
     with pytest.raises(KernelUnsupported, match="ring buffers"):
-        Tracer(Options(slower_than_ns=MS)).open()
+        Tracer(Options(slower_than_ns=MS), LoadPolicy.from_env(os.environ)).open()
     tr = tracers(Options(attribute=True, by_kind=True))
     assert tr.read_hists()[0].count >= 0
 
