@@ -96,7 +96,8 @@ def exported_series_names() -> set[str]:
     """Every sample name the Prometheus collector can emit, from its families' types."""
     snap = Snapshot(
         ts=0.0, mode=Mode.PID, hists={}, tracked_processes=0, tracked_containers=0,
-        drops={}, maps={}, progs={}, features={})
+        drops={}, maps={}, progs={}, features={},
+        kinds={}, why={}, why_counts={"events_sent": 0})  # with --by-kind and --culprits
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",),
                 "gauge": ("",), "info": ("_info",)}
     names = set()

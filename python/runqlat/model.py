@@ -119,6 +119,10 @@ class Snapshot:
     gone: set = field(default_factory=set)  # labels shown for the last time
     retired_dropped: int = 0  # final values of exited owners no consumer could be handed
     label_names: tuple[str, ...] | None = None  # None: mode.labels (no context or dimensions)
+    # why tasks waited (--by-kind, --culprits), cumulative, live labels only
+    kinds: dict | None = None   # Labels -> (wakeup, preempt) Histograms (--by-kind)
+    why: dict | None = None     # Labels (+ kind with --by-kind) -> why.Why, culprits by display name
+    why_counts: dict = field(default_factory=dict)  # the why_counts map by name
 
     def __post_init__(self):
         if self.label_names is None:

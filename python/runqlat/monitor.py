@@ -8,6 +8,8 @@ from __future__ import annotations
 import threading
 import time
 
+from . import why
+from .abi import PREEMPT_KEY
 from .ledger import Ledger
 from .model import Labels, Mode, Snapshot, Sources
 from .tracking import Tracking
@@ -55,6 +57,7 @@ class Monitor:
         with self.lock:
             t = self.tracer
             hists, gone = self._collect(consumer)
+            kinds, accounts = self._why_view()
             return Snapshot(
                 ts=time.time(), mode=self.mode, hists=hists,
                 tracked_processes=self.tracking.process_count(),
@@ -62,7 +65,20 @@ class Monitor:
                 drops=t.drops(), maps=t.map_fill(tracked_pids_used=len(self.tracking.tracked_pids)),
                 progs=t.prog_stats(), features=dict(t.features), gone=gone,
                 retired_dropped=self.ledger.retired_dropped, label_names=self.ledger.label_names,
+                kinds=kinds, why=accounts,
+                why_counts=t.why_counts() if kinds is not None or accounts is not None else {},
             )
+
+    def _why_view(self):
+        """(kinds, accounts) by label from the tracer's last read (None, None: not asked
+        for). A key retired by this collection is gone from the kernel with its
+        account: only its histogram's final value is handed out."""
+        o = getattr(self.tracer, "opts", None)  # (test doubles of the tracer have none)
+        if o is None or not (o.by_kind or o.attributing):
+            return None, None
+        labels = {0: ()} if self.mode == Mode.GLOBAL else self.ledger.key_labels
+        return why.view(labels, self.tracer.kinds if o.by_kind else {}, self.tracer.read_culprits(),
+                        self.tracer.read_causes(), self.tracking.culprit_name, o.by_kind, PREEMPT_KEY)
 
     def maintain(self) -> None:
         """Retire what is gone even when nobody reads (e.g. --quiet between scrapes),

@@ -107,3 +107,39 @@ class StickyTop:
         """Drop the victims no longer exported."""
         for v in [v for v in self._named if v not in live]:
             del self._named[v]
+
+
+KINDS = ("wakeup", "preempt")
+
+
+def view(key_labels, kinds_by_key: dict, culprits_by_key: dict, causes_by_key: dict, name_of,
+         by_kind: bool, preempt_key: int) -> tuple[dict, dict]:
+    """The tracer's per-key reads as per-label accounts (several keys may share a
+    label). key_labels: kernel key -> Labels (a mapping; a key without labels is
+    left out). name_of(type, id, victim labels) names a task culprit.
+
+    Returns (kinds: Labels -> (wakeup, preempt) histograms, accounts: Labels ->
+    Why with culprits by display name); with by_kind an account's Labels end with
+    its kind, as the histograms split by kind do."""
+    kinds: dict = {}
+    for key, (w, p) in kinds_by_key.items():
+        lab = key_labels.get(key)
+        if lab is None:
+            continue
+        if lab in kinds:
+            w0, p0 = kinds[lab]
+            w, p = w0 + w, p0 + p
+        kinds[lab] = (w, p)
+    accounts: dict = {}
+    for key in set(culprits_by_key) | set(causes_by_key):
+        base = key & ~preempt_key
+        lab = key_labels.get(base)
+        if lab is None:
+            continue
+        if by_kind:
+            lab = lab + (KINDS[1] if key & preempt_key else KINDS[0],)
+        raw = Why(culprits_by_key.get(key, {}), *causes_by_key.get(key, (0, 0)))
+        victim = lab[:-1] if by_kind else lab
+        acc = Why(named(raw, lambda typ, cid: name_of(typ, cid, victim)), raw.throttled_ns, raw.throttled_waits)
+        accounts[lab] = accounts[lab] + acc if lab in accounts else acc
+    return kinds, accounts
