@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import Busy, affinity, contention_cpu, proc_state, schedstat, sysctl, unavailable, wait_for
+from helpers import affinity, contention_cpu, proc_state, schedstat, sysctl, unavailable, wait_for
+from workload import SPIN, tracer_cli  # noqa: F401 (fixture)
 from runqlat import abi, bpf, hist
 from runqlat import tracer as tracer_mod
 from runqlat.abi import AggMode, Filter
@@ -80,6 +81,37 @@ def tracers(root_bpf):
 def delayacct(cpu):
     with sysctl("kernel.task_delayacct", "1"):
         yield
+
+
+class Busy:
+    """One process pinned to `cpu` (taskset execs it: same pid), a busy loop unless
+    argv says otherwise; stop() returns once it is stopped; close() kills and reaps."""
+
+    def __init__(self, cpu: int, argv: list[str] | None = None):
+        self.proc = subprocess.Popen(["taskset", "-c", str(cpu)] + (argv or SPIN), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        # exec'd and pinned: no longer taskset
+        wait_for(lambda: Path(f"/proc/{self.pid}/comm").read_text().strip() != "taskset",
+                 what=f"pid {self.pid} to exec")
+
+    def stop(self) -> None:
+        os.kill(self.pid, 19)  # SIGSTOP
+        wait_for(lambda: proc_state(self.pid) == "T", what=f"pid {self.pid} to stop")
+
+    def cont(self) -> None:
+        os.kill(self.pid, 18)  # SIGCONT
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def __enter__(self) -> "Busy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @contextlib.contextmanager
@@ -523,3 +555,22 @@ def test_two_container_hogs_are_charged_their_share(tracers, cpu):
                   f"ran {m['ran'][p] / waited:.1%} of it; {m['detail']}")
         assert m["ran"][p] > 100 * MS, detail
         assert abs(charged - m["ran"][p]) <= 0.10 * waited, detail
+
+
+# -- the command line, end to end --
+
+def test_cli_json_kinds_culprits_and_slow_waits(tracer_cli, cpu):
+    """runqlat-core run -P -p PID --by-kind --culprits --slower-than 5ms -o json 1: histogram
+    objects per kind with cause and culprits (the hog among them), and slow_wait events."""
+    with Busy(cpu) as tracked, Busy(cpu) as hog:
+        run = tracer_cli("-P", "-p", tracked.pid, "--by-kind", "--culprits", "--slower-than", "5ms",
+                         "-o", "json", "1")
+        rec = run.wait_for(lambda r: r.get("kind") == "preempt" and r.get("culprits"), timeout=20)
+        assert rec["pid"] == tracked.pid and rec["comm"] == "sh"
+        assert set(rec["cause"]) == {"throttled_ns", "contention_ns", "throttled_waits"}
+        assert rec["cause"]["throttled_ns"] + rec["cause"]["contention_ns"] == rec["sum_ns"]
+        names = [c["culprit"] for c in rec["culprits"]]
+        assert any(n.startswith(f"pid {hog.pid} ") for n in names), names
+        ev = run.wait_for(lambda r: r.get("type") == "slow_wait", timeout=20)
+        assert ev["pid"] == tracked.pid and ev["latency_ns"] > 5_000_000 and ev["kind"] in ("wakeup", "preempt")
+        assert ev["culprit"]["type"] in ("task", "kernel", "idle", "unknown")
