@@ -574,3 +574,12 @@ def test_cli_json_kinds_culprits_and_slow_waits(tracer_cli, cpu):
         ev = run.wait_for(lambda r: r.get("type") == "slow_wait", timeout=20)
         assert ev["pid"] == tracked.pid and ev["latency_ns"] > 5_000_000 and ev["kind"] in ("wakeup", "preempt")
         assert ev["culprit"]["type"] in ("task", "kernel", "idle", "unknown")
+
+
+def test_cli_culprits_without_kinds(tracer_cli, cpu):
+    """--culprits alone: the histograms as without it (no kind), with cause and culprits."""
+    with Busy(cpu) as tracked, Busy(cpu) as hog:
+        run = tracer_cli("-P", "-p", tracked.pid, "--culprits", "-o", "json", "1")
+        rec = run.wait_for(lambda r: r.get("pid") == tracked.pid and r.get("culprits"), timeout=20)
+        assert "kind" not in rec and rec["count"] > 0
+        assert any(c["culprit"].startswith(f"pid {hog.pid} ") for c in rec["culprits"]), rec["culprits"]

@@ -77,8 +77,10 @@ class Monitor:
         if o is None or not (o.by_kind or o.attributing):
             return None, None
         labels = {0: ()} if self.mode == Mode.GLOBAL else self.ledger.key_labels
-        return why.view(labels, self.tracer.kinds if o.by_kind else {}, self.tracer.read_culprits(),
-                        self.tracer.read_causes(), self.tracking.culprit_name, o.by_kind, PREEMPT_KEY)
+        kinds, accounts = why.view(labels, self.tracer.kinds if o.by_kind else {}, self.tracer.read_culprits(),
+                                   self.tracer.read_causes(), self.tracking.culprit_name, o.by_kind, PREEMPT_KEY)
+        # None, not empty: a consumer splits by kind (or shows culprits) only when asked to
+        return (kinds if o.by_kind else None), (accounts if o.attributing else None)
 
     def maintain(self) -> None:
         """Retire what is gone even when nobody reads (e.g. --quiet between scrapes),
