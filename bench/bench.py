@@ -40,8 +40,13 @@ CONFIGS = (
     ("outside", "runqlat-core -p, workload outside"),
     ("inside", "runqlat-core -p, workload inside"),
     ("perproc", "runqlat-core -P, all tasks"),
+    # why tasks waited (issue 14): the same -p cases with it on
+    ("why_outside", "--culprits --by-kind -p, outside"),
+    ("why_inside", "--culprits --by-kind -p, inside"),
+    ("kind_inside", "--by-kind -p, inside"),
 )
-OURS = ("all", "outside", "inside", "perproc")
+OURS = ("all", "outside", "inside", "perproc", "why_outside", "why_inside", "kind_inside")
+BASELINES = ("none", "empty", "runqlat")  # always run: every ratio needs them
 
 
 def tracer_argv(cfg: str, gate_pid: int, idle_pid: int) -> list[str] | None:
@@ -55,6 +60,10 @@ def tracer_argv(cfg: str, gate_pid: int, idle_pid: int) -> list[str] | None:
         # the workload is exec'd by the gate shell, its forked worker followed
         "inside": rqc + ["run", "--output", "json", "-p", str(gate_pid), "--follow-children"],
         "perproc": rqc + ["run", "--output", "json", "-P"],
+        "why_outside": rqc + ["run", "--output", "json", "--culprits", "--by-kind", "-p", str(idle_pid)],
+        "why_inside": rqc + ["run", "--output", "json", "--culprits", "--by-kind", "-p", str(gate_pid),
+                             "--follow-children"],
+        "kind_inside": rqc + ["run", "--output", "json", "--by-kind", "-p", str(gate_pid), "--follow-children"],
     }[cfg]
     return argv and ["taskset", "-c", TRACER_CPU] + argv
 
@@ -133,11 +142,11 @@ def per_role(progs: dict[str, tuple[int, int]]) -> dict[str, float]:
     return {k: (rt / cnt if cnt else float("nan")) for k, (rt, cnt) in acc.items()}
 
 
-def hot_path(procs: Procs, rounds: int, loops: int, warmup_loops: int) -> dict:
+def hot_path(procs: Procs, rounds: int, loops: int, warmup_loops: int, only: set | None = None) -> dict:
     idle = procs.start(["sleep", "infinity"])  # the tracked set of "outside": a process that never runs
     results: dict[str, list[dict]] = {c: [] for c, _ in CONFIGS}
     failures = results.setdefault("failures", [])
-    names = [c for c, _ in CONFIGS]
+    names = [c for c, _ in CONFIGS if not only or c in only or c in BASELINES]
     log(f"bench: warm-up, every configuration once ({warmup_loops} loops)")
     for cfg in names:
         one_run(procs, cfg, warmup_loops, idle.pid, "warmup")
@@ -218,8 +227,7 @@ def hot_path_table(summary: dict[str, dict]) -> str:
         return "-" if v is None else format(v, fmt)
 
     for cfg, label in CONFIGS:
-        if cfg not in summary:
-            rows.append((label, "-", "-", "-", "-", "-", "-", "failed", "-", "-"))
+        if cfg not in summary:  # not run (--only), or every run failed (listed under the table)
             continue
         s = summary[cfg]
         rows.append((label, f(s.get("wakeup_ns"), ".0f"), f(s.get("switch_ns"), ".0f"),
@@ -434,6 +442,16 @@ def targets_text(summary: dict, us: dict) -> str:
     if "over_empty_ns" in s.get("outside", {}):
         check(s["outside"]["over_empty_ns"] <= 30,
               f"untracked tasks: {s['outside']['over_empty_ns']:+.0f} ns/event over the empty program (target <= 30)")
+    # issue 14
+    if "over_empty_ns" in s.get("why_outside", {}):
+        check(s["why_outside"]["over_empty_ns"] <= 10,
+              f"untracked tasks, --culprits --by-kind: {s['why_outside']['over_empty_ns']:+.0f} ns/event over "
+              f"the empty program (target <= 10; -p without them: "
+              f"{s.get('outside', {}).get('over_empty_ns', float('nan')):+.0f})")
+    if "ratio_runqlat" in s.get("why_inside", {}):
+        check(s["why_inside"]["ratio_runqlat"] <= 0.35,
+              f"tracked tasks, --culprits --by-kind: {s['why_inside']['ratio_runqlat']:.2f}x runqlat per event "
+              f"(target <= 0.35; without them {s.get('inside', {}).get('ratio_runqlat', float('nan')):.2f}x)")
     if e:
         for cfg in OURS:
             if "over_empty_pts" in s.get(cfg, {}):
@@ -471,6 +489,9 @@ def main() -> int:
     ap.add_argument("--measure-s", type=float, default=10.0, help="seconds of tracer CPU sampling")
     ap.add_argument("--skip", action="append", default=[], choices=("hot", "user"),
                     help="leave out the hot-path table or the user-space figures")
+    ap.add_argument("--only", default="", metavar="CFG,...",
+                    help="run only these configurations of the hot path (and the baselines): "
+                         + ", ".join(c for c, _ in CONFIGS if c not in BASELINES))
     a = ap.parse_args()
 
     exit_on_signals()
@@ -487,7 +508,11 @@ def main() -> int:
     try:
         with Sysctl("kernel.bpf_stats_enabled", "1"):
             if "hot" not in a.skip:
-                results = hot_path(procs, a.rounds, a.loops, max(a.loops // 5, 10_000))
+                only = {c for c in a.only.split(",") if c} or None
+                unknown = (only or set()) - {c for c, _ in CONFIGS}
+                if unknown:
+                    ap.error(f"--only: unknown configuration(s) {', '.join(sorted(unknown))}")
+                results = hot_path(procs, a.rounds, a.loops, max(a.loops // 5, 10_000), only)
                 summary = summarize(results)
             if "user" not in a.skip:
                 log("bench: user space: start-up")

@@ -12,12 +12,16 @@
  *    tasks with a thread id beyond the array keep it in task local storage;
  *    the decision is re-made only when user space bumps live_cfg.gen (the
  *    tracked set changed) or a task changed cgroup;
- *  - histograms are per-CPU: plain increments, no atomics, no lost counts;
- *  - a per-key histogram (per process, thread, ...) is a row of a per-CPU
- *    array: the row is found once per task and decision (hist_index, rows
- *    handed out from the hist_free stack, given back by user space when the
- *    key retires) and kept in the task's state, so recording is an array
- *    access, not a hash lookup. Keys beyond the rows use the hists hash;
+ *  - the global histogram is per-CPU: plain increments, no atomics;
+ *  - a per-key histogram (per process, thread, ...) is one row shared by
+ *    every CPU, updated with atomic adds: its kernel memory does not grow
+ *    with the number of CPUs (a per-CPU row costs 1,768 bytes times the
+ *    possible CPUs: 113 KB a key on a 64-CPU host), and user space reads the
+ *    rows in place through mmap. The row is found once per task and decision
+ *    (hist_index, rows handed out from the hist_free stack, given back by user
+ *    space when the key retires) and kept in the task's state, so recording is
+ *    an array access, not a hash lookup. Keys beyond the rows use the hists
+ *    hash, shared rows too;
  *  - nothing is deleted on the hot path.
  * Fallbacks, picked by user space at load time with set_autoload():
  *  - *_h programs keep the state of tasks beyond task_slots in a hash keyed by
@@ -31,6 +35,9 @@
 #include "runqlat.h"
 
 #define TASK_RUNNING 0
+
+_Static_assert(sizeof(struct hist) <= HIST_KEY_BYTES_MAX - 256,
+	       "a key's row and its hist_index entry must fit HIST_KEY_BYTES_MAX");
 
 /* Configuration fixed at load time. */
 const volatile __u32 agg_mode = AGG_GLOBAL;
@@ -109,10 +116,13 @@ struct {
  * histogram is the row hist_index names in hist_arr; a key that found no free
  * row (all in use) has its histogram in hists instead. User space sizes all
  * of them, fills hist_free with every row and gives rows back there once it
- * has read a retired key's last value and zeroed its row.
+ * has read a retired key's last value and zeroed its row. hist_arr is
+ * mmap-able: user space reads it in place, without a copy through a syscall
+ * (kernels without BPF_F_MMAPABLE, before 5.5, get it without the flag).
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct hist);
@@ -134,7 +144,7 @@ struct {
 } hist_free SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1);
 	__type(key, __u64);
@@ -163,6 +173,64 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } drops SEC(".maps");
+
+/*
+ * Why tasks waited (runqlat.h, issue 14). Off unless user space asks: the
+ * verifier drops the code behind a false rodata switch.
+ */
+const volatile bool by_kind = false;          /* wakeup and preemption waits apart */
+const volatile bool attribute = false;        /* culprits and throttled time */
+const volatile __u32 culprit_by = CULPRIT_BY_PROCESS;
+const volatile __u64 slower_than_ns = 0;      /* 0: no slow-wait events */
+const volatile __u32 slow_events_per_s = 0;   /* per CPU */
+
+/* The wait in progress of each task, by thread id (sized like task_slots, or 1). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct wait_slot);
+} wait_slots SEC(".maps");
+
+/* Each CPU's recent context switches, by CPU (sized to the possible CPUs, or 1). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cpu_runs);
+} cpu_runs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, struct culprit_key);
+	__type(value, struct culprit_val);
+} culprits SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, __u64);   /* histogram key (with by_kind, PREEMPT_KEY for preemption waits) */
+	__type(value, struct cause_val);
+} causes SEC(".maps");
+
+/* struct slow_event records (user space sizes it when --slower-than is on). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} slow_waits SEC(".maps");
+
+/* Never written: keeps struct slow_event in the object's BTF for tests/test_contract.py. */
+const volatile struct slow_event slow_event_layout = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WHY_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} why_counts SEC(".maps");
 
 /*
  * task_struct::state was renamed to __state in 5.14 (commit 2f064a59a11f,
@@ -366,8 +434,464 @@ static __always_inline __u64 clock_ns(__u64 *now)
 	return *now;
 }
 
-/* t became runnable: start its clock if it is tracked. */
-static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *now, bool storage, bool fresh)
+/* -- why tasks waited (issue 14; runqlat.h explains the scheme) -- */
+
+#define PF_KTHREAD 0x00200000
+/* Direct loads in tp_btf programs, probe reads in raw_tp ones. */
+#define READ(direct, p, f) ((direct) ? (p)->f : BPF_CORE_READ(p, f))
+
+/*
+ * The CPU field moved from task_struct into thread_info on x86 in 5.16
+ * ("sched: move CPU field back into thread_info if THREAD_INFO_IN_TASK").
+ */
+struct task_struct___pre516 {
+	unsigned int cpu;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u32 task_cpu_of(struct task_struct *t, bool direct)
+{
+	if (bpf_core_field_exists(t->thread_info.cpu))
+		return READ(direct, t, thread_info.cpu);
+	return BPF_CORE_READ((struct task_struct___pre516 *)t, cpu);
+}
+
+static __always_inline void why_count(__u32 which)
+{
+	__u64 *n = bpf_map_lookup_elem(&why_counts, &which);
+
+	if (n)
+		(*n)++;
+}
+
+/*
+ * How long the cfs_rq t is queued on has been throttled so far (its own
+ * group's quota or an ancestor's), in ns of the run queue's clock:
+ * cfs_rq::throttled_clock_self_time (kept for cpu.stat.local since 6.8) plus
+ * a throttle in progress. Older kernels lack the field: there a wait is
+ * throttled as a whole if it began throttled (WAIT_THROTTLED).
+ */
+static __always_inline __u64 throttled_clock(struct task_struct *t, bool direct)
+{
+	struct cfs_rq *cfs;
+	__u64 total, since, now;
+
+	if (!bpf_core_field_exists(t->se.cfs_rq))
+		return 0;
+	cfs = READ(direct, t, se.cfs_rq);
+	if (!cfs || !bpf_core_field_exists(cfs->throttled_clock_self_time))
+		return 0;
+	total = READ(direct, cfs, throttled_clock_self_time);
+	since = READ(direct, cfs, throttled_clock_self);
+	if (since) {
+		now = BPF_CORE_READ(cfs, rq, clock);
+		if (now > since)
+			total += now - since;
+	}
+	return total;
+}
+
+static __always_inline bool has_throttled_clock(struct task_struct *t)
+{
+	struct cfs_rq *cfs = 0;
+
+	return bpf_core_field_exists(t->se.cfs_rq) && bpf_core_field_exists(cfs->throttled_clock_self_time);
+}
+
+static __always_inline bool cfs_throttled(struct task_struct *t)
+{
+	struct cfs_rq *cfs;
+
+	if (!bpf_core_field_exists(t->se.cfs_rq))
+		return false;
+	cfs = BPF_CORE_READ(t, se.cfs_rq);
+	return cfs && BPF_CORE_READ(cfs, throttle_count) > 0;
+}
+
+/* The wait state of t, like ctx_get but for wait_slots only. */
+static __always_inline struct wait_slot *wait_slot_of(struct task_struct *t, __u32 tid, bool create, bool fresh)
+{
+	struct wait_slot *w = bpf_map_lookup_elem(&wait_slots, &tid);
+
+	if (!w)
+		return NULL;
+	if (w->owner == (__u64)t && !fresh)
+		return w;
+	if (!create)
+		return NULL;
+	__builtin_memset(w, 0, sizeof(*w));
+	w->owner = (__u64)t;
+	return w;
+}
+
+/*
+ * The task of w is no longer queued where it was counted. here: this CPU's
+ * cpu_runs when the caller has it (NULL: looked up).
+ */
+static __always_inline void uncount(struct wait_slot *w, struct cpu_runs *here)
+{
+	struct cpu_runs *r;
+	__u32 cpu = w->wait_cpu, me;
+
+	if (!(w->flags & WAIT_COUNTED))
+		return;
+	w->flags &= ~WAIT_COUNTED;
+	me = bpf_get_smp_processor_id();
+	if (cpu == me && here) {
+		here->own--;
+		return;
+	}
+	r = bpf_map_lookup_elem(&cpu_runs, &cpu);
+	if (!r)
+		return;
+	if (cpu == me)
+		r->own--;
+	else
+		__sync_fetch_and_add(&r->foreign, -1);
+}
+
+/* A tracked task began to wait (tracked: the caller checked). here: it is queued on this CPU. */
+static __always_inline void wait_began(struct task_struct *t, __u32 tid, __u32 kind, bool fresh, bool here,
+				       bool direct)
+{
+	struct wait_slot *w = wait_slot_of(t, tid, true, fresh);
+	struct cpu_runs *r;
+	__u32 cpu, me;
+
+	if (!w) {
+		why_count(WHY_NO_SLOT);
+		return;
+	}
+	w->flags = (w->flags & WAIT_COUNTED) | (kind == KIND_PREEMPT ? WAIT_PREEMPT : 0);
+	if (!attribute)
+		return;
+	if (has_throttled_clock(t))
+		w->throttled_base = throttled_clock(t, direct);
+	else if (cfs_throttled(t))
+		w->flags |= WAIT_THROTTLED;
+	if (w->flags & WAIT_COUNTED)
+		return; /* woken again while queued: counted already */
+	/*
+	 * Woken while still on a CPU (before it got off it): not queued, and
+	 * nothing would take the count back when it blocks. Its clock runs as
+	 * before; if it is preempted it is counted then.
+	 */
+	if (!here && READ(direct, t, on_cpu))
+		return;
+	me = bpf_get_smp_processor_id();
+	cpu = here ? me : task_cpu_of(t, direct);
+	r = bpf_map_lookup_elem(&cpu_runs, &cpu);
+	if (!r)
+		return;
+	/* only this CPU writes own; other CPUs add to foreign */
+	if (cpu == me)
+		r->own++;
+	else
+		__sync_fetch_and_add(&r->foreign, 1);
+	w->wait_cpu = cpu;
+	w->flags |= WAIT_COUNTED;
+}
+
+/* This CPU switches away from prev at now: remember who ran until now. */
+static __always_inline void log_run(struct cpu_runs *r, struct task_struct *prev, __u32 prev_tid, __u64 now,
+				    bool direct)
+{
+	struct run_entry *e = &r->runs[r->head & (RUN_LOG_LEN - 1)];
+
+	e->end_ns = now;
+	e->tid = prev_tid;
+	e->tgid = READ(direct, prev, tgid);
+	if (prev_tid == 0)
+		e->type = CULPRIT_IDLE;
+	else if (READ(direct, prev, flags) & PF_KTHREAD)
+		e->type = CULPRIT_KERNEL;
+	else
+		e->type = CULPRIT_TASK;
+	/* four dependent loads: only when culprits are cgroups or events name them */
+	if (culprit_by == CULPRIT_BY_CGROUP || slower_than_ns) {
+		if (direct)
+			e->cgroup = prev->cgroups->dfl_cgrp->kn->id;
+		else
+			e->cgroup = cgroup_id(task_dfl_cgroup(prev));
+	}
+	if (slower_than_ns) /* only slow-wait events name the culprit's comm: a helper call saved */
+		bpf_probe_read_kernel(&e->comm, sizeof(e->comm), &prev->comm);
+	r->head++;
+}
+
+/*
+ * On every switch with attribution on: this CPU's log, and prev's run logged
+ * into it if a tracked task is queued here (only then does anyone need it).
+ */
+static __always_inline struct cpu_runs *switch_log(struct task_struct *prev, __u32 prev_tid, __u64 *now,
+						   bool *logged, bool direct)
+{
+	__u32 cpu = bpf_get_smp_processor_id();
+	struct cpu_runs *r = bpf_map_lookup_elem(&cpu_runs, &cpu);
+
+	if (!r || r->own + r->foreign <= 0)
+		return r;
+	log_run(r, prev, prev_tid, clock_ns(now), direct);
+	*logged = true;
+	return r;
+}
+
+/*
+ * Write w's pending charges into the culprits map. False: not written (the
+ * map is full, or the kernel could not take its bucket lock just now); they
+ * stay pending and the caller decides.
+ */
+static __noinline bool flush_charges(struct wait_slot *w)
+{
+	struct culprit_key k = {};
+	struct culprit_val zero = {}, *v;
+
+	if (!w || !w->cul_count)
+		return true;
+	k.victim = w->cul_victim;
+	k.culprit = w->cul_id;
+	k.type = w->cul_type;
+	v = bpf_map_lookup_elem(&culprits, &k);
+	if (!v) {
+		bpf_map_update_elem(&culprits, &k, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&culprits, &k);
+	}
+	if (!v)
+		return false;
+	__sync_fetch_and_add(&v->wait_ns, w->cul_ns);
+	__sync_fetch_and_add(&v->count, w->cul_count);
+	w->cul_ns = 0;
+	w->cul_count = 0;
+	return true;
+}
+
+/* Pending charges that could not be written and cannot wait: counted, dropped. */
+static __always_inline void drop_charges(struct wait_slot *w)
+{
+	why_count(WHY_CULPRITS_FULL);
+	w->cul_ns = 0;
+	w->cul_count = 0;
+}
+
+/*
+ * Charge ns of w's task's wait to a culprit. Charges to the same culprit are
+ * summed in the task's slot first (a task that waits often waits mostly
+ * behind the same few): at most CULPRIT_FLUSH_NS and CULPRIT_FLUSH_COUNT - 1
+ * pieces of a task wait there to be written.
+ */
+static __always_inline void charge(struct wait_slot *w, __u64 victim, __u32 type, __u64 id, __u64 ns)
+{
+	/* one call site: the verifier walks the loop below with this inside */
+	bool other = w->cul_victim != victim || w->cul_type != type || w->cul_id != id;
+
+	/* a failed write of the same culprit's charges is tried again next time */
+	if (w->cul_count && (other || w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT) &&
+	    !flush_charges(w) && other)
+		drop_charges(w);
+	w->cul_victim = victim;
+	w->cul_type = type;
+	w->cul_id = id;
+	w->cul_ns += ns;
+	w->cul_count++;
+}
+
+struct wait_info {
+	__u64 victim;
+	__u64 t0, t1;
+	__u64 throttled;
+	__u64 best_ns;  /* the largest piece, for a slow-wait event */
+	__u32 best;     /* its index in the log */
+	__u32 best_type;
+};
+
+/* Cut the wait [t0, t1) by this CPU's log and charge each piece (runqlat.h). */
+static __always_inline void charge_pieces(struct wait_slot *w, struct cpu_runs *r, struct wait_info *wi)
+{
+	__u64 lo = wi->t0 + wi->throttled, end, start = 0, id;
+	__u32 head = r->head, i, idx;
+	struct run_entry *e;
+
+	if (wi->throttled) {
+		charge(w, wi->victim, CULPRIT_QUOTA, 0, wi->throttled);
+		wi->best_ns = wi->throttled;
+		wi->best_type = CULPRIT_QUOTA;
+	}
+	if (lo >= wi->t1)
+		return;
+	for (i = 0; i < RUN_LOG_LEN - 1; i++) {
+		idx = (head - 1 - i) & (RUN_LOG_LEN - 1);
+		e = &r->runs[idx];
+		end = e->end_ns;
+		if (end <= lo)
+			return;
+		if (end > wi->t1)
+			end = wi->t1;
+		start = r->runs[(head - 2 - i) & (RUN_LOG_LEN - 1)].end_ns;
+		if (start < lo)
+			start = lo;
+		if (end > start) {
+			id = e->type != CULPRIT_TASK ? 0 : culprit_by == CULPRIT_BY_CGROUP ? e->cgroup : e->tgid;
+			charge(w, wi->victim, e->type, id, end - start);
+			if (end - start > wi->best_ns) {
+				wi->best_ns = end - start;
+				wi->best = idx;
+				wi->best_type = e->type;
+			}
+		}
+		if (start <= lo)
+			return;
+	}
+	/* more switches during the wait than the log holds */
+	charge(w, wi->victim, CULPRIT_UNKNOWN, 0, start - lo);
+	if (start - lo > wi->best_ns) {
+		wi->best_ns = start - lo;
+		wi->best_type = CULPRIT_UNKNOWN;
+	}
+}
+
+static __always_inline void count_throttled(__u64 victim, __u64 ns)
+{
+	struct cause_val zero = {}, *v = bpf_map_lookup_elem(&causes, &victim);
+
+	if (!v) {
+		bpf_map_update_elem(&causes, &victim, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&causes, &victim);
+	}
+	if (!v) {
+		why_count(WHY_CAUSES_FULL);
+		return;
+	}
+	__sync_fetch_and_add(&v->throttled_ns, ns);
+	__sync_fetch_and_add(&v->throttled_waits, 1);
+}
+
+/*
+ * The cause and culprits of the wait [t0, t1) of thread tid, which ends on this
+ * CPU (whose log has the run that ended at t1); its throttled part is taken as
+ * its beginning. The largest piece is left in this CPU's cpu_runs for
+ * send_slow. A global function, so that the verifier checks it once: checked
+ * once per path of the handlers into it, the log walk is beyond its limit.
+ */
+__noinline int attribute_wait(__u64 victim, __u64 t0, __u64 t1, __u64 throttled, __u32 tid)
+{
+	struct wait_info wi = {};
+	__u32 cpu = bpf_get_smp_processor_id();
+	struct wait_slot *w = bpf_map_lookup_elem(&wait_slots, &tid);
+	struct cpu_runs *r = bpf_map_lookup_elem(&cpu_runs, &cpu);
+
+	if (throttled)
+		count_throttled(victim, throttled);
+	if (!w || !r)
+		return 0;
+	wi.victim = victim;
+	wi.t0 = t0;
+	wi.t1 = t1;
+	wi.throttled = throttled;
+	charge_pieces(w, r, &wi);
+	if (w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT)
+		flush_charges(w);
+	r->best_ns = wi.best_ns;
+	r->best = wi.best;
+	r->best_type = wi.best_type;
+	return 0;
+}
+
+/* One slow-wait event, within this CPU's rate; its culprit from attribute_wait. */
+static __always_inline void send_slow(struct task_struct *t, __u32 tid, struct cpu_runs *r, __u64 t0, __u64 t1,
+				      __u64 throttled, __u32 kind, bool direct)
+{
+	struct slow_event *ev;
+	struct run_entry *e;
+	__u64 best_ns = r->best_ns;
+	__u32 best_type = r->best_type;
+
+	if (t1 - r->rate_start >= 1000000000ULL) {
+		r->rate_start = t1;
+		r->rate_sent = 0;
+	}
+	if (r->rate_sent >= slow_events_per_s) {
+		why_count(WHY_EVENTS_LIMITED);
+		return;
+	}
+	ev = bpf_ringbuf_reserve(&slow_waits, sizeof(*ev), 0);
+	if (!ev) {
+		why_count(WHY_EVENTS_LOST);
+		return;
+	}
+	r->rate_sent++;
+	ev->ts_ns = t1;
+	ev->latency_ns = t1 - t0;
+	ev->throttled_ns = throttled;
+	ev->cgroup = cgroup_id(task_dfl_cgroup(t));
+	ev->pid = READ(direct, t, tgid);
+	ev->tid = tid;
+	ev->cpu = bpf_get_smp_processor_id();
+	ev->kind = kind;
+	ev->culprit_type = best_ns ? best_type : CULPRIT_UNKNOWN;
+	ev->culprit_ns = best_ns;
+	ev->pad = 0;
+	bpf_probe_read_kernel(&ev->comm, sizeof(ev->comm), &t->comm);
+	e = &r->runs[r->best & (RUN_LOG_LEN - 1)];
+	if (best_ns && best_type <= CULPRIT_IDLE) {
+		ev->culprit_cgroup = e->cgroup;
+		ev->culprit_pid = e->tgid;
+		ev->culprit_tid = e->tid;
+		__builtin_memcpy(ev->culprit_comm, e->comm, sizeof(ev->culprit_comm));
+	} else {
+		ev->culprit_cgroup = 0;
+		ev->culprit_pid = 0;
+		ev->culprit_tid = 0;
+		__builtin_memset(ev->culprit_comm, 0, sizeof(ev->culprit_comm));
+	}
+	bpf_ringbuf_submit(ev, 0);
+	why_count(WHY_EVENTS_SENT);
+}
+
+/* A tracked wait of delta ns ended now on this CPU (r): its cause, culprits, event. */
+static __always_inline void explain_wait(struct task_struct *t, __u32 tid, struct wait_slot *w, __u64 victim,
+					 __u64 delta, __u64 now, struct cpu_runs *r, struct task_struct *prev,
+					 __u32 prev_tid, bool logged, __u32 kind, bool direct)
+{
+	__u64 thr = 0;
+
+	if (has_throttled_clock(t)) {
+		thr = throttled_clock(t, direct) - w->throttled_base;
+		if ((__s64)thr < 0)
+			thr = 0;
+	} else if (w->flags & WAIT_THROTTLED) {
+		thr = delta;
+	}
+	if (thr > delta)
+		thr = delta;
+	if (r && !logged)
+		log_run(r, prev, prev_tid, now, direct);
+	if (r && !thr) {
+		/*
+		 * The usual case, without the walk: the task that just ran ran for
+		 * the whole wait (the run before it ended before the wait began).
+		 */
+		__u32 i = (r->head - 1) & (RUN_LOG_LEN - 1);
+		struct run_entry *e = &r->runs[i];
+
+		if (e->end_ns == now && r->runs[(r->head - 2) & (RUN_LOG_LEN - 1)].end_ns <= now - delta) {
+			charge(w, victim, e->type, e->type != CULPRIT_TASK ? 0 :
+			       culprit_by == CULPRIT_BY_CGROUP ? e->cgroup : e->tgid, delta);
+			if (w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT)
+				flush_charges(w);
+			r->best_ns = delta;
+			r->best = i;
+			r->best_type = e->type;
+			goto event;
+		}
+	}
+	attribute_wait(victim, now - delta, now, thr, tid);
+event:
+	if (r && slower_than_ns && delta > slower_than_ns)
+		send_slow(t, tid, r, now - delta, now, thr, kind, direct);
+}
+
+/* t became runnable: start its clock if it is tracked. here: t is queued on this CPU. */
+static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *now, bool storage, bool fresh,
+				     __u32 kind, bool here, bool direct)
 {
 	struct task_ctx *c;
 	__u32 gen, cg_gen;
@@ -383,8 +907,11 @@ static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *no
 	cg_gen = cgroup_gen;
 	if (c->gen != gen || c->cgroup_gen != cg_gen)
 		decide(c, t, gen, cg_gen, live.filter);
-	if (c->tracked)
+	if (c->tracked) {
 		c->enqueued_ns = clock_ns(now);
+		if (by_kind || attribute)
+			wait_began(t, tid, kind, fresh, here, direct);
+	}
 }
 
 static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_struct *t)
@@ -418,12 +945,32 @@ static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_str
 	return bpf_map_lookup_elem(&hists, &key);
 }
 
-/* t is switched in: record its wait if its clock was running. */
-static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 *now, bool storage)
+/* With by_kind: the histogram of t's preemption waits (its key with PREEMPT_KEY). */
+static __always_inline struct hist *preempt_hist(struct task_ctx *c, struct task_struct *t)
+{
+	struct task_ctx alt = *c;
+	__u32 one = 1;
+
+	if (agg_mode == AGG_GLOBAL)
+		return bpf_map_lookup_elem(&hist_global, &one);
+	alt.hist_key |= PREEMPT_KEY;
+	alt.hist_idx = index_of(alt.hist_key, t);
+	return hist_for(&alt, t);
+}
+
+/*
+ * t is switched in: record its wait if its clock was running. prev, r, logged:
+ * the task switched out, this CPU's log and whether prev's run is in it
+ * (attribution only).
+ */
+static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 *now, bool storage,
+					struct task_struct *prev, __u32 prev_tid, struct cpu_runs *r, bool logged,
+					bool direct)
 {
 	struct task_ctx *c;
+	struct wait_slot *w = NULL;
 	struct hist *h;
-	__u32 gen, cg_gen;
+	__u32 gen, cg_gen, kind = KIND_WAKEUP;
 	__s64 delta;
 	__u64 slot;
 
@@ -434,6 +981,14 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 		return;
 	delta = (__s64)(clock_ns(now) - c->enqueued_ns);
 	c->enqueued_ns = 0;
+	if (by_kind || attribute) {
+		w = wait_slot_of(t, tid, false, false);
+		if (w) {
+			kind = w->flags & WAIT_PREEMPT ? KIND_PREEMPT : KIND_WAKEUP;
+			if (attribute)
+				uncount(w, r);
+		}
+	}
 	gen = live.gen;
 	cg_gen = cgroup_gen;
 	if (c->gen != gen || c->cgroup_gen != cg_gen) {
@@ -454,7 +1009,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 		count_drop(DROP_ABSURD);
 		return;
 	}
-	h = hist_for(c, t);
+	h = by_kind && kind == KIND_PREEMPT ? preempt_hist(c, t) : hist_for(c, t);
 	if (!h)
 		return;
 	slot = hist_slot(delta);
@@ -465,10 +1020,25 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 	barrier_var(slot);
 	if (slot >= HIST_SLOTS)
 		slot = HIST_SLOTS - 1;
-	/* per-CPU value, preemption is off in a tracepoint: plain adds are exact */
-	h->slots[slot]++;
-	h->count++;
-	h->sum_ns += delta;
+	if (agg_mode == AGG_GLOBAL) {
+		/* per-CPU value, preemption is off in a tracepoint: plain adds are exact */
+		h->slots[slot]++;
+		h->count++;
+		h->sum_ns += delta;
+	} else {
+		/*
+		 * A row shared by every CPU. count last: user space skips rows whose count
+		 * and sum did not move, and on x86 (TSO) a new count means the slot and
+		 * sum before it are visible too.
+		 */
+		__sync_fetch_and_add(&h->slots[slot], 1);
+		__sync_fetch_and_add(&h->sum_ns, delta);
+		__sync_fetch_and_add(&h->count, 1);
+	}
+	/* with by_kind, a key's culprits and causes are kept per kind too */
+	if (attribute && w)
+		explain_wait(t, tid, w, by_kind && kind == KIND_PREEMPT ? c->hist_key | PREEMPT_KEY : c->hist_key,
+			     delta, *now, r, prev, prev_tid, logged, kind, direct);
 }
 
 /*
@@ -482,7 +1052,7 @@ static __always_inline int on_wakeup(struct task_struct *t, bool storage, bool d
 {
 	__u64 now = 0;
 
-	enqueued(t, TASK_PID(direct, t), &now, storage, fresh);
+	enqueued(t, TASK_PID(direct, t), &now, storage, fresh, KIND_WAKEUP, false, direct);
 	return 0;
 }
 
@@ -490,11 +1060,16 @@ static __always_inline int on_switch(struct task_struct *prev, struct task_struc
 {
 	__u64 now = 0; /* read once, when first needed */
 	long state = direct && bpf_core_field_exists(prev->__state) ? prev->__state : task_state(prev);
+	__u32 prev_tid = TASK_PID(direct, prev);
+	struct cpu_runs *r = NULL;
+	bool logged = false;
 
+	if (attribute)
+		r = switch_log(prev, prev_tid, &now, &logged, direct);
 	/* preempted (or yielded): still runnable, so back on the run queue now */
 	if (state == TASK_RUNNING)
-		enqueued(prev, TASK_PID(direct, prev), &now, storage, false);
-	switched_in(next, TASK_PID(direct, next), &now, storage);
+		enqueued(prev, prev_tid, &now, storage, false, KIND_PREEMPT, true, direct);
+	switched_in(next, TASK_PID(direct, next), &now, storage, prev, prev_tid, r, logged, direct);
 	return 0;
 }
 
@@ -536,6 +1111,15 @@ static __always_inline int on_exit(struct task_struct *t)
 	__u32 tgid = BPF_CORE_READ(t, tgid);
 
 	bpf_map_delete_elem(&task_ctx_hash, &tid);
+	if (attribute) {
+		struct wait_slot *w = wait_slot_of(t, tid, false, false);
+
+		if (w) {
+			if (!flush_charges(w)) /* its last charges */
+				drop_charges(w);
+			uncount(w, NULL);
+		}
+	}
 	if (BPF_CORE_READ(t, signal, live.counter) == 0 && bpf_map_delete_elem(&tracked_pids, &tgid) == 0)
 		__sync_fetch_and_add(&tracked_changes, 1);
 	return 0;

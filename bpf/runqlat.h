@@ -74,12 +74,20 @@ enum drop_reason {
 	DROP_REASONS = 5,
 };
 
+/*
+ * A histogram. Per key (hist_arr rows, hists entries) one copy is shared by
+ * every CPU and updated with atomic adds, so a key's kernel memory does not
+ * grow with the CPU count: at most HIST_KEY_BYTES_MAX with its index entry.
+ * The global histogram is per-CPU (one value, plain adds).
+ */
 struct hist {
 	__u64 slots[HIST_SLOTS];
 	__u64 count;
 	__u64 sum_ns;
 	char comm[TASK_COMM_LEN];
 };
+
+#define HIST_KEY_BYTES_MAX 4096
 
 /* Written by user space at run time; a change of gen makes every task re-decide. */
 struct live_cfg {
@@ -109,6 +117,142 @@ struct task_ctx {
 struct task_slot {
 	__u64 owner;       /* the task_struct the state belongs to */
 	struct task_ctx ctx;
+};
+
+/*
+ * Why a task waited (issue 14). Everything below is used only when user space
+ * asks for it (rodata by_kind, attribute, slower_than_ns); with all of it off
+ * the programs do what they did before.
+ *
+ * Wait kind: a wait begun by sched_wakeup/sched_wakeup_new is a wakeup wait,
+ * one begun by sched_switch with prev still TASK_RUNNING a preemption wait.
+ * With by_kind a preemption wait is recorded under its key with
+ * PREEMPT_KEY_BIT set (hist_global: entry 1), a wakeup wait under the key.
+ */
+#define PREEMPT_KEY_BIT 63
+#define PREEMPT_KEY (1ULL << PREEMPT_KEY_BIT)
+
+enum wait_kind {
+	KIND_WAKEUP = 0,
+	KIND_PREEMPT = 1,
+};
+
+/*
+ * Culprits. Each CPU remembers its last RUN_LOG_LEN context switches (who ran,
+ * until when), but only while a tracked task is queued on it. A tracked wait
+ * [t0, t1) on the CPU the task then runs on is cut by those switches, and each
+ * piece is charged to the task that ran in it; the throttled part of the wait
+ * (below) is taken as its beginning and charged to CULPRIT_QUOTA; what lies
+ * before the oldest switch remembered goes to CULPRIT_UNKNOWN.
+ */
+#define RUN_LOG_LEN 64
+/* A task's charges to one culprit are summed in its wait_slot and written to
+ * the culprits map when the culprit changes or the sum reaches these. */
+#define CULPRIT_FLUSH_NS 1000000ULL
+#define CULPRIT_FLUSH_COUNT 64
+
+enum culprit_type {
+	CULPRIT_TASK = 0,    /* id: tgid or cgroup id (rodata culprit_by) */
+	CULPRIT_KERNEL = 1,  /* a kernel thread (id 0) */
+	CULPRIT_IDLE = 2,    /* nobody: the CPU was idle (waking it up took that long) */
+	CULPRIT_QUOTA = 3,   /* the task's cgroup (or an ancestor) was throttled */
+	CULPRIT_UNKNOWN = 4, /* older than the CPU's log */
+};
+
+enum culprit_by {
+	CULPRIT_BY_PROCESS = 0,
+	CULPRIT_BY_CGROUP = 1,
+};
+
+/* Indexes of the per-CPU why_counts map. */
+enum why_counter {
+	WHY_NO_SLOT = 0,        /* a tracked task beyond wait_slots: kind wakeup, no culprit */
+	WHY_CULPRITS_FULL = 1,  /* charges not recorded: culprits map full (or busy, twice) */
+	WHY_CAUSES_FULL = 2,    /* throttled waits not recorded: causes map full */
+	WHY_EVENTS_SENT = 3,    /* slow-wait events in the ring buffer */
+	WHY_EVENTS_LIMITED = 4, /* slow waits over the per-CPU rate, not sent */
+	WHY_EVENTS_LOST = 5,    /* slow waits not sent: ring buffer full */
+	WHY_COUNTERS = 6,
+};
+
+struct culprit_key {
+	__u64 victim;  /* histogram key of the waiting task (with by_kind, PREEMPT_KEY too) */
+	__u64 culprit; /* tgid or cgroup id; 0 unless CULPRIT_TASK */
+	__u32 type;    /* enum culprit_type */
+	__u32 pad;
+};
+
+struct culprit_val {
+	__u64 wait_ns; /* waited time charged */
+	__u64 count;   /* pieces of waits charged (runs that overlapped a wait) */
+};
+
+/* Per histogram key (and kind): the throttled part of its waits (contention is the rest). */
+struct cause_val {
+	__u64 throttled_ns;
+	__u64 throttled_waits; /* waits with a throttled part */
+};
+
+/* One context switch remembered by a CPU: who ran until end_ns. */
+struct run_entry {
+	__u64 end_ns;
+	__u64 cgroup;  /* cgroup v2 id */
+	__u32 tgid;
+	__u32 tid;     /* 0: the idle task */
+	__u32 type;    /* enum culprit_type: TASK, KERNEL or IDLE */
+	__u32 pad;
+	char comm[TASK_COMM_LEN];
+};
+
+/* Per CPU (array indexed by CPU). */
+struct cpu_runs {
+	__s64 own;          /* tracked waiters queued here, counted by this CPU */
+	__s64 foreign;      /* ... counted by other CPUs (atomic); the sum is what matters */
+	__u64 rate_start;   /* slow-wait events: start of the current second */
+	__u32 rate_sent;    /* ... events sent in it */
+	__u32 head;         /* runs[head % RUN_LOG_LEN] is the next to write */
+	__u64 best_ns;      /* the last wait's largest piece (for its slow-wait event) */
+	__u32 best;         /* ... its index in runs */
+	__u32 best_type;    /* ... its enum culprit_type */
+	struct run_entry runs[RUN_LOG_LEN];
+};
+
+/* wait_slot.flags */
+#define WAIT_PREEMPT 1     /* the wait in progress is a preemption wait */
+#define WAIT_COUNTED 2     /* it is counted in cpu_runs[wait_cpu] */
+#define WAIT_THROTTLED 4   /* the task's cfs_rq was throttled when it began (old kernels) */
+
+/* Per task (array indexed by thread id, like task_slots): the wait in progress. */
+struct wait_slot {
+	__u64 owner;           /* the task_struct this belongs to */
+	__u64 throttled_base;  /* throttled clock of the task's cfs_rq when the wait began */
+	__u64 cul_victim;      /* the charges summed here, not yet in culprits */
+	__u64 cul_id;
+	__u64 cul_ns;
+	__u32 cul_count;
+	__u32 cul_type;
+	__u32 wait_cpu;
+	__u32 flags;
+};
+
+/* A tracked wait longer than slower_than_ns (ring buffer slow_waits). */
+struct slow_event {
+	__u64 ts_ns;          /* bpf_ktime_get_ns() when the task ran */
+	__u64 latency_ns;
+	__u64 throttled_ns;
+	__u64 cgroup;
+	__u64 culprit_cgroup;
+	__u64 culprit_ns;     /* the part of the wait the culprit ran */
+	__u32 pid;
+	__u32 tid;
+	__u32 cpu;
+	__u32 kind;           /* enum wait_kind */
+	__u32 culprit_type;   /* enum culprit_type */
+	__u32 culprit_pid;
+	__u32 culprit_tid;
+	__u32 pad;
+	char comm[TASK_COMM_LEN];
+	char culprit_comm[TASK_COMM_LEN];
 };
 
 #endif /* __RUNQLAT_H */

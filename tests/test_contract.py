@@ -78,6 +78,10 @@ def test_header_defines_match_abi():
     ("filter_flags", abi.Filter, "FILTER_"),
     ("tracked_reason", abi.TrackedReason, "TRACKED_"),
     ("drop_reason", abi.DropReason, "DROP_"),
+    ("wait_kind", abi.WaitKind, "KIND_"),
+    ("culprit_type", abi.CulpritType, "CULPRIT_"),
+    ("culprit_by", abi.CulpritBy, "CULPRIT_BY_"),
+    ("why_counter", abi.WhyCounter, "WHY_"),
 ])
 def test_header_enums_match_abi(enum_name, cls, prefix):
     enums = header_enums()
@@ -85,13 +89,16 @@ def test_header_enums_match_abi(enum_name, cls, prefix):
     c_side = {k[len(prefix):]: v for k, v in enums[enum_name].items()}
     if enum_name == "drop_reason":
         assert c_side.pop("REASONS") == abi.DROP_REASONS == len(abi.DropReason)
+    if enum_name == "why_counter":
+        assert c_side.pop("COUNTERS") == abi.WHY_COUNTERS == len(abi.WhyCounter)
     py_side = {m.name: int(m.value) for m in cls}
     assert c_side == py_side
 
 
 def test_header_structs_are_declared():
     text = _strip_comments(HEADER.read_text())
-    for struct in ("hist", "live_cfg", "task_ctx", "task_slot"):
+    for struct in ("hist", "live_cfg", "task_ctx", "task_slot", "culprit_key", "culprit_val", "cause_val",
+                   "run_entry", "cpu_runs", "wait_slot", "slow_event"):
         assert re.search(rf"struct\s+{struct}\s*\{{", text), struct
     assert re.search(r"__u64\s+slots\s*\[\s*HIST_SLOTS\s*\]", text)
     assert re.search(r"char\s+comm\s*\[\s*TASK_COMM_LEN\s*\]", text)
@@ -166,6 +173,21 @@ def test_small_structs(btf):
             f: dtype.fields[f][1] for f in dtype.names}, name
 
 
+WHY_STRUCTS = (("culprit_key", abi.CULPRIT_KEY_DTYPE), ("culprit_val", abi.CULPRIT_VAL_DTYPE),
+               ("cause_val", abi.CAUSE_VAL_DTYPE), ("run_entry", abi.RUN_ENTRY_DTYPE),
+               ("cpu_runs", abi.CPU_RUNS_DTYPE), ("wait_slot", abi.WAIT_SLOT_DTYPE),
+               ("slow_event", abi.SLOW_EVENT_DTYPE))
+
+
+@pytest.mark.parametrize("name,dtype", WHY_STRUCTS, ids=[n for n, _ in WHY_STRUCTS])
+def test_why_structs(btf, name, dtype):
+    """The structs of issue 14 as numpy reads them: same size, every field at its offset."""
+    st = _named(btf, "STRUCT", name)
+    assert st["size"] == dtype.itemsize, name
+    assert {m["name"]: m["bits_offset"] // 8 for m in st["members"]} == {
+        f: dtype.fields[f][1] for f in dtype.names}, name
+
+
 def test_maps_match(btf):
     assert _datasec_vars(btf, ".maps") == set(abi.MAPS)
 
@@ -202,7 +224,40 @@ MAP_SHAPES = {
     "hist_global": (4, abi.HIST_SIZE),
     "hist_scratch": (4, abi.HIST_SIZE),
     "drops": (4, 8),
+    "wait_slots": (4, abi.WAIT_SLOT_DTYPE.itemsize),       # "<I" tid
+    "cpu_runs": (4, abi.CPU_RUNS_DTYPE.itemsize),           # "<I" cpu
+    "culprits": (abi.CULPRIT_KEY_DTYPE.itemsize, abi.CULPRIT_VAL_DTYPE.itemsize),
+    "causes": (8, abi.CAUSE_VAL_DTYPE.itemsize),            # "<Q" key
+    "slow_waits": (0, 0),                                   # a ring buffer of struct slow_event
+    "why_counts": (4, 8),
 }
+
+
+# enum bpf_map_type (uapi)
+MAP_TYPES = {"BPF_MAP_TYPE_HASH": 1, "BPF_MAP_TYPE_ARRAY": 2, "BPF_MAP_TYPE_PERCPU_HASH": 5,
+             "BPF_MAP_TYPE_PERCPU_ARRAY": 6}
+PERCPU_TYPES = {5, 6, 10}  # + LRU_PERCPU_HASH
+
+
+def test_per_key_memory_does_not_grow_with_cpus(obj_path):
+    """Per-key histograms are one value shared by every CPU (not per-CPU maps),
+    within HIST_KEY_BYTES_MAX with room for the index entry; hist_arr is mmap-able;
+    only the small fixed-size maps are per-CPU."""
+    assert abi.HIST_SIZE + 256 <= abi.HIST_KEY_BYTES_MAX
+    assert "HIST_KEY_BYTES_MAX - 256" in BPF_SRC.read_text()  # the same bound, asserted at compile time
+    obj = BpfObject(obj_path)
+    try:
+        lib = _ffi.lib()
+        types = {n: lib.bpf_map__type(obj._map_ptrs[n]) for n in abi.MAPS}
+        assert types["hist_arr"] == MAP_TYPES["BPF_MAP_TYPE_ARRAY"]
+        assert types["hists"] == MAP_TYPES["BPF_MAP_TYPE_HASH"]
+        assert {n for n, t in types.items() if t in PERCPU_TYPES} == set(abi.PERCPU_MAPS)
+        assert abi.SHARED_HIST_MAPS.isdisjoint(abi.PERCPU_MAPS)
+        for name in abi.MAPS:
+            mmapable = bool(obj.map_flags(name) & abi.BPF_F_MMAPABLE)
+            assert mmapable == (name in abi.MMAP_MAPS), name
+    finally:
+        obj.close()
 
 
 def test_map_key_and_value_sizes(obj_path):
@@ -215,6 +270,7 @@ def test_map_key_and_value_sizes(obj_path):
             assert (lib.bpf_map__key_size(ptr), lib.bpf_map__value_size(ptr)) == (ks, vs), name
         assert lib.bpf_map__max_entries(obj._map_ptrs["drops"]) == abi.DROP_REASONS
         assert lib.bpf_map__max_entries(obj._map_ptrs["hist_global"]) == 1
+        assert lib.bpf_map__max_entries(obj._map_ptrs["why_counts"]) == abi.WHY_COUNTERS
         # every program libbpf sees is one abi.py knows, and the reverse
         assert set(obj.program_names) == set(abi.PROGRAMS)
     finally:

@@ -87,7 +87,8 @@ def exported_series_names() -> set[str]:
     for mode in Mode:
         snap = Snapshot(
             ts=0.0, mode=mode, hists={}, tracked_processes=0, tracked_containers=0,
-            drops={}, maps={}, progs={}, features={})
+            drops={}, maps={}, progs={}, features={},
+            kinds={}, why={}, why_counts={"events_sent": 0})  # with --by-kind and --culprits
         for family in Collector(lambda: snap, bpf_stats=lambda: True).collect():
             for suffix in suffixes[family.type]:
                 names.add(family.name + suffix)

@@ -137,6 +137,10 @@ PATHS = {
     "hash": ({"RUNQLAT_FORCE_HASH": "1", **NO_SLOTS}, ("tp_btf", "hash")),
     "raw_tp": ({"RUNQLAT_FORCE_RAW_TP": "1", **NO_SLOTS}, ("raw_tp", "hash")),
     "no_batch": ({"RUNQLAT_FORCE_NO_BATCH": "1"}, ("tp_btf", "task_storage")),
+    # hist_arr read through the map syscalls (kernels before 5.5 cannot mmap it)
+    "no_mmap": ({"RUNQLAT_FORCE_NO_MMAP": "1"}, ("tp_btf", "task_storage")),
+    "no_mmap_no_batch": ({"RUNQLAT_FORCE_NO_MMAP": "1", "RUNQLAT_FORCE_NO_BATCH": "1"},
+                         ("tp_btf", "task_storage")),
     # histograms in the per-CPU hash instead of hist_arr rows (what keys beyond the rows use)
     "hist_hash": ({"RUNQLAT_FORCE_HIST_HASH": "1"}, ("tp_btf", "task_storage")),
 }
@@ -206,10 +210,16 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
     assert abs(ours_ns - kernel_ns) <= 0.05 * kernel_ns, detail
 
     hists_map = tr.obj.map("hists")
-    if path == "no_batch":
+    if "RUNQLAT_FORCE_NO_BATCH" in env:
         assert not hists_map.batch_ok and batch_calls == [], "RUNQLAT_FORCE_NO_BATCH=1 still used batch ops"
     else:
         assert {"hists", "hist_index"} <= set(batch_calls), "reading did not use batch map operations"
+    if path != "hist_hash":
+        # rows are read in place through mmap unless forced to the syscalls
+        mapped = "RUNQLAT_FORCE_NO_MMAP" not in env
+        assert tr.features["row_reads"] == ("mmap" if mapped else "syscall")
+        assert (tr._rows_view is not None) == mapped
+        assert bool(tr.obj.map_flags("hist_arr") & abi.BPF_F_MMAPABLE) == mapped
     in_row = path != "hist_hash"
     assert (task.pid in tr._row_of) == in_row and (task.pid in tr._in_hash) != in_row
     # the state was where the path keeps it: the task's slot is used only with slots
@@ -459,42 +469,76 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
         assert h[third.pid].labels["comm"] == HOG
 
 
-@pytest.mark.parametrize("batch", [True, False])
-def test_rows_read_in_chunks(tracers, monkeypatch, batch):
-    """_read_rows over many chunks, rows in any order: each row's per-CPU values
-    summed, in the order asked, with its comm (written here from user space)."""
+@pytest.mark.parametrize("how", ["mmap", "batch", "lookups"])
+def test_rows_read_in_chunks(tracers, monkeypatch, how):
+    """_read_rows over many chunks, rows in any order: each row's one shared value
+    (the map is not per-CPU), in the order asked, with its comm (written here from
+    user space); through the mapping, a block copied again only when one of its
+    rows moved."""
     from runqlat import tracer as tracer_mod
-    if not batch:
+    if how != "mmap":
+        monkeypatch.setenv("RUNQLAT_FORCE_NO_MMAP", "1")
+    if how == "lookups":
         monkeypatch.setenv("RUNQLAT_FORCE_NO_BATCH", "1")
-    monkeypatch.setattr(tracer_mod, "ROWS_READ_BYTES", 3 * abi.HIST_SIZE * bpf.possible_cpus())
+    monkeypatch.setattr(tracer_mod, "ROWS_READ_BYTES", 3 * abi.HIST_SIZE)
     tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, max_rows=20))
     m = tr.obj.map("hist_arr")
-    ncpus = m.ncpus
+    assert m.ncpus == 1 and m.value_size == abi.HIST_SIZE
+
+    def write(row, n):
+        val = np.zeros((), dtype=abi.HIST_DTYPE)
+        val["slots"][row] = n
+        val["count"] = n
+        val["sum_ns"] = 1000 * n
+        val["comm"] = f"r{row}".encode()
+        m.update(struct.pack("<I", row), val.tobytes())
+
     for row in range(20):
-        vals = np.zeros((ncpus,), dtype=abi.HIST_DTYPE)
-        for cpu in range(ncpus):
-            vals[cpu]["slots"][row] = row + cpu
-            vals[cpu]["count"] = row + cpu
-            vals[cpu]["sum_ns"] = 1000 * row
-        vals[ncpus - 1]["comm"] = f"r{row}".encode()
-        m.update(struct.pack("<I", row), vals.tobytes())
+        write(row, row + 7)
     rows = np.array([17, 3, 4, 11, 0, 19], dtype=np.uint32)
     keys = [1000 + r for r in rows.tolist()]
-    parts = tr._read_rows(keys, rows)
-    assert len(parts) >= 4, "the rows were not read in chunks"
-    got = {}
-    for pkeys, words, comms in parts:
-        for k, w, c in zip(pkeys, words, comms):
-            assert k not in got
-            got[k] = (w, c)
-    assert sorted(got) == sorted(keys)
+
+    def read():
+        parts = tr._read_rows(keys, rows)
+        assert len(parts) >= 4, "the rows were not read in chunks"
+        got = {}
+        for pkeys, words, comms in parts:
+            for k, w, c in zip(pkeys, words, comms):
+                assert k not in got
+                got[k] = (w, c)
+        assert sorted(got) == sorted(keys)
+        return got
+
+    got = read()
     for r in rows.tolist():
         w, c = got[1000 + r]
-        expect = sum(r + cpu for cpu in range(ncpus))
         assert c == f"r{r}"
-        assert w[r] == expect and w[abi.HIST_SLOTS] == expect
-        assert w[abi.HIST_SLOTS + 1] == 1000 * r * ncpus
-        assert int(w[:abi.HIST_SLOTS].sum()) == expect
+        assert w[r] == r + 7 and w[abi.HIST_SLOTS] == r + 7
+        assert w[abi.HIST_SLOTS + 1] == 1000 * (r + 7)
+        assert int(w[:abi.HIST_SLOTS].sum()) == r + 7
+    copies = _count_copies(monkeypatch) if how == "mmap" else None
+    write(4, 100)  # row 4 is in block 3..5
+    got = read()
+    assert got[1004][0][abi.HIST_SLOTS] == 100 and got[1017][0][abi.HIST_SLOTS] == 24
+    if copies is not None:
+        assert copies == [3], f"blocks copied: {copies}, want only the one whose row moved"
+
+
+def _count_copies(monkeypatch) -> list[int]:
+    """Block starts _rows_block copies out of the mapping, from now on."""
+    from runqlat import tracer as tracer_mod
+    starts = []
+    real = tracer_mod.Tracer._rows_block
+
+    def counting(self, am, lo, hi):
+        before = self._blocks.get(lo)
+        out = real(self, am, lo, hi)
+        if self._blocks.get(lo) is not before:
+            starts.append(lo)
+        return out
+
+    monkeypatch.setattr(tracer_mod.Tracer, "_rows_block", counting)
+    return starts
 
 
 def test_thread_ids_beyond_the_slots_use_task_storage(tracers, hogs):

@@ -21,6 +21,9 @@ HIST_DIV_LIMIT = 1 << 31
 LATENCY_MAX_NS = 600_000_000_000
 NO_INDEX = 0xFFFFFFFF  # task_ctx.hist_idx of a key whose histogram is in hists
 MAX_CGROUP_DEPTH = 16
+# A histogram key's kernel memory at most (its row plus its index entry), at
+# any number of CPUs: per-key rows are shared by every CPU.
+HIST_KEY_BYTES_MAX = 4096
 
 
 class AggMode(enum.IntEnum):
@@ -52,6 +55,63 @@ class DropReason(enum.IntEnum):
 
 DROP_REASONS = len(DropReason)
 
+# -- why tasks waited (issue 14) --
+PREEMPT_KEY_BIT = 63
+PREEMPT_KEY = 1 << PREEMPT_KEY_BIT  # a key's preemption-wait histogram (by_kind)
+RUN_LOG_LEN = 64
+CULPRIT_FLUSH_NS = 1_000_000
+CULPRIT_FLUSH_COUNT = 64
+WAIT_PREEMPT = 1
+WAIT_COUNTED = 2
+WAIT_THROTTLED = 4
+
+
+class WaitKind(enum.IntEnum):
+    WAKEUP = 0
+    PREEMPT = 1
+
+
+class CulpritType(enum.IntEnum):
+    TASK = 0
+    KERNEL = 1
+    IDLE = 2
+    QUOTA = 3
+    UNKNOWN = 4
+
+
+class CulpritBy(enum.IntEnum):
+    PROCESS = 0
+    CGROUP = 1
+
+
+class WhyCounter(enum.IntEnum):
+    NO_SLOT = 0
+    CULPRITS_FULL = 1
+    CAUSES_FULL = 2
+    EVENTS_SENT = 3
+    EVENTS_LIMITED = 4
+    EVENTS_LOST = 5
+
+
+WHY_COUNTERS = len(WhyCounter)
+
+CULPRIT_KEY_DTYPE = np.dtype([("victim", "<u8"), ("culprit", "<u8"), ("type", "<u4"), ("pad", "<u4")])
+CULPRIT_VAL_DTYPE = np.dtype([("wait_ns", "<u8"), ("count", "<u8")])
+CAUSE_VAL_DTYPE = np.dtype([("throttled_ns", "<u8"), ("throttled_waits", "<u8")])
+RUN_ENTRY_DTYPE = np.dtype([("end_ns", "<u8"), ("cgroup", "<u8"), ("tgid", "<u4"), ("tid", "<u4"),
+                            ("type", "<u4"), ("pad", "<u4"), ("comm", f"S{TASK_COMM_LEN}")])
+CPU_RUNS_DTYPE = np.dtype([("own", "<i8"), ("foreign", "<i8"), ("rate_start", "<u8"), ("rate_sent", "<u4"),
+                           ("head", "<u4"), ("best_ns", "<u8"), ("best", "<u4"), ("best_type", "<u4"),
+                           ("runs", RUN_ENTRY_DTYPE, (RUN_LOG_LEN,))])
+WAIT_SLOT_DTYPE = np.dtype([("owner", "<u8"), ("throttled_base", "<u8"), ("cul_victim", "<u8"),
+                            ("cul_id", "<u8"), ("cul_ns", "<u8"), ("cul_count", "<u4"), ("cul_type", "<u4"),
+                            ("wait_cpu", "<u4"), ("flags", "<u4")])
+SLOW_EVENT_DTYPE = np.dtype([
+    ("ts_ns", "<u8"), ("latency_ns", "<u8"), ("throttled_ns", "<u8"), ("cgroup", "<u8"),
+    ("culprit_cgroup", "<u8"), ("culprit_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("cpu", "<u4"),
+    ("kind", "<u4"), ("culprit_type", "<u4"), ("culprit_pid", "<u4"), ("culprit_tid", "<u4"), ("pad", "<u4"),
+    ("comm", f"S{TASK_COMM_LEN}"), ("culprit_comm", f"S{TASK_COMM_LEN}")])
+
 # struct hist, as numpy lays it out (same order, no padding: all 8-byte fields then chars)
 HIST_DTYPE = np.dtype(
     [("slots", "<u8", (HIST_SLOTS,)), ("count", "<u8"), ("sum_ns", "<u8"), ("comm", f"S{TASK_COMM_LEN}")]
@@ -66,7 +126,8 @@ TASK_SLOT_DTYPE = np.dtype([("owner", "<u8"), ("ctx", TASK_CTX_DTYPE)])
 TASK_SLOT_SIZE = TASK_SLOT_DTYPE.itemsize
 
 # Variables the loader writes: name -> ELF section that holds them.
-RODATA_VARS = ("agg_mode", "follow_children", "watch_cgroup_moves")
+RODATA_VARS = ("agg_mode", "follow_children", "watch_cgroup_moves",
+               "by_kind", "attribute", "culprit_by", "slower_than_ns", "slow_events_per_s")
 LIVE_VAR = "live"          # in section .data.live
 LIVE_SECTION = ".data.live"
 # Counters the BPF side bumps when it changes a map user space walks (in .bss):
@@ -74,8 +135,15 @@ LIVE_SECTION = ".data.live"
 COUNTER_VARS = ("tracked_changes", "hists_made")
 COUNTER_SECTION = ".bss"
 
-# Per-CPU maps: user space reads one value per possible CPU.
-PERCPU_MAPS = frozenset(("hist_arr", "hists", "hist_global", "hist_scratch", "drops"))
+# Per-CPU maps: user space reads one value per possible CPU. Only small ones
+# (a fixed number of entries, not one per key).
+PERCPU_MAPS = frozenset(("hist_global", "hist_scratch", "drops", "why_counts"))
+# Per-key histograms: one value shared by every CPU, updated with atomic adds.
+SHARED_HIST_MAPS = frozenset(("hist_arr", "hists"))
+# uapi BPF_F_MMAPABLE: hist_arr is read in place through mmap (the loader
+# clears the flag on kernels before 5.5, which lack it).
+BPF_F_MMAPABLE = 1 << 10
+MMAP_MAPS = frozenset(("hist_arr",))
 
 MAPS = (
     "task_slots",
@@ -91,6 +159,13 @@ MAPS = (
     "hist_global",
     "hist_scratch",
     "drops",
+    # why tasks waited (issue 14)
+    "wait_slots",
+    "cpu_runs",
+    "culprits",
+    "causes",
+    "slow_waits",
+    "why_counts",
 )
 
 # The three scheduler handlers, one set per (attach type, timestamp store).

@@ -109,6 +109,18 @@ class RunConfig:
     max_tracked: Optional[int] = _option(
         None, "--max-tracked", help="Capacity of the tracked-PID map (default: kernel.pid_max up to 65536, "
                                     "or twice the processes present at start if more).")
+    by_kind: bool = _option(
+        False, "--by-kind", help="Wakeup and preemption waits apart (text: two histograms per key; JSON: "
+                                 "kind; Prometheus: label kind). A wait after a wakeup is a wakeup wait, "
+                                 "one after being switched out while runnable a preemption wait.")
+    culprits: bool = _option(
+        False, "--culprits", help="Why tasks waited: who held the CPU (top culprits per key) and which part "
+                                  "was throttling by a CPU quota (cause). Costs more per tracked event.")
+    slower_than: Optional[str] = _option(
+        None, "--slower-than", metavar="DURATION",
+        help="Print every tracked wait longer than DURATION (e.g. 5ms) as it happens, with its kind, cause "
+             "and culprit (at most 1000 a second per CPU; the rest are counted). Implies --culprits' "
+             "bookkeeping; needs Linux 5.8+.")
 
 
 _TYPES = get_type_hints(RunConfig)
@@ -330,6 +342,12 @@ def _validate(cfg: RunConfig) -> None:
             raise UsageError(f"--pid {p} is not a valid PID")
     if cfg.max_tracked is not None and not 1 <= cfg.max_tracked <= 4 * 1024 * 1024:
         raise UsageError("--max-tracked must be between 1 and 4194304")
+    if cfg.slower_than is not None:
+        from .events import parse_duration_ns
+        try:
+            parse_duration_ns(cfg.slower_than)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if cfg.follow_children and not (cfg.pids or cfg.pids_file):
         log.warning("--follow-children has no effect without -p or --pids-file")
 
@@ -392,6 +410,7 @@ def _policy():
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> int:
     from .monitor import Monitor
     from .tracking import agg_mode, expected_keys, kernel_filter, uses_cgroup_tree
+    from .events import parse_duration_ns
     from .output import Printer
     from .tracer import Options, Tracer
 
@@ -427,7 +446,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
             opts = Options(agg=agg_mode(mode), follow_children=cfg.follow_children,
                            watch_cgroup_moves=uses_cgroup_tree(mode, sources),
                            max_tracked=cfg.max_tracked or 0, initial_filter=kernel_filter(sources),
-                           expected_keys=expected_keys(mode, sources))
+                           expected_keys=expected_keys(mode, sources), by_kind=cfg.by_kind,
+                           attribute=cfg.culprits,
+                           slower_than_ns=parse_duration_ns(cfg.slower_than) if cfg.slower_than else 0)
             server = None
             if cfg.metrics_addr:
                 # bound before loading anything: a port in use fails fast and alone
@@ -453,6 +474,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                 except OSError as exc:
                     raise InputError(f"cannot open --output-file {cfg.output_file}: {exc.strerror}") from None
             printer = Printer(out, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)
+            if cfg.slower_than:
+                printer = _LockedPrinter(printer)
+                tracer.start_slow_waits(_event_writer(out, cfg.output, printer.lock))
             if printing and cfg.output == "text" and not cfg.output_file:
                 what = sources.describe
                 end = "Hit Ctrl-C to end." if cfg.interval is None else ""
@@ -462,6 +486,37 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+class _LockedPrinter:
+    """The interval printer, sharing the output with the slow-wait event thread."""
+
+    def __init__(self, printer):
+        self.printer = printer
+        self.lock = threading.Lock()
+
+    def emit(self, snap, interval_s) -> None:
+        with self.lock:
+            self.printer.emit(snap, interval_s)
+
+
+def _event_writer(out, fmt: str, lock: threading.Lock):
+    """The callback of the slow-wait thread: one line per event. A failed write
+    (closed pipe) is logged once; the tracer keeps running."""
+    from .events import json_line, text_line
+    line = json_line if fmt == "json" else text_line
+    failed = []
+
+    def write(ev) -> None:
+        try:
+            with lock:
+                out.write(line(ev) + "\n")
+                out.flush()
+        except (OSError, ValueError) as exc:
+            if not failed:
+                failed.append(exc)
+                log.warning("cannot write slow-wait events: %s", exc)
+    return write
 
 
 def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config) -> int:

@@ -12,7 +12,8 @@ series, which keeps going up.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from types import MappingProxyType
+from typing import Mapping, Protocol
 
 from .hist import Histogram
 from .model import Labels
@@ -47,6 +48,11 @@ class Ledger:
         self._labels: dict[int, Labels] = {}       # kernel key -> its labels at the last collection
         self._label_dicts: dict[Labels, dict] = {}  # Histogram.labels of each label, made once
         self._retired_at: dict[int, float] = {}    # keys retired within LATE_WAIT_S -> when
+
+    @property
+    def key_labels(self) -> Mapping[int, Labels]:
+        """Each kernel key's labels as of the last collection (read only)."""
+        return MappingProxyType(self._labels)
 
     def register(self, consumer: str, fold_unseen: bool = False) -> None:
         """A consumer (e.g. 'print', 'scrape') sees every retired histogram once.

@@ -24,6 +24,11 @@ from . import __version__
 from .errors import InputError, RunqlatError
 from .hist import is_slot_boundary, power_of_two_bounds_ns
 from .model import CONTAINER_MODES, Snapshot
+from .why import KINDS, StickyTop, Why, cause_split
+
+# Culprit series per victim (and kind): the first this many to show up, the largest
+# first, keep their own series; the rest are one "(other)" series (why.StickyTop).
+CULPRIT_SERIES = 10
 
 log = logging.getLogger("runqlat")
 
@@ -70,6 +75,9 @@ def parse_buckets(text: str) -> list[int]:
     return sorted(set(out))
 
 
+_NO_WHY = Why()
+
+
 def _fmt_le(ns: int) -> str:
     return repr(ns / 1e9)
 
@@ -83,6 +91,7 @@ class Collector:
         self.bounds_ns = bounds_ns or power_of_two_bounds_ns()
         self._les = [_fmt_le(b) for b in self.bounds_ns]
         self.bpf_stats = bpf_stats or bpf_stats_enabled
+        self._culprit_series = StickyTop(CULPRIT_SERIES)
 
     def describe(self):
         return []  # no fixed description: families depend on the mode
@@ -90,9 +99,13 @@ class Collector:
     def collect(self):
         snap = self.source()
         label_names = list(snap.label_names)
+        hists = snap.hists
+        if snap.kinds is not None:  # --by-kind: a series per kind of wait
+            label_names.append("kind")
+            hists = {lab + (k,): h for lab, pair in snap.kinds.items() for k, h in zip(KINDS, pair)}
         h = HistogramMetricFamily(
             HIST_NAME, "Time tasks spent runnable before running (run-queue latency)", labels=label_names)
-        for labels, hist in sorted(snap.hists.items()):
+        for labels, hist in sorted(hists.items()):
             cum = hist.cumulative_le(self.bounds_ns)
             count = hist.count
             buckets = [(le, min(c, count)) for le, c in zip(self._les, cum)]
@@ -108,6 +121,8 @@ class Collector:
                     if v is not None:
                         c.add_metric(list(labels), v)
                 yield c
+
+        yield from self._why(snap, label_names, hists)
 
         g = GaugeMetricFamily("runqlat_tracked_processes", "Processes in the tracked set (all when no filter)")
         g.add_metric([], snap.tracked_processes)
@@ -144,6 +159,36 @@ class Collector:
         info.add_metric([], {"version": __version__, "attach": snap.features.get("attach", ""),
                              "timestamps": snap.features.get("timestamps", ""), "mode": snap.mode.value})
         yield info
+
+
+    def _why(self, snap: Snapshot, label_names: list, hists: dict):
+        """Culprits and causes (--culprits), and the counters of that bookkeeping."""
+        if snap.why is not None:
+            c = CounterMetricFamily(
+                "runqlat_culprit_wait_seconds",
+                "Time tracked tasks waited while this culprit held their CPU (the first "
+                f"{CULPRIT_SERIES} culprits per victim have a series, the rest are '(other)')",
+                labels=label_names + ["culprit"])
+            cause = CounterMetricFamily("runqlat_wait_cause_seconds",
+                                        "Time tracked tasks waited, throttled by a CPU quota or in contention",
+                                        labels=label_names + ["cause"])
+            for lab, w in sorted(snap.why.items()):
+                for name, ns, _ in self._culprit_series.series(lab, w.culprits):
+                    c.add_metric(list(lab) + [name], ns / 1e9)
+            for lab, hist in sorted(hists.items()):
+                thr, cont = cause_split(snap.why.get(lab) or _NO_WHY, hist.sum_ns)
+                cause.add_metric(list(lab) + ["throttled"], thr / 1e9)
+                cause.add_metric(list(lab) + ["contention"], cont / 1e9)
+            self._culprit_series.forget(set(snap.why))
+            yield c
+            yield cause
+        if snap.why_counts:
+            e = CounterMetricFamily("runqlat_why_events",
+                                    "Slow-wait events sent, limited by the rate or lost to a full buffer; "
+                                    "culprit charges and throttled waits not recorded", labels=["event"])
+            for name, n in sorted(snap.why_counts.items()):
+                e.add_metric([name], n)
+            yield e
 
 
 def bpf_stats_enabled() -> bool:

@@ -134,6 +134,10 @@ class Snapshot:
     # CPU throttling and pressure of each container's (or pod's) cgroup, cumulative:
     # Labels -> cpuctx.CpuContext (container and pod modes only)
     cpu: dict = field(default_factory=dict)
+    # why tasks waited (--by-kind, --culprits), cumulative, live labels only
+    kinds: dict | None = None   # Labels -> (wakeup, preempt) Histograms (--by-kind)
+    why: dict | None = None     # Labels (+ kind with --by-kind) -> why.Why, culprits by display name
+    why_counts: dict = field(default_factory=dict)  # the why_counts map by name
 
     def __post_init__(self):
         if self.label_names is None:

@@ -10,6 +10,8 @@ import threading
 import time
 
 from .cpuctx import CpuContextReader
+from . import why
+from .abi import PREEMPT_KEY
 from .ledger import Ledger
 from .model import CONTAINER_MODES, Labels, Mode, Snapshot, Sources, context_of, label_names
 from .tracking import Tracking, container_labels, pod_labels
@@ -61,6 +63,7 @@ class Monitor:
         with self.lock:
             t = self.tracer
             hists, gone = self._collect(consumer)
+            kinds, accounts = self._why_view()
             return Snapshot(
                 ts=time.time(), mode=self.mode, hists=hists,
                 tracked_processes=self.tracking.process_count(),
@@ -69,6 +72,8 @@ class Monitor:
                 progs=t.prog_stats(), features=dict(t.features), gone=gone,
                 retired_dropped=self.ledger.retired_dropped, label_names=self.ledger.label_names,
                 cpu=self._cpu_context(hists),
+                kinds=kinds, why=accounts,
+                why_counts=t.why_counts() if kinds is not None or accounts is not None else {},
             )
 
     def _cpu_context(self, hists: dict) -> dict:
@@ -89,6 +94,19 @@ class Monitor:
                 groups.setdefault(lab, []).append(c)
         return {lab: self._cpu_reader.for_group([(c.cgroup, c.init_pid) for c in cs], parent=pods)
                 for lab, cs in groups.items()}
+
+    def _why_view(self):
+        """(kinds, accounts) by label from the tracer's last read (None, None: not asked
+        for). A key retired by this collection is gone from the kernel with its
+        account: only its histogram's final value is handed out."""
+        o = getattr(self.tracer, "opts", None)  # (test doubles of the tracer have none)
+        if o is None or not (o.by_kind or o.attributing):
+            return None, None
+        labels = {0: ()} if self.mode == Mode.GLOBAL else self.ledger.key_labels
+        kinds, accounts = why.view(labels, self.tracer.kinds if o.by_kind else {}, self.tracer.read_culprits(),
+                                   self.tracer.read_causes(), self.tracking.culprit_name, o.by_kind, PREEMPT_KEY)
+        # None, not empty: a consumer splits by kind (or shows culprits) only when asked to
+        return (kinds if o.by_kind else None), (accounts if o.attributing else None)
 
     def maintain(self) -> None:
         """Retire what is gone even when nobody reads (e.g. --quiet between scrapes),

@@ -11,6 +11,7 @@ tests/test_output.py checks that the two agree byte for byte.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from operator import itemgetter
@@ -21,14 +22,26 @@ from .abi import HIST_SLOTS
 from .hist import (UPPER_NS_INT, WIDE_FROM, log2_column_header, log2_matrix, log2_row_prefix,
                    percentiles_ns, star_bars)
 from .model import Labels, Mode
+from .why import KINDS, Why, cause_split, top
 
 BAR_WIDTH = 40
+TOP_CULPRITS = 5  # culprits shown per histogram and interval (the rest in one "(other)")
 QUANTILES = (0.5, 0.9, 0.99)
 _NUMERIC_LABELS = ("pid", "tid", "pidns")
 
 
+def _safe(name: str) -> str:
+    """A name another user controls (a comm, a container name), fit for a terminal."""
+    return "".join(c if c.isprintable() and c != "\\" else f"\\x{ord(c):02x}" for c in name)
+
+
 def mode_header(mode: Mode, labels: dict) -> str:
     """The line above a histogram that says whose it is ('' for the global one)."""
+    if "kind" in labels:  # --by-kind: one histogram per kind of wait
+        rest = {k: v for k, v in labels.items() if k != "kind"}
+        head = mode_header(mode, rest)
+        what = "wakeup waits" if labels["kind"] == KINDS[0] else "preemption waits"
+        return f"{head} ({what})" if head else f"({what})"
     if mode == Mode.PID:
         return f"pid = {labels['pid']} {labels['comm']}"
     if mode == Mode.TID:
@@ -206,9 +219,11 @@ class Printer:
         self._lines = _Strings(_table_line)
         self._buckets = _Strings(_json_bucket)
         self._cpu: dict = {}  # the interval's CPU context per label (containers, pods)
+        self._why_prev: dict = {}  # labels -> the cumulative Why last seen
+        self._why: dict = {}       # labels -> what this interval added to it
 
     def _interval(self, snap) -> _Interval:
-        keyed = snap.mode != Mode.GLOBAL
+        keyed = snap.mode != Mode.GLOBAL or snap.kinds is not None
         prev, meta = self.prev, self._meta
         rows = []
         append, prev_of, meta_of = rows.append, prev.get, meta.get
@@ -234,6 +249,9 @@ class Printer:
             self._meta = {lab: m for lab, m in meta.items() if lab in prev}
         if not keyed and not rows:  # the global histogram is printed even when empty
             rows.append(((), (), "", _ZERO, _ZERO, 0, 0))
+        if snap.kinds is not None and snap.mode == Mode.GLOBAL and not rows:  # both kinds, even empty
+            for k in KINDS:
+                rows.append(((k,), (k,), self._describe(snap, (k,)), _ZERO, _ZERO, 0, 0))
         rows.sort(key=itemgetter(0))
         return _Interval(rows)
 
@@ -246,6 +264,8 @@ class Printer:
     def emit(self, snap, interval_s: float | None) -> None:
         """Writes the interval chunk by chunk: each piece stays small (no multi-MB
         string, then its encoded copy, mapped and faulted in every second)."""
+        snap = _split_kinds(snap)
+        self._why_interval(snap)
         iv = self._interval(snap)
         write = self.out.write
         self._cpu = getattr(snap, "cpu", None) or {}
@@ -266,6 +286,9 @@ class Printer:
         unit = "msecs" if self.unit_ns == 1_000_000 else "usecs"
         lines, lengths, narrow = log2_table_lines(log2_matrix(slots, self.unit_ns), self._lines)
         summaries = summary_lines(iv.counts[part], iv.sums[part], percentiles_ns(slots, QUANTILES), self.unit_ns)
+        if self._why:
+            summaries = [s + self._why_text(lab, total) for s, lab, total in
+                         zip(summaries, iv.labels[part], iv.sums[part])]
         heads = iv.heads[part]
         lead = 2 if heads[0] else 0  # "" and the header; none for the global histogram
         # every line of the chunk in place: lead, column titles, bucket lines, summary
@@ -306,13 +329,60 @@ class Printer:
         for lab, fields, c, s, (p50, p90, p99), end in zip(iv.labels[part], iv.heads[part], iv.counts[part],
                                                            iv.sums[part], pcts, ends):
             mean = round(s / c if c else 0.0, 1)
+            extra = self._why_json(lab, s) if self._why else ""
             parts.append(f'{head}{fields}, "count": {c}, "sum_ns": {s}, "mean_ns": {mean!r}, '
-                         f'"p50_ns": {p50!r}, "p90_ns": {p90!r}, "p99_ns": {p99!r}, "buckets": [')
+                         f'"p50_ns": {p50!r}, "p90_ns": {p90!r}, "p99_ns": {p99!r}{extra}, "buckets": [')
             parts += buckets[start:end]
             ctx = cpu.get(lab) if cpu else None
             parts.append("]}\n" if ctx is None else f'], "cpu": {_cpu_json(ctx)}}}\n')
             start = end
         return "".join(parts)
+
+
+    # -- why tasks waited (--culprits) --
+    def _why_interval(self, snap) -> None:
+        """What each label's account gained since the last print."""
+        if not snap.why:
+            self._why = {}
+            return
+        prev = self._why_prev
+        self._why = {lab: (w - prev[lab] if lab in prev else w) for lab, w in snap.why.items()}
+        prev.update(snap.why)
+        for lab in [lab for lab in prev if lab not in snap.why]:
+            del prev[lab]
+
+    def _why_text(self, lab: tuple, waited_ns: int) -> str:
+        """The cause share for the summary line, then the top culprits table."""
+        w = self._why.get(lab)
+        if w is None or not waited_ns:
+            return ""
+        thr, cont = cause_split(w, waited_ns)
+        lines = [f"; throttled {100 * thr / waited_ns:.1f}%, contention {100 * cont / waited_ns:.1f}%"]
+        rows = top(w.culprits, TOP_CULPRITS)
+        if rows:
+            lines.append(f"     {'top culprits':<32} {'waited ms':>12} {'share':>7} {'runs':>8}")
+            for name, ns, n in rows:
+                lines.append(f"     {_safe(name)[:32]:<32} {ns / 1e6:12.3f} {100 * ns / waited_ns:6.1f}% {n:8d}")
+        return "\n".join(lines)
+
+    def _why_json(self, lab: tuple, waited_ns: int) -> str:
+        w = self._why.get(lab) or Why()
+        thr, cont = cause_split(w, waited_ns)
+        culprits = [{"culprit": name, "wait_ns": ns, "count": n} for name, ns, n in top(w.culprits, TOP_CULPRITS)]
+        return (f', "cause": {{"throttled_ns": {thr}, "contention_ns": {cont}, '
+                f'"throttled_waits": {w.throttled_waits}}}, "culprits": {json.dumps(culprits)}')
+
+
+def _split_kinds(snap):
+    """With --by-kind: the histograms by (labels..., kind) instead of by labels."""
+    if snap.kinds is None:
+        return snap
+    hists = {}
+    for lab, (w, p) in snap.kinds.items():
+        hists[lab + (KINDS[0],)] = w
+        hists[lab + (KINDS[1],)] = p
+    gone = {lab + (k,) for lab in snap.gone for k in KINDS}
+    return dataclasses.replace(snap, hists=hists, gone=gone, label_names=tuple(snap.label_names) + ("kind",))
 
 
 _LE_NS = UPPER_NS_INT.tolist()

@@ -18,7 +18,7 @@ not a supported interface:
   own BTF (tp_btf programs, check_environment); it lets tests make the object
   meet another kernel's struct layout.
 - RUNQLAT_FORCE_HASH=1, RUNQLAT_FORCE_RAW_TP=1, RUNQLAT_FORCE_NO_BATCH=1,
-  RUNQLAT_FORCE_HIST_HASH=1, RUNQLAT_FORCE_NO_TASK_SLOTS=1: take a fallback
+  RUNQLAT_FORCE_HIST_HASH=1, RUNQLAT_FORCE_NO_TASK_SLOTS=1, RUNQLAT_FORCE_NO_MMAP=1: take a fallback
   this kernel would not need, to test it.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ FORCE_ENV = {
     "RUNQLAT_FORCE_NO_BATCH": "force_no_batch",
     "RUNQLAT_FORCE_HIST_HASH": "force_hist_hash",
     "RUNQLAT_FORCE_NO_TASK_SLOTS": "force_no_task_slots",
+    "RUNQLAT_FORCE_NO_MMAP": "force_no_mmap",
 }
 
 
@@ -59,6 +60,7 @@ class LoadPolicy:
     force_no_batch: bool = False
     force_hist_hash: bool = False
     force_no_task_slots: bool = False
+    force_no_mmap: bool = False  # hist_arr read through the map syscalls, not mmap
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "LoadPolicy":

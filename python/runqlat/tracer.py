@@ -7,12 +7,21 @@ On every path a task's state is in the task_slots array at its thread id when
 the id is below the array's size (pid_max, within TASK_SLOTS_BUDGET_BYTES), and
 in task storage (or the hash) otherwise.
 
-Per-key histograms are rows of the per-CPU array hist_arr, handed out by the
-BPF side from the hist_free stack; user space sizes them, reads them (summed
-over CPUs) and gives a retired key's row back, zeroed, after a quarantine.
-Keys beyond the rows live in the hists hash.
+Per-key histograms are rows of hist_arr, one row per key shared by every CPU
+(the BPF side adds atomically), handed out by the BPF side from the hist_free
+stack; user space sizes them, reads them in place through mmap (kernels before
+5.5, or RUNQLAT_FORCE_NO_MMAP=1: through the map syscalls) and gives a retired
+key's row back, zeroed, after a quarantine. Keys beyond the rows live in the
+hists hash (RUNQLAT_FORCE_HIST_HASH=1 puts every key there).
+
 
 policy.LoadPolicy forces each fallback (tests) and names the object file.
+
+Why tasks waited (issue 14), each part only when asked for: the wait kind
+(by_kind: a key's preemption waits under the key with abi.PREEMPT_KEY set,
+folded back here), culprits and throttled time (attribute: the culprits and
+causes maps), slow-wait events (slower_than_ns: a ring buffer read by a
+thread of ours).
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import errno as _errno
 import logging
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from . import abi, elf
-from .abi import AggMode, Filter
-from .bpf import BPF_MAP_TYPE_TASK_STORAGE, BpfObject, possible_cpus, probe_map_type
+from .abi import AggMode, CulpritBy, CulpritType, Filter, WaitKind
+from .bpf import (BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_TASK_STORAGE, BpfObject, RingBuffer, possible_cpus,
+                  probe_map_type, probe_mmapable_array)
 from .errors import KernelUnsupported, LibbpfError, PermissionDenied
 from .hist import Histogram
 from .policy import LoadPolicy
@@ -37,19 +48,35 @@ log = logging.getLogger(__name__)
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 
-# Kernel memory the hist_arr rows (preallocated, one copy per CPU) may take at most;
-# keys beyond the rows still work, through the hists hash.
+# Kernel memory the hist_arr rows (preallocated, one row per key whatever the
+# number of CPUs) may take at most; keys beyond the rows still work, through
+# the hists hash.
 ROWS_BUDGET_BYTES = 64 << 20
 # A retired row is zeroed and handed out again no sooner than this: by then no
 # program that read the old generation can still be writing to it.
 ROW_QUARANTINE_S = 0.1
+# Rows beyond the keys present at start (and a quarter more): room for keys that
+# appear later, e.g. threads created and joined by the hundred a second, whose
+# rows come back only after their retirement (the next collection).
+SPARE_ROWS = 64
 # Kernel memory of the task_slots array (preallocated, one slot per thread id
 # below pid_max): 32 MiB covers a pid_max of 838,860. Higher thread ids keep their
 # state in task storage, which costs a helper call per event instead of an
 # inlined array access.
 TASK_SLOTS_BUDGET_BYTES = 32 << 20
-# hist_arr is read this many bytes at a time (below cli.MMAP_THRESHOLD)
+# hist_arr is read (copied out of the mapping) this many bytes at a time, a
+# block of rows: below cli.MMAP_THRESHOLD, and a block whose rows' counts,
+# sums and comms did not move since the last read is not copied again
 ROWS_READ_BYTES = 768 << 10
+# wait_slots (the wait in progress of each thread id below pid_max; only when the
+# kind, culprits or slow waits are asked for) may take at most this much.
+WAIT_SLOTS_BUDGET_BYTES = 32 << 20
+# (victim, culprit) pairs the kernel keeps by default; a full map counts what it
+# could not record (why_counts culprits_full).
+CULPRITS_DEFAULT = 65536
+# The slow-wait ring buffer (a power of two of pages) and the events per CPU a second.
+SLOW_RING_BYTES = 256 << 10
+SLOW_EVENTS_PER_S = 1000
 
 
 # A hash map allocates its buckets up front, 16 bytes an entry it may hold: sized
@@ -87,6 +114,61 @@ class Options:
     # Filters active from the moment of attach (with empty sets until set_targets),
     # so nothing outside the user's choice is counted in between.
     initial_filter: Filter = Filter(0)
+    # why tasks waited (issue 14); all off: the programs do what they did before
+    by_kind: bool = False         # wakeup and preemption waits in their own histograms
+    attribute: bool = False       # culprits and throttled time
+    culprit_by: CulpritBy | None = None  # None: cgroups for per-cgroup modes, processes otherwise
+    slower_than_ns: int = 0       # a slow-wait event for each longer wait (turns attribute on)
+    slow_events_per_s: int = SLOW_EVENTS_PER_S  # per CPU; beyond it counted, not sent
+    max_culprits: int = 0         # culprits entries; 0: CULPRITS_DEFAULT
+
+    @property
+    def attributing(self) -> bool:
+        return self.attribute or self.slower_than_ns > 0
+
+
+@dataclass
+class SlowWait:
+    """One tracked wait longer than Options.slower_than_ns (comms as the kernel had them: hostile)."""
+
+    time: float            # wall clock, seconds
+    latency_ns: int
+    throttled_ns: int
+    pid: int
+    tid: int
+    comm: str
+    cgroup: int
+    cpu: int
+    kind: str              # "wakeup" or "preempt"
+    culprit_type: str      # "task", "kernel", "idle", "quota" or "unknown"
+    culprit_pid: int
+    culprit_tid: int
+    culprit_comm: str
+    culprit_cgroup: int
+    culprit_ns: int        # the part of the wait the culprit held the CPU
+
+    @property
+    def cause(self) -> str:
+        return "throttled" if self.throttled_ns * 2 > self.latency_ns else "contention"
+
+
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def decode_slow_wait(raw: bytes, mono_to_wall: float) -> SlowWait:
+    """A struct slow_event (abi.SLOW_EVENT_DTYPE) as a SlowWait."""
+    e = np.frombuffer(raw, dtype=abi.SLOW_EVENT_DTYPE, count=1)[0]
+    ctype = int(e["culprit_type"])
+    return SlowWait(
+        time=mono_to_wall + int(e["ts_ns"]) / 1e9, latency_ns=int(e["latency_ns"]),
+        throttled_ns=int(e["throttled_ns"]), pid=int(e["pid"]), tid=int(e["tid"]), comm=_comm(e["comm"]),
+        cgroup=int(e["cgroup"]), cpu=int(e["cpu"]),
+        kind="preempt" if int(e["kind"]) == WaitKind.PREEMPT else "wakeup",
+        culprit_type=CulpritType(ctype).name.lower() if ctype in CulpritType._value2member_map_ else "unknown",
+        culprit_pid=int(e["culprit_pid"]), culprit_tid=int(e["culprit_tid"]),
+        culprit_comm=_comm(e["culprit_comm"]), culprit_cgroup=int(e["culprit_cgroup"]),
+        culprit_ns=int(e["culprit_ns"]))
 
 
 def check_environment(btf_path: str | None = None) -> None:
@@ -110,8 +192,11 @@ _COUNT, _SUM, _COMM = (abi.HIST_DTYPE.fields[f][1] // 8 for f in ("count", "sum_
 def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
     """n per-CPU struct hist values -> (n, _WORDS) words summed over CPUs (the comm
     words of the sum mean nothing) and each one's comm: the copy that has one (the
-    CPU that created the entry or took the row wrote it; the others are zero)."""
+    CPU that created the entry or took the row wrote it; the others are zero).
+    ncpus 1: shared values, as they are."""
     v = np.frombuffer(raw, dtype="<u8", count=n * ncpus * _WORDS).reshape(n, ncpus, _WORDS)
+    if ncpus == 1:
+        return v[:, 0, :], _comms(v[:, 0, _COMM:])
     words = v.sum(axis=1, dtype=np.uint64)
     names = v[:, :, _COMM:].copy().view(f"S{abi.TASK_COMM_LEN}").reshape(n, ncpus)
     comm = names[:, 0]
@@ -121,6 +206,11 @@ def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
             break
         comm = np.where(empty, names[:, cpu], comm)
     return words, [c.split(b"\0", 1)[0].decode(errors="replace") for c in comm.tolist()]
+
+
+def _comms(comm_words: np.ndarray) -> list[str]:
+    names = np.ascontiguousarray(comm_words).view(f"S{abi.TASK_COMM_LEN}").reshape(-1)
+    return [c.split(b"\0", 1)[0].decode(errors="replace") for c in names.tolist()]
 
 
 class Tracer:
@@ -142,9 +232,18 @@ class Tracer:
         self._row_of: dict[int, int] = {}       # key -> hist_arr row, as last read
         self._in_hash: set[int] = set()         # keys last read from hists
         self._retired_rows: list[tuple[float, list[int]]] = []
+        # hist_arr mapped (None: read through syscalls) as (rows, _WORDS) words
+        self._rows_mm = None
+        self._rows_view: np.ndarray | None = None
+        # block start -> (its rows' count..comm words when copied, the copy, comms)
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
         # walks skipped while the BPF side's counters stand still (abi.COUNTER_VARS):
         self._tracked_seen: tuple[int, dict[int, int]] | None = None  # (tracked_changes, map)
         self._hash_empty_at: int | None = None  # hists_made when a walk found hists empty
+        self.kinds: dict[int, tuple[Histogram, Histogram]] = {}  # by_kind: key -> (wakeup, preempt), last read
+        self._ring: RingBuffer | None = None
+        self._ring_thread: threading.Thread | None = None
+        self._ring_stop = threading.Event()
         self.info = elf.inspect(self.object_path)
 
     # -- lifetime --
@@ -172,6 +271,7 @@ class Tracer:
                 obj.load()
                 if not self.policy.force_hist_hash:
                     self._free_rows(range(self.rows - 1, -1, -1))  # row 0 on top
+                self._map_rows()
                 self._attach(obj)
                 return self
             except PermissionDenied:
@@ -191,6 +291,15 @@ class Tracer:
         raise first_error
 
     def close(self) -> None:
+        self.stop_slow_waits()
+        self._blocks.clear()
+        self._rows_view = None
+        if self._rows_mm is not None:
+            try:
+                self._rows_mm.close()
+            except BufferError:  # a view still exported: unmapped when it goes
+                pass
+            self._rows_mm = None
         if self._obj is not None:
             self._obj.close()
             self._obj = None
@@ -235,12 +344,21 @@ class Tracer:
         if store == "hash":  # the state of threads beyond the slots
             obj.set_max_entries("task_ctx_hash", pid_map_entries(max(1, pm - self.task_slots), o.expected_keys))
             obj.set_autocreate("task_ctx_storage", False)
+        self._mmap_rows = (o.agg != AggMode.GLOBAL and not p.force_hist_hash and not p.force_no_mmap
+                           and probe_mmapable_array())
+        if not self._mmap_rows:
+            obj.set_map_flags("hist_arr", obj.map_flags("hist_arr") & ~abi.BPF_F_MMAPABLE)
+        if o.agg != AggMode.GLOBAL and not p.force_hist_hash:
+            self.features["row_reads"] = "mmap" if self._mmap_rows else "syscall"
         per_task = pid_map_entries(pm, o.expected_keys)
         hists = o.max_hists or {AggMode.GLOBAL: 1, AggMode.PID: per_task, AggMode.TID: per_task}.get(o.agg, o.max_groups)
+        if o.by_kind:  # a key's preemption waits are a second key
+            hists *= 2
         obj.set_max_entries("hists", hists)
         self.rows = self._row_count(hists)
         for name in ("hist_arr", "hist_index", "hist_free"):
             obj.set_max_entries(name, self.rows)
+        self._configure_why(obj, pm, hists)
 
         v = self.info.variables
         sec, off, _ = v[abi.LIVE_VAR]
@@ -248,9 +366,47 @@ class Tracer:
         self._filter = Filter(o.initial_filter)
         for name, fmt, val in (("agg_mode", "<I", int(o.agg)),
                                ("follow_children", "<B", int(o.follow_children)),
-                               ("watch_cgroup_moves", "<B", int(o.watch_cgroup_moves))):
+                               ("watch_cgroup_moves", "<B", int(o.watch_cgroup_moves)),
+                               ("by_kind", "<B", int(o.by_kind)),
+                               ("attribute", "<B", int(o.attributing)),
+                               ("culprit_by", "<I", int(self.culprit_by)),
+                               ("slower_than_ns", "<Q", int(o.slower_than_ns)),
+                               ("slow_events_per_s", "<I", int(o.slow_events_per_s))):
             sec, off, _ = v[name]
             obj.write_initial(sec, off, struct.pack(fmt, val))
+
+    @property
+    def culprit_by(self) -> CulpritBy:
+        o = self.opts
+        if o.culprit_by is not None:
+            return CulpritBy(o.culprit_by)
+        return CulpritBy.CGROUP if o.agg in (AggMode.CGROUP, AggMode.PIDNS) else CulpritBy.PROCESS
+
+    def _configure_why(self, obj: BpfObject, pm: int, keys: int) -> None:
+        """Sizes of the maps of issue 14: one entry each unless their part is asked for."""
+        o = self.opts
+        why = []
+        if o.by_kind:
+            why.append("kinds")
+            obj.set_max_entries("hist_global", 2)  # entry 1: preemption waits
+        if o.attributing:
+            why.append(f"culprits-by-{self.culprit_by.name.lower()}")
+        if o.slower_than_ns:
+            why.append(f"slower-than-{o.slower_than_ns}ns")
+        if why:
+            self.features["why"] = ",".join(why)
+        wait_slots = min(pm, WAIT_SLOTS_BUDGET_BYTES // abi.WAIT_SLOT_DTYPE.itemsize)
+        obj.set_max_entries("wait_slots", wait_slots if why else 1)
+        obj.set_max_entries("cpu_runs", possible_cpus() if o.attributing else 1)
+        obj.set_max_entries("culprits", (o.max_culprits or CULPRITS_DEFAULT) if o.attributing else 1)
+        obj.set_max_entries("causes", keys if o.attributing else 1)
+        if not probe_map_type(BPF_MAP_TYPE_RINGBUF):
+            if o.slower_than_ns:
+                raise KernelUnsupported("--slower-than needs BPF ring buffers, which this kernel lacks "
+                                        "(Linux 5.8 or later); run without --slower-than")
+            obj.stand_in_array("slow_waits")
+        elif o.slower_than_ns:
+            obj.set_max_entries("slow_waits", SLOW_RING_BYTES)
 
     def _task_slot_count(self, pm: int) -> int:
         """task_slots entries: thread ids below this have a slot (0 is the idle task's, unused)."""
@@ -266,8 +422,17 @@ class Tracer:
             return 1
         if o.max_rows:
             return o.max_rows
-        budget = max(1, ROWS_BUDGET_BYTES // (possible_cpus() * abi.HIST_SIZE))
-        return max(1, min(hists_max, budget, o.expected_keys + o.expected_keys // 4 + 64))
+        budget = max(1, ROWS_BUDGET_BYTES // abi.HIST_SIZE)
+        keys = o.expected_keys * (2 if o.by_kind else 1)  # by_kind: preemption waits are a second key
+        return max(1, min(hists_max, budget, keys + keys // 4 + SPARE_ROWS))
+
+    def _map_rows(self) -> None:
+        """hist_arr mapped into our memory, when it was created mmap-able."""
+        if not getattr(self, "_mmap_rows", False):
+            return
+        self._rows_mm = self.obj.map("hist_arr").mmap_readonly()
+        self._rows_view = np.frombuffer(self._rows_mm, dtype="<u8", count=self.rows * _WORDS).reshape(
+            self.rows, _WORDS)
 
     def _free_rows(self, rows) -> None:
         m = self.obj.map("hist_free")
@@ -387,8 +552,12 @@ class Tracer:
         """Cumulative histograms by key, summed over CPUs."""
         if self.opts.agg == AggMode.GLOBAL:
             m = self.obj.map("hist_global")
-            raw = m.lookup(struct.pack("<I", 0)) or b""
-            parts = [([0], *_sum_cpus(raw, 1, m.ncpus))]
+            if self.opts.by_kind:
+                raw = m.rows(2)
+                parts = [([0, abi.PREEMPT_KEY], *_sum_cpus(raw, 2, m.ncpus))]
+            else:
+                raw = m.lookup(struct.pack("<I", 0)) or b""
+                parts = [([0], *_sum_cpus(raw, 1, m.ncpus))]
         else:
             parts = self._read_keyed()
         out: dict[int, Histogram] = {}
@@ -408,6 +577,32 @@ class Tracer:
                     h.labels["comm"] = comm
                 out[key] = h
         self._hists_used = n
+        if self.opts.by_kind:
+            out = self._fold_kinds(out)
+        return out
+
+    def _fold_kinds(self, raw: dict[int, Histogram]) -> dict[int, Histogram]:
+        """Each key's wakeup and preemption histograms (PREEMPT_KEY) -> their sum
+        by key; the parts are kept in self.kinds."""
+        out: dict[int, Histogram] = {}
+        preempt: dict[int, Histogram] = {}
+        for k, h in raw.items():
+            if k & abi.PREEMPT_KEY:
+                preempt[k & ~abi.PREEMPT_KEY] = h
+            else:
+                out[k] = h
+        kinds = {}
+        for k, w in out.items():
+            p = preempt.pop(k, None)
+            kinds[k] = (w, p if p is not None else Histogram.empty(labels=dict(w.labels), key=k))
+        for k, p in preempt.items():  # preempted only, so far
+            kinds[k] = (Histogram.empty(labels=dict(p.labels), key=k), p)
+        for k, (w, p) in kinds.items():
+            both = w + p
+            both.key = k
+            both.labels["comm"] = w.labels.get("comm") or p.labels.get("comm", "")
+            out[k] = both
+        self.kinds = kinds
         return out
 
     def _read_keyed(self) -> list[tuple[list[int], np.ndarray, list[str]]]:
@@ -452,18 +647,40 @@ class Tracer:
             mine = np.flatnonzero(idx >= 0)
             if not mine.size:
                 continue
-            words, comms = _sum_cpus(am.rows(hi, start=lo), hi - lo, am.ncpus)
+            words, comms = self._rows_block(am, lo, hi)
             if mine.size < hi - lo:
                 words = words[mine]
                 comms = [comms[i] for i in mine.tolist()]
             parts.append(([keys[i] for i in idx[mine].tolist()], words, comms))
         return parts
 
+    def _rows_block(self, am, lo: int, hi: int) -> tuple[np.ndarray, list[str]]:
+        """Rows lo..hi-1 of hist_arr as (n, _WORDS) words and their comms: copied
+        out of the mapping, unless no row's count, sum or comm moved since the
+        last copy (then that copy). Without the mapping, read through syscalls."""
+        if self._rows_view is None:
+            return _sum_cpus(am.rows(hi, start=lo), hi - lo, 1)
+        v = self._rows_view[lo:hi]
+        # read before the copy: a change after it shows next time. The BPF side adds
+        # to count last, so (on x86) a count seen here means its slot and sum are too.
+        tail = v[:, _COUNT:].copy()
+        last = self._blocks.get(lo)
+        if last is not None and np.array_equal(last[0], tail):
+            return last[1], last[2]
+        words = v.copy()
+        comms = _comms(words[:, _COMM:])
+        self._blocks[lo] = (tail, words, comms)
+        return words, comms
+
     def delete_hists(self, keys: list[int]) -> None:
         """Forget retired keys (their last values have been read). Their rows go
         back to the free stack after a quarantine, zeroed."""
         if self.opts.agg == AggMode.GLOBAL:
             return
+        if self.opts.by_kind:
+            keys = list(keys) + [k | abi.PREEMPT_KEY for k in keys]
+        if self.opts.attributing:
+            self._delete_why(set(keys))
         rowed = [k for k in keys if k in self._row_of]
         rows = [self._row_of.pop(k) for k in rowed]
         if rows:
@@ -488,6 +705,92 @@ class Tracer:
         m = self.obj.map("hist_arr")
         m.update_batch(struct.pack(f"<{len(ready)}I", *ready), bytes(m.value_size * len(ready)), len(ready))
         self._free_rows(ready)
+
+    # -- why tasks waited --
+    def read_culprits(self) -> dict[int, dict[tuple[str, int], tuple[int, int]]]:
+        """victim key -> {(culprit type, id): (waited ns, pieces)}, cumulative. With
+        by_kind the preemption waits' victims are their key with PREEMPT_KEY.
+
+        type is a CulpritType name in lower case; id is a tgid or cgroup id
+        (Tracer.culprit_by) for "task", 0 otherwise."""
+        if not self.opts.attributing:
+            return {}
+        kb, vb, n = self.obj.map("culprits").items()
+        keys = np.frombuffer(kb, dtype=abi.CULPRIT_KEY_DTYPE, count=n)
+        vals = np.frombuffer(vb, dtype=abi.CULPRIT_VAL_DTYPE, count=n)
+        names = {int(t): t.name.lower() for t in CulpritType}
+        out: dict[int, dict[tuple[str, int], tuple[int, int]]] = {}
+        for victim, cid, typ, ns, cnt in zip(keys["victim"].tolist(), keys["culprit"].tolist(),
+                                             keys["type"].tolist(), vals["wait_ns"].tolist(),
+                                             vals["count"].tolist()):
+            out.setdefault(victim, {})[(names.get(typ, "unknown"), cid)] = (ns, cnt)
+        return out
+
+    def read_causes(self) -> dict[int, tuple[int, int]]:
+        """victim key -> (throttled ns, waits with a throttled part), cumulative (by_kind:
+        as read_culprits)."""
+        if not self.opts.attributing:
+            return {}
+        kb, vb, n = self.obj.map("causes").items()
+        keys = struct.unpack(f"<{n}Q", kb)
+        vals = np.frombuffer(vb, dtype=abi.CAUSE_VAL_DTYPE, count=n)
+        return dict(zip(keys, zip(vals["throttled_ns"].tolist(), vals["throttled_waits"].tolist())))
+
+    def why_counts(self) -> dict[str, int]:
+        m = self.obj.map("why_counts")
+        out = {}
+        for r in abi.WhyCounter:
+            raw = m.lookup(struct.pack("<I", int(r))) or b""
+            out[r.name.lower()] = sum(struct.unpack(f"<{len(raw) // 8}Q", raw))
+        return out
+
+    def _delete_why(self, victims: set[int]) -> None:
+        """Forget the culprits and causes of retired keys."""
+        cm = self.obj.map("culprits")
+        kb, _, n = cm.items()
+        if n:
+            keys = np.frombuffer(kb, dtype=abi.CULPRIT_KEY_DTYPE, count=n)
+            gone = np.isin(keys["victim"], np.fromiter(victims, dtype=np.uint64, count=len(victims)))
+            cm.delete_many([keys[i].tobytes() for i in np.flatnonzero(gone).tolist()])
+        self.obj.map("causes").delete_many([struct.pack("<Q", k) for k in victims])
+
+    def start_slow_waits(self, on_event) -> None:
+        """Call on_event(SlowWait) for each slow-wait event, from a thread of ours
+        (daemon: it never keeps the process alive; stop_slow_waits ends it)."""
+        if not self.opts.slower_than_ns or self._ring_thread is not None:
+            return
+        mono_to_wall = time.time() - time.monotonic()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
+        self._ring = RingBuffer(self.obj.map("slow_waits"), lambda raw: on_event(decode_slow_wait(raw, mono_to_wall)))
+        self._ring_stop.clear()
+        ring, stop = self._ring, self._ring_stop
+
+        def run():
+            while not stop.is_set():
+                try:
+                    ring.poll(100)
+                except LibbpfError as exc:
+                    log.warning("slow-wait events stopped: %s", exc)
+                    return
+
+        self._ring_thread = threading.Thread(target=run, name="runqlat-slow-waits", daemon=True)
+        self._ring_thread.start()
+
+    def stop_slow_waits(self) -> None:
+        t, self._ring_thread = self._ring_thread, None
+        if t is not None:
+            self._ring_stop.set()
+            t.join(timeout=1.0)
+            if t.is_alive():  # a consumer stuck in a callback: leave the buffer to it
+                log.warning("slow-wait reader did not stop; leaving it")
+                self._ring = None
+                return
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+    @property
+    def slow_wait_errors(self) -> int:
+        return self._ring.callback_errors if self._ring else 0
 
     def drops(self) -> dict[str, int]:
         m = self.obj.map("drops")

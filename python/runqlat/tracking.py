@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from . import containers as ctr
-from .abi import AggMode, Filter
+from . import why
+from .abi import AggMode, CulpritBy, Filter
 from .cgroups import CgroupTree
 from .errors import InputError
 from .hist import Histogram
@@ -167,6 +168,7 @@ class Tracking:
         self._processes: set[int] = set()
         self._pid_namespaces: set[int] = set()
         self._next_pidns_scan = 0.0
+        self._comms: dict[int, str] = {}  # culprit tgid -> comm (forgotten when many)
         self.labels_of = {Mode.GLOBAL: self._global_labels, Mode.PID: self._pid_labels,
                           Mode.TID: self._tid_labels, Mode.PIDNS: self._pidns_labels,
                           Mode.CONTAINER: self._container_labels, Mode.POD: self._container_labels,
@@ -385,6 +387,35 @@ class Tracking:
         if self.sources.uses_containers and not (self.sources.uses_pids or self.sources.cgroups):
             return None  # a cgroup of a container that stopped
         return self._no_container
+
+    def culprit_name(self, typ: str, cid: int, victim: Labels) -> str:
+        """How a task culprit is shown: "(self)" (the victim's own process or
+        container), "pid N (comm)", a container's name, or a cgroup path."""
+        if self.tracer.culprit_by == CulpritBy.CGROUP:
+            if self.cgroups is None:
+                self.cgroups = CgroupTree()
+            path = self.cgroups.path_of(cid) if self.cgroups.mount is not None else None
+            if path is None:
+                return f"cgroup {cid}"
+            if self.mode == Mode.CONTAINER:
+                for c in self.containers:
+                    if c.cgroup and (path == c.cgroup or path.startswith(c.cgroup.rstrip("/") + "/")):
+                        return why.SELF if victim and victim[0] == c.id else (c.name or c.id[:12])
+            if self.mode == Mode.CGROUP and victim == (path,):
+                return why.SELF
+            return path
+        if self.mode == Mode.PID and victim and victim[0] == str(cid):
+            return why.SELF
+        comm = self._comms.get(cid)
+        if comm is None:
+            try:  # at most 16 bytes (the kernel's TASK_COMM_LEN); the outputs escape it
+                comm = Path(f"{self.proc}/{cid}/comm").read_text(errors="replace")[:16].strip()
+            except OSError:
+                comm = ""
+            if len(self._comms) > 10_000:
+                self._comms.clear()
+            self._comms[cid] = comm
+        return f"pid {cid} ({comm})" if comm else f"pid {cid}"
 
     def fallback_labels(self, key: int, h: Histogram) -> Labels:
         """Labels of a key whose owner was gone before it was first labelled."""
