@@ -129,9 +129,14 @@ struct {
 	__type(value, struct hist);
 } hist_arr SEC(".maps");
 
+/*
+ * Preallocated (about 64 bytes an entry, one per row): a new key's entry is
+ * made in the scheduler's context, where a non-preallocated hash's allocation
+ * fails when its cache runs dry (a thousand keys appearing at once sent some
+ * to the overflow hash).
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1);
 	__type(key, __u64);   /* histogram key */
 	__type(value, __u32); /* row in hist_arr */
