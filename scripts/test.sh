@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # what the end-to-end tests run, installed in one go (the tests install any
 # that are still missing themselves, so a single test can run on its own)
-EXTRA_PKGS="containerd runc busybox-static prometheus qemu-system-x86 systemd groff-base" \
+EXTRA_PKGS="containerd runc busybox-static prometheus qemu-system-x86 systemd groff-base strace" \
     bash scripts/setup.sh
 exec .venv/bin/python -m pytest -ra "$@" tests

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Busy, contention_cpu, need_tool, sysctl, taskstats_tgid, unavailable
-from workload import require_bpf, tracer_cli  # noqa: F401 (fixture)
+from helpers import contention_cpu, need_tool, sysctl, taskstats_tgid, unavailable
+from workload import BusyLoops, tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
 
@@ -58,12 +58,11 @@ def _drops(port: int) -> dict[str, float]:
 @pytest.mark.parametrize("tracers", [1, 3])
 def test_thread_churn_loses_nothing(tracers, thread_churn, tracer_cli):
     """tracers: how many tracers watch the process at once (each its own programs and maps)."""
-    require_bpf()
     hog_cpu, rest = contention_cpu()
     if hog_cpu in rest:
         unavailable("needs at least 2 CPUs (one for the hog and the threads, one for the tracer)")
     ports = [_free_port() for _ in range(tracers)]
-    with sysctl("kernel.task_delayacct", "1"), Busy(hog_cpu) as hog:
+    with sysctl("kernel.task_delayacct", "1"), BusyLoops(1, cpu=hog_cpu) as hog:
         work = subprocess.Popen([str(thread_churn), str(RATE), str(SECONDS), str(hog_cpu)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:

@@ -23,7 +23,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import __version__
 from .errors import InputError, RunqlatError
 from .hist import is_slot_boundary, power_of_two_bounds_ns
-from .monitor import Snapshot
+from .model import Snapshot
 
 log = logging.getLogger("runqlat")
 
@@ -74,7 +74,7 @@ class Collector:
 
     def collect(self):
         snap = self.source()
-        label_names = list(snap.mode.labels)
+        label_names = list(snap.label_names)
         h = HistogramMetricFamily(
             HIST_NAME, "Time tasks spent runnable before running (run-queue latency)", labels=label_names)
         for labels, hist in sorted(snap.hists.items()):
@@ -97,7 +97,7 @@ class Collector:
         yield c
         c = CounterMetricFamily("runqlat_retired_series_dropped",
                                 "Final histograms of exited owners dropped before any scrape read them")
-        c.add_metric([], getattr(snap, "retired_dropped", 0))
+        c.add_metric([], snap.retired_dropped)
         yield c
         cap = GaugeMetricFamily("runqlat_map_capacity_entries", "Size of a BPF map", labels=["map"])
         used = GaugeMetricFamily("runqlat_map_used_entries", "Entries in use in a BPF map", labels=["map"])
