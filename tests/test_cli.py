@@ -313,3 +313,12 @@ def test_interval_buffers_stay_below_the_mmap_threshold():
     from runqlat.abi import HIST_SLOTS
     assert tracer.ROWS_READ_BYTES < cli.MMAP_THRESHOLD
     assert output.CHUNK * HIST_SLOTS * 8 < cli.MMAP_THRESHOLD
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["-P", "--metrics-addr", "127.0.0.1:1", "--metrics-include", "("], "not a regular expression"),
+    (["-P", "--metrics-include", "x"], "give --metrics-addr too"),
+    (["--per-cgroup", "--metrics-addr", "127.0.0.1:1", "--metrics-exclude", "x"], "-P, -L or --per-container"),
+])
+def test_metrics_key_filter_usage(args, fragment):
+    assert_one_line_error(invoke("run", *args, "1", "1"), 2, fragment)
