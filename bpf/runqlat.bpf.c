@@ -35,6 +35,7 @@
 #include "runqlat.h"
 
 #define TASK_RUNNING 0
+#define PF_EXITING 0x00000004 /* include/linux/sched.h: set at the start of do_exit() */
 
 _Static_assert(sizeof(struct hist) <= HIST_KEY_BYTES_MAX - 256,
 	       "a key's row and its hist_index entry must fit HIST_KEY_BYTES_MAX");
@@ -128,9 +129,14 @@ struct {
 	__type(value, struct hist);
 } hist_arr SEC(".maps");
 
+/*
+ * Preallocated (about 64 bytes an entry, one per row): a new key's entry is
+ * made in the scheduler's context, where a non-preallocated hash's allocation
+ * fails when its cache runs dry (a thousand keys appearing at once sent some
+ * to the overflow hash).
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1);
 	__type(key, __u64);   /* histogram key */
 	__type(value, __u32); /* row in hist_arr */
@@ -388,12 +394,15 @@ static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u32 g
 	c->hist_idx = tracked && agg_mode != AGG_GLOBAL ? index_of(c->hist_key, t) : NO_INDEX;
 }
 
+/* direct: t is a BTF pointer (tp_btf), its fields read with plain loads */
+#define TASK_FLAGS(direct, t) ((direct) ? (t)->flags : BPF_CORE_READ(t, flags))
+
 /*
  * The state of t. create: make it if missing. fresh: t is a new task, so any
  * state found under its tid is an earlier task's.
  */
 static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid, bool storage,
-						bool create, bool fresh)
+						bool create, bool fresh, bool direct)
 {
 	struct task_slot *s = bpf_map_lookup_elem(&task_slots, &tid);
 	struct task_ctx *c;
@@ -415,6 +424,9 @@ static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid
 	c = bpf_map_lookup_elem(&task_ctx_hash, &tid);
 	if (c || !create)
 		return c;
+	/* the exit program has deleted its entry already: do not make a new one that nothing deletes */
+	if (TASK_FLAGS(direct, t) & PF_EXITING)
+		return NULL;
 	{
 		struct task_ctx zero = {};
 
@@ -889,7 +901,13 @@ event:
 		send_slow(t, tid, r, now - delta, now, thr, kind, direct);
 }
 
-/* t became runnable: start its clock if it is tracked. here: t is queued on this CPU. */
+/*
+ * t became runnable: start its clock if it is tracked, unless t is exiting. here: t is
+ * queued on this CPU. A
+ * thread preempted on its way out of do_exit() (common beside a busy task) has
+ * run its last user code and woken its joiner; the kernel's own accounting of
+ * its waits (schedstat, taskstats) is closed by then, and nothing waits for it.
+ */
 static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *now, bool storage, bool fresh,
 				     __u32 kind, bool here, bool direct)
 {
@@ -898,16 +916,17 @@ static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *no
 
 	if (tid == 0) /* the idle task */
 		return;
-	c = ctx_get(t, tid, storage, true, fresh);
+	c = ctx_get(t, tid, storage, true, fresh, direct);
 	if (!c) {
-		count_drop(DROP_TASK_CTX);
+		if (storage || !(TASK_FLAGS(direct, t) & PF_EXITING))
+			count_drop(DROP_TASK_CTX);
 		return;
 	}
 	gen = live.gen;
 	cg_gen = cgroup_gen;
 	if (c->gen != gen || c->cgroup_gen != cg_gen)
 		decide(c, t, gen, cg_gen, live.filter);
-	if (c->tracked) {
+	if (c->tracked && !(TASK_FLAGS(direct, t) & PF_EXITING)) {
 		c->enqueued_ns = clock_ns(now);
 		if (by_kind || attribute)
 			wait_began(t, tid, kind, fresh, here, direct);
@@ -976,7 +995,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 
 	if (tid == 0)
 		return;
-	c = ctx_get(t, tid, storage, false, false);
+	c = ctx_get(t, tid, storage, false, false, true);
 	if (!c || !c->enqueued_ns)
 		return;
 	delta = (__s64)(clock_ns(now) - c->enqueued_ns);

@@ -129,3 +129,49 @@ def _rmdir(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def taskstats_tgid(tgid: int) -> tuple[int, int]:
+    """(run-queue waits, their total in ns) of every thread process tgid has had,
+    the exited ones included: the kernel's taskstats (genetlink TASKSTATS_CMD_GET
+    with a TGID; cpu_count and cpu_delay_total, i.e. schedstat's pcount and
+    run_delay, summed by the kernel as each thread exits). Needs
+    kernel.task_delayacct=1, like schedstat."""
+    import socket
+    import struct as st
+
+    def attr(kind: int, payload: bytes) -> bytes:
+        n = 4 + len(payload)
+        return st.pack("<HH", n, kind) + payload + b"\0" * (-n % 4)
+
+    def attrs(buf: bytes) -> dict[int, bytes]:
+        out, i = {}, 0
+        while i + 4 <= len(buf):
+            n, kind = st.unpack_from("<HH", buf, i)
+            if n < 4:
+                break
+            out[kind & 0x3FFF] = buf[i + 4:i + n]
+            i += (n + 3) & ~3
+        return out
+
+    def request(sock, family: int, cmd: int, payload: bytes) -> bytes:
+        body = st.pack("<BBH", cmd, 1, 0) + payload
+        sock.send(st.pack("<IHHII", 16 + len(body), family, 1, 1, 0) + body)  # NLM_F_REQUEST
+        reply = sock.recv(65536)
+        n, kind = st.unpack_from("<IH", reply)
+        if kind == 2:  # NLMSG_ERROR
+            err = -st.unpack_from("<i", reply, 16)[0]
+            raise OSError(err, f"taskstats request failed: {os.strerror(err)}")
+        return reply[20:n]
+
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16) as sock:  # NETLINK_GENERIC
+        sock.bind((0, 0))
+        # GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_NAME -> CTRL_ATTR_FAMILY_ID
+        fam = attrs(request(sock, 0x10, 3, attr(2, b"TASKSTATS\0")))
+        family = st.unpack("<H", fam[1][:2])[0]
+        # TASKSTATS_CMD_GET with TASKSTATS_CMD_ATTR_TGID -> TASKSTATS_TYPE_AGGR_TGID{.., STATS}
+        top = attrs(request(sock, family, 1, attr(2, st.pack("<I", tgid))))
+        stats = attrs(top[5])[3]
+    # struct taskstats: version u16, ac_exitcode u32, ac_flag, ac_nice, then cpu_count and
+    # cpu_delay_total (u64, 8-aligned) at 16 and 24
+    return st.unpack_from("<QQ", stats, 16)

@@ -354,3 +354,12 @@ def test_containers_command_on_hostile_state(tmp_path):
     c = rows["a" * 64]
     assert c["name"] == "app\ufffd[2J\ufffd\ufffd" and c["pod_namespace"] == "shop"
     assert len(c["pod"]) == 253
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["-P", "--metrics-addr", "127.0.0.1:1", "--metrics-include", "("], "not a regular expression"),
+    (["-P", "--metrics-include", "x"], "give --metrics-addr too"),
+    (["--per-cgroup", "--metrics-addr", "127.0.0.1:1", "--metrics-exclude", "x"], "-P, -L or --per-container"),
+])
+def test_metrics_key_filter_usage(args, fragment):
+    assert_one_line_error(invoke("run", *args, "1", "1"), 2, fragment)

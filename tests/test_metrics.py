@@ -602,3 +602,40 @@ def test_failing_scrape_is_a_500_and_one_log_line(caplog, capfd):
     assert "Traceback" in capfd.readouterr().err
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "/proc/123/status" in warnings[1]
+
+
+# -- --metrics-include / --metrics-exclude --
+
+@pytest.mark.parametrize("mode,include,exclude,kept", [
+    (Mode.PID, "^postg", None, {("1234", "postgres")}),
+    (Mode.PID, None, "worker", {("1234", "postgres")}),
+    (Mode.PID, "o", "^post", {("99", "my worker")}),
+    (Mode.PID, "nothing-matches", None, set()),
+    (Mode.CONTAINER, "^web$", None, {("0123456789abcdef" * 4, "web")}),
+    (Mode.CONTAINER, None, "web", None),  # None: every key whose container_name lacks "web"
+])
+def test_key_filter_by_comm_or_container_name(mode, include, exclude, kept):
+    from runqlat.metrics import KeyFilter
+    snap = snapshot(mode)
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Collector(lambda: snap, None, bpf_stats=lambda: False, key_filter=KeyFilter(include, exclude)))
+    fams = {f.name: f for f in parse_text(generate_latest(reg).decode())}
+    names = names_of(mode)  # container keys carry the (empty) Kubernetes labels too
+    if kept is None:
+        kept = {lab for lab in LABELS[mode] if "web" not in lab[1]}
+    assert set(by_series(fams[HIST_NAME], names)) == {k + ("",) * (len(names) - len(k)) for k in kept}
+    # the other families are not filtered
+    assert fams["runqlat_tracked_processes"].samples[0].value == 42
+
+
+def test_key_filter_leaves_modes_without_a_name_alone():
+    from runqlat.metrics import KeyFilter
+    assert KeyFilter.label_index(Mode.CGROUP.labels) is None
+    assert KeyFilter.label_index(Mode.PID.labels) == 1
+    assert KeyFilter.label_index(Mode.CONTAINER.labels) == 1
+
+
+def test_key_filter_bad_regex():
+    from runqlat.metrics import KeyFilter
+    with pytest.raises(InputError, match="--metrics-exclude: '\\(' is not a regular expression"):
+        KeyFilter(None, "(")

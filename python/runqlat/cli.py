@@ -106,6 +106,13 @@ class RunConfig:
     buckets: Optional[str] = _option(
         None, "--buckets", metavar="SECONDS,...",
         help="Prometheus bucket bounds in seconds (default: powers of two from 1us to ~16s).")
+    metrics_include: Optional[str] = _option(
+        None, "--metrics-include", metavar="REGEX",
+        help="Export only the keys whose comm (-P, -L) or container name (--per-container) matches "
+             "REGEX (Python syntax, searched anywhere in the name).")
+    metrics_exclude: Optional[str] = _option(
+        None, "--metrics-exclude", metavar="REGEX",
+        help="Do not export the keys whose comm or container name matches REGEX.")
     max_tracked: Optional[int] = _option(
         None, "--max-tracked", help="Capacity of the tracked-PID map (default: kernel.pid_max up to 65536, "
                                     "or twice the processes present at start if more).")
@@ -416,15 +423,23 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
 
     mode = _pick_mode(cfg)
     sources = _sources(cfg)
-    bounds = None
+    bounds = key_filter = None
     if cfg.buckets or cfg.metrics_addr:  # prometheus_client is loaded only for the exporter
-        from .metrics import Collector, MetricsServer, parse_addr, parse_buckets
+        from .metrics import Collector, KeyFilter, MetricsServer, parse_addr, parse_buckets
         try:
             bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
             if cfg.metrics_addr:
                 parse_addr(cfg.metrics_addr)
+            if cfg.metrics_include is not None or cfg.metrics_exclude is not None:
+                key_filter = KeyFilter(cfg.metrics_include, cfg.metrics_exclude)
         except InputError as exc:
             raise UsageError(str(exc)) from None
+    if cfg.metrics_include is not None or cfg.metrics_exclude is not None:
+        if not cfg.metrics_addr:
+            raise UsageError("--metrics-include/--metrics-exclude filter /metrics: give --metrics-addr too")
+        if not any(n in mode.labels for n in ("comm", "container_name")):
+            raise UsageError("--metrics-include/--metrics-exclude match a comm or a container name: "
+                             "use them with -P, -L or --per-container")
     if sources.pids_file:
         from .targets import read_pids_file
         read_pids_file(sources.pids_file)  # a missing file is an error before anything loads
@@ -454,7 +469,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                 # bound before loading anything: a port in use fails fast and alone
                 snapshot = {}
                 server = stack.enter_context(MetricsServer(
-                    cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds), start=False))
+                    cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds, key_filter=key_filter),
+                    start=False))
             tracer = stack.enter_context(Tracer(opts, policy))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
             monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno as _errno
 import logging
+import re
 import socket
 import threading
 from socketserver import ThreadingMixIn
@@ -82,12 +83,49 @@ def _fmt_le(ns: int) -> str:
     return repr(ns / 1e9)
 
 
+class KeyFilter:
+    """Which keys /metrics exports: --metrics-include / --metrics-exclude, regular
+    expressions searched in a key's comm or container name. A key is kept when
+    include (if given) matches and exclude (if given) does not. Keys without such
+    a label (per PID namespace, per cgroup, global) cannot be filtered: the CLI
+    refuses the options in those modes."""
+
+    LABELS = ("comm", "container_name")
+
+    def __init__(self, include: str | None = None, exclude: str | None = None):
+        self.include = self._compile("--metrics-include", include)
+        self.exclude = self._compile("--metrics-exclude", exclude)
+
+    @staticmethod
+    def _compile(flag: str, text: str | None):
+        if text is None:
+            return None
+        try:
+            return re.compile(text)
+        except re.error as exc:
+            raise InputError(f"{flag}: {text!r} is not a regular expression ({exc})") from None
+
+    @classmethod
+    def label_index(cls, label_names) -> int | None:
+        """Position of the label a filter matches, None when the mode has none."""
+        for name in cls.LABELS:
+            if name in label_names:
+                return list(label_names).index(name)
+        return None
+
+    def keep(self, value: str) -> bool:
+        if self.include is not None and not self.include.search(value):
+            return False
+        return self.exclude is None or not self.exclude.search(value)
+
+
 class Collector:
     """Builds metric families from `source()`, a callable returning a Snapshot."""
 
     def __init__(self, source: Callable[[], Snapshot], bounds_ns: list[int] | None = None,
-                 bpf_stats: Callable[[], bool] | None = None):
+                 bpf_stats: Callable[[], bool] | None = None, key_filter: KeyFilter | None = None):
         self.source = source
+        self.key_filter = key_filter
         self.bounds_ns = bounds_ns or power_of_two_bounds_ns()
         self._les = [_fmt_le(b) for b in self.bounds_ns]
         self.bpf_stats = bpf_stats or bpf_stats_enabled
@@ -105,7 +143,12 @@ class Collector:
             hists = {lab + (k,): h for lab, pair in snap.kinds.items() for k, h in zip(KINDS, pair)}
         h = HistogramMetricFamily(
             HIST_NAME, "Time tasks spent runnable before running (run-queue latency)", labels=label_names)
-        for labels, hist in sorted(hists.items()):
+        items = hists.items()
+        at = KeyFilter.label_index(label_names) if self.key_filter is not None else None
+        if at is not None:
+            keep = self.key_filter.keep
+            items = [(labels, hist) for labels, hist in items if keep(labels[at])]
+        for labels, hist in sorted(items):
             cum = hist.cumulative_le(self.bounds_ns)
             count = hist.count
             buckets = [(le, min(c, count)) for le, c in zip(self._les, cum)]
@@ -115,7 +158,8 @@ class Collector:
         if snap.mode in CONTAINER_MODES:
             cpu = getattr(snap, "cpu", None) or {}
             for name, attr, doc in CPU_FAMILIES:
-                c = CounterMetricFamily(name, doc, labels=label_names)
+                # the container's (or pod's) own labels: no kind, CPU figures are not per kind
+                c = CounterMetricFamily(name, doc, labels=list(snap.label_names))
                 for labels, ctx in sorted(cpu.items()):
                     v = getattr(ctx, attr)
                     if v is not None:

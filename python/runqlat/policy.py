@@ -54,7 +54,8 @@ class LoadPolicy:
     storage_roots: tuple[str, ...] = containers.DEFAULT_STORAGE_ROOTS
     # the fallbacks, forced (tests): task state in a hash instead of task storage;
     # raw_tp instead of tp_btf; map walks instead of batch operations; every key's
-    # histogram in the hists hash instead of hist_arr rows; no task_slots array
+    # histogram in the hists hash instead of hist_arr rows; no task_slots array;
+    # hist_arr read through the map syscalls instead of mmap
     force_hash: bool = False
     force_raw_tp: bool = False
     force_no_batch: bool = False

@@ -10,7 +10,7 @@ in task storage (or the hash) otherwise.
 Per-key histograms are rows of hist_arr, one row per key shared by every CPU
 (the BPF side adds atomically), handed out by the BPF side from the hist_free
 stack; user space sizes them, reads them in place through mmap (kernels before
-5.5, or RUNQLAT_FORCE_NO_MMAP=1: through the map syscalls) and gives a retired
+5.5, or policy.force_no_mmap: through the map syscalls) and gives a retired
 key's row back, zeroed, after a quarantine. Keys beyond the rows live in the
 hists hash (RUNQLAT_FORCE_HIST_HASH=1 puts every key there).
 
@@ -57,8 +57,9 @@ ROWS_BUDGET_BYTES = 64 << 20
 ROW_QUARANTINE_S = 0.1
 # Rows beyond the keys present at start (and a quarter more): room for keys that
 # appear later, e.g. threads created and joined by the hundred a second, whose
-# rows come back only after their retirement (the next collection).
-SPARE_ROWS = 64
+# rows come back only after their retirement (within about 1.1 s: the next
+# collection and the quarantine). 1.7 MiB of kernel memory, at any CPU count.
+SPARE_ROWS = 1024
 # Kernel memory of the task_slots array (preallocated, one slot per thread id
 # below pid_max): 32 MiB covers a pid_max of 838,860. Higher thread ids keep their
 # state in task storage, which costs a helper call per event instead of an

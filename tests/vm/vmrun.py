@@ -626,9 +626,13 @@ def _remove_stale_initrds(kdir: Path) -> None:
 def run_in_guest(series: str, argv: list[str], timeout: float = 300,
                  cwd: str | os.PathLike | None = None,
                  env: dict[str, str] | None = None,
-                 memory_mb: int = 1024, smp: int = 2,
+                 memory_mb: int = 1024, smp: int | str = 2,
                  echo=None) -> tuple[int, str]:
     """Boot `series` and run argv (as root, chrooted into the host root).
+
+    smp: qemu's -smp value; "2,maxcpus=64" gives a guest with 64 possible CPUs
+    and 2 online, what per-CPU maps see on a 64-CPU host (the 6.1 kernel
+    counts the hot-pluggable ones as possible; 6.12 does not).
 
     Returns (exit_code, console_output).  exit_code is the guest command's
     status taken from the RUNQLAT_VM_EXIT marker; 124 if the VM timed out,
@@ -733,6 +737,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--cwd", default=str(REPO))
     ap.add_argument("--memory", type=int, default=1024)
+    ap.add_argument("--smp", default="2", help="qemu -smp, e.g. 2,maxcpus=64")
     ap.add_argument("--fetch-only", action="store_true",
                     help="only fetch the kernel / build the initramfs")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -744,7 +749,7 @@ def main(argv=None) -> int:
     if not cmd:
         ap.error("no command given (use: -- cmd args...)")
     code, _out = run_in_guest(a.kernel, cmd, timeout=a.timeout, cwd=a.cwd,
-                              memory_mb=a.memory,
+                              memory_mb=a.memory, smp=a.smp,
                               echo=lambda l: print(l, flush=True))
     print(f"[vmrun] guest exit status {code}", file=sys.stderr)
     return code
