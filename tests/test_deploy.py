@@ -491,3 +491,19 @@ def test_libbpf_callback_works_under_memory_deny_write_execute():
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     # libbpf's own message came through the callback
     assert "libbpf: elf: failed to open /nonexistent/runqlat.bpf.o" in r.stdout, r.stdout
+
+
+def test_slow_wait_events_under_memory_deny_write_execute(root_bpf):
+    """--slower-than polls a ring buffer through a callback: under the unit's
+    MemoryDenyWriteExecute it must work too (an ffi.callback fails there)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        unavailable("libseccomp.so.2 is missing (apt-get install libseccomp2)")
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "seccomp_exec.py"), "--mdwe", "--",
+                        sys.executable, "-m", "runqlat", "run", "--slower-than", "1us", "1", "1"],
+                       capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(ROOT / "python")})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "slow wait" in r.stdout  # events came through the callback

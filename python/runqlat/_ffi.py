@@ -3,8 +3,8 @@
 Nothing is compiled, on the host or at install time; the declarations in
 libbpf.cdef are the subset of libbpf 1.1 this package calls.
 
-The one callback (libbpf's message printer) is a ctypes function, not an
-ffi.callback: cffi's ABI-mode callbacks need memory that is writable and
+The callbacks (libbpf's message printer, bpf.RingBuffer's sample function) are ctypes functions, not
+ffi.callbacks: cffi's ABI-mode callbacks need memory that is writable and
 executable at once, which MemoryDenyWriteExecute= (the systemd unit) and
 SELinux's execmem refuse; libffi's closures, which ctypes uses, fall back
 to a double mapping (one writable, one executable) when refused.

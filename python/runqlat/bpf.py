@@ -6,6 +6,8 @@ from __exit__; links are destroyed before the object.
 """
 from __future__ import annotations
 
+import ctypes
+
 import errno as _errno
 import mmap
 import os
@@ -364,6 +366,10 @@ class BpfObject:
             pass
 
 
+# int (*)(void *ctx, void *data, size_t size)
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
 class RingBuffer:
     """A BPF ring buffer read with libbpf's ring_buffer__poll; on_sample(bytes)
     is called for each record, in the thread that polls. close() is safe twice
@@ -373,16 +379,17 @@ class RingBuffer:
         self._on_sample = on_sample
         self._errors = 0
 
-        @ffi.callback("int(void *, void *, size_t)")
         def cb(_ctx, data, size):
             try:
-                self._on_sample(ffi.buffer(data, size)[:])
+                self._on_sample(ctypes.string_at(data, size))
             except Exception:  # a bad record or consumer must not end the poll loop
                 self._errors += 1
             return 0
 
-        self._cb = cb  # kept alive as long as libbpf may call it
-        rb = _ffi.lib().ring_buffer__new(m.fd, cb, ffi.NULL, ffi.NULL)
+        # a ctypes function, not an ffi.callback: see _ffi (MemoryDenyWriteExecute)
+        self._cb = _SAMPLE_FN(cb)  # kept alive as long as libbpf may call it
+        fn = ffi.cast("ring_buffer_sample_fn", ctypes.cast(self._cb, ctypes.c_void_p).value)
+        rb = _ffi.lib().ring_buffer__new(m.fd, fn, ffi.NULL, ffi.NULL)
         if rb == ffi.NULL:
             raise error_for(f"opening ring buffer {m.name}", _ffi.errno() or _errno.EINVAL, _last_message())
         self._rb = rb
