@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__
+from . import __version__, escape
 from .errors import InputError, RunqlatError
 
 log = logging.getLogger("runqlat")
@@ -122,11 +122,15 @@ def merge(cli: RunConfig, file: dict) -> RunConfig:
 
 # -- helpers -------------------------------------------------------------------
 
+# A log line quotes names and files others control; it stays one line of printable text.
+MAX_LOG_LINE = 1000
+
+
 class _Formatter(logging.Formatter):
     def format(self, record):
         level = {logging.WARNING: "warning", logging.ERROR: "error", logging.INFO: "info",
                  logging.DEBUG: "debug"}.get(record.levelno, record.levelname.lower())
-        return f"{PROG}: {level}: {record.getMessage()}"
+        return f"{PROG}: {level}: {escape.name(record.getMessage(), MAX_LOG_LINE)}"
 
 
 _libc = None
@@ -513,15 +517,19 @@ def list_containers(
     """List the containers found on this host (what --container and --all-containers see)."""
     from .containers import discover
     found = discover()
+    # ids, names and cgroup paths come from the containers' owners: escaped (escape.py)
     if as_json:
-        typer.echo(json.dumps([c.__dict__ for c in found], indent=1))
+        typer.echo(json.dumps([{k: escape.name(v) if isinstance(v, str) else v for k, v in c.__dict__.items()}
+                               for c in found], indent=1))
         return
     if not found:
         typer.echo("no containers found (looked at containerd state dirs and /proc/*/cgroup)")
         return
     typer.echo(f"{'ID':<14}{'NAME':<24}{'RUNTIME':<12}{'PID':>8}  CGROUP")
     for c in found:
-        typer.echo(f"{c.id[:12]:<14}{(c.name or '-')[:23]:<24}{c.runtime:<12}{c.init_pid:>8}  {c.cgroup or '-'}")
+        name = escape.name(c.name or "-", 23)
+        typer.echo(f"{escape.name(c.id[:12]):<14}{name:<24}{c.runtime:<12}{c.init_pid:>8}  "
+                   f"{escape.name(c.cgroup or '-')}")
 
 
 @app.command()

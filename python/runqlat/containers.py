@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from . import escape
+
 __all__ = [
     "Container",
     "ContainerError",
@@ -97,6 +99,12 @@ def _read_json(path: str) -> dict | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def _text_of(value) -> str | None:
+    """A name from runtime metadata, which the container's owner writes: a
+    non-empty string or nothing (a number or an object there is not a name)."""
+    return value if isinstance(value, str) and value else None
 
 
 def _listdir(path: str) -> list[str]:
@@ -297,11 +305,11 @@ def _from_containerd(
                 if ann.get(_K8S_TYPE) == "sandbox":
                     continue  # pause container: no workload to trace
                 runtime = "cri"
-                name = ann.get(_K8S_NAME) or None
-                pod = ann.get(_K8S_POD) or ann.get(_K8S_POD_LEGACY) or None
+                name = _text_of(ann.get(_K8S_NAME))
+                pod = _text_of(ann.get(_K8S_POD)) or _text_of(ann.get(_K8S_POD_LEGACY))
             else:
                 runtime = "containerd"
-                name = next((ann[k] for k in _PLAIN_NAME_KEYS if ann.get(k)), cid)
+                name = next((ann[k] for k in _PLAIN_NAME_KEYS if _text_of(ann.get(k))), cid)
             c = _make(
                 proc,
                 host_ns,
@@ -358,8 +366,8 @@ def _storage_meta(storage_roots: Iterable[str], cid: str) -> tuple[str | None, s
             ann = spec.get("annotations") or {}
             if isinstance(ann, dict):
                 sandbox = ann.get("io.kubernetes.cri-o.ContainerType") == "sandbox"
-                name = ann.get("io.kubernetes.container.name")
-                pod = ann.get("io.kubernetes.pod.name")
+                name = _text_of(ann.get("io.kubernetes.container.name"))
+                pod = _text_of(ann.get("io.kubernetes.pod.name"))
                 if name or pod or sandbox:
                     return name or None, pod or None, sandbox
     # podman keeps names in the storage index rather than in the spec.
@@ -467,8 +475,8 @@ def discover(
 
 
 def _label(c: Container) -> str:
-    short = c.id[:12]
-    return f"{short} ({c.name})" if c.name and c.name != c.id else short
+    short = escape.name(c.id[:12])
+    return f"{short} ({escape.name(c.name, 64)})" if c.name and c.name != c.id else short
 
 
 def _brief(cands: list[Container], limit: int = 5) -> str:

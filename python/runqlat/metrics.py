@@ -20,7 +20,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
-from . import __version__
+from . import __version__, escape
 from .errors import InputError, RunqlatError
 from .hist import is_slot_boundary, power_of_two_bounds_ns
 from .monitor import Snapshot
@@ -77,7 +77,14 @@ class Collector:
         label_names = list(snap.mode.labels)
         h = HistogramMetricFamily(
             HIST_NAME, "Time tasks spent runnable before running (run-queue latency)", labels=label_names)
-        for labels, hist in sorted(snap.hists.items()):
+        # label values are names others chose (comm, cgroup and container names):
+        # escaped, and two that escape alike are one series (a duplicate would
+        # make Prometheus reject the whole page)
+        shown: dict = {}
+        for labels, hist in snap.hists.items():
+            lab = tuple(map(escape.name, labels))
+            shown[lab] = shown[lab] + hist if lab in shown else hist
+        for labels, hist in sorted(shown.items()):
             cum = hist.cumulative_le(self.bounds_ns)
             count = hist.count
             buckets = [(le, min(c, count)) for le, c in zip(self._les, cum)]

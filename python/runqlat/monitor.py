@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import containers as ctr
+from . import escape
 from .abi import AggMode, Filter
 from .cgroups import CgroupTree
 from .errors import InputError
@@ -296,9 +297,9 @@ class Monitor:
             after = {c.id for c in chosen}
             for c in chosen:
                 if c.id not in before:
-                    log.info("tracking container %s (%s)", c.id[:12], c.name or "-")
+                    log.info("tracking container %s (%s)", escape.name(c.id[:12]), escape.name(c.name or "-", 64))
             for cid in before - after:
-                log.info("container %s stopped", cid[:12])
+                log.info("container %s stopped", escape.name(cid[:12]))
             self._containers = chosen
         cg_ids, pidns = set(), set()
         for c in self._containers:
@@ -312,7 +313,7 @@ class Monitor:
                 pidns.add(c.pidns)
             else:
                 self.warn.once(f"ctrsel:{c.id}", "container %s has neither its own cgroup nor PID "
-                               "namespace visible here; it cannot be tracked", c.id[:12])
+                               "namespace visible here; it cannot be tracked", escape.name(c.id[:12]))
         return cg_ids, pidns
 
     def refresh(self) -> None:

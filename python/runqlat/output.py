@@ -17,6 +17,7 @@ from operator import itemgetter
 
 import numpy as np
 
+from . import escape
 from .abi import HIST_SLOTS
 from .hist import (UPPER_NS_INT, WIDE_FROM, log2_column_header, log2_matrix, log2_row_prefix,
                    percentiles_ns, star_bars)
@@ -51,7 +52,7 @@ def sort_key(labels: tuple) -> tuple:
     comparing two keys is one tuple comparison."""
     key = ()
     for v in labels:
-        key += (0, int(v), "") if v.isdigit() else (1, 0, v)
+        key += (0, int(v), "") if v.isascii() and v.isdigit() else (1, 0, v)
     return key
 
 
@@ -231,10 +232,11 @@ class Printer:
         return _Interval(rows)
 
     def _describe(self, mode: Mode, lab: tuple):
+        # comm, cgroup and container names are chosen by others: escaped (escape.py)
         if self.fmt == "json":
-            return "".join(f', "{k}": {v}' if k in _NUMERIC_LABELS else f', "{k}": {json.dumps(v)}'
+            return "".join(f', "{k}": {v}' if k in _NUMERIC_LABELS else f', "{k}": {json.dumps(escape.name(v))}'
                            for k, v in zip(mode.labels, lab))
-        return mode_header(mode, dict(zip(mode.labels, lab)))
+        return mode_header(mode, {k: escape.name(v) for k, v in zip(mode.labels, lab)})
 
     def emit(self, snap, interval_s: float | None) -> None:
         """Writes the interval chunk by chunk: each piece stays small (no multi-MB
