@@ -277,6 +277,14 @@ def _validate(cfg: RunConfig) -> None:
         log.warning("--follow-children has no effect without -p or --pids-file")
 
 
+def _pid_arg(text: str) -> int:
+    """-p's value: ASCII decimal digits only (int() also takes '+5', '1_2' and
+    other scripts' digits, none of which is how a PID is written)."""
+    if not (text.isascii() and text.isdigit()):
+        raise UsageError(f"-p {escape.excerpt(text, 24)!r} is not a PID (a decimal number, e.g. -p 1234)")
+    return int(text)
+
+
 # -- commands ------------------------------------------------------------------
 
 @app.command()
@@ -292,7 +300,7 @@ def run(
     per_container: bool = typer.Option(
         False, "--per-container", help="One histogram per container (id and name)."),
     per_cgroup: bool = typer.Option(False, "--per-cgroup", help="One histogram per cgroup v2 (its path)."),
-    pid: Optional[List[int]] = typer.Option(
+    pid: Optional[List[str]] = typer.Option(
         None, "-p", "--pid", help="Track this process and its threads (repeatable)."),
     pids_file: Optional[str] = typer.Option(
         None, "--pids-file", metavar="FILE",
@@ -331,6 +339,10 @@ def run(
     """Trace run-queue latency and print histograms (and serve metrics)."""
     _setup_logging(verbose)
     _steady_memory()
+    try:
+        pid = [_pid_arg(p) for p in pid or []]
+    except UsageError as exc:
+        _fail(str(exc), 2)
     cli_cfg = RunConfig(interval=interval, count=count, milliseconds=milliseconds, timestamp=timestamp,
                         per_process=per_process, per_thread=per_thread, pidnss=pidnss,
                         per_container=per_container, per_cgroup=per_cgroup, pids=list(pid or []),

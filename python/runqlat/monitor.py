@@ -247,16 +247,17 @@ class Monitor:
     def _parse_file(self, pf) -> set[int]:
         for p in pf.problems:
             self.warn.once("line:" + p, "%s; skipping that line", p)
+        if pf.more_problems:
+            self.warn.once(f"line:+{pf.more_problems}", "%d more bad line(s) in %s skipped without a word",
+                           pf.more_problems, escape.name(str(self.sources.pids_file)))
         return pf.pids
 
     def _read_file(self) -> None:
         path = self.sources.pids_file
         try:
-            if self._watch.signature() is None:
-                raise InputError(f"pids file {path} is gone")
-            if os.stat(path).st_size == 0:
-                raise InputError(f"pids file {path} is empty")
             pf = read_pids_file(path)
+            if pf.size == 0:
+                raise InputError(f"pids file {escape.name(str(path))} is empty")
         except InputError as exc:
             self.warn.once("file", "%s; keeping the last good set of %d PID(s)", exc, len(self._file_pids))
             return
