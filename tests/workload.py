@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -188,7 +189,7 @@ class TracerRun:
     # the tests look for (a lost interval, a late update) behind unrelated load.
     NICE = -10
 
-    def __init__(self, args, env: dict | None = None):
+    def __init__(self, args, env: dict | None = None, nofile: int | None = None):
         self.args = [str(a) for a in args]
         self.records: list[dict] = []
         self.stderr: list[str] = []
@@ -197,9 +198,11 @@ class TracerRun:
         self._prog_ids: set[int] = set()
         self.returncode: int | None = None
         full_env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), **(env or {}))
+        limit = None if nofile is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
         self.proc = subprocess.Popen([sys.executable, "-m", "runqlat", "run", *self.args],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, bufsize=1, env=full_env, cwd=str(ROOT))
+                                     text=True, bufsize=1, env=full_env, cwd=str(ROOT), preexec_fn=limit)
         try:  # still one thread now; the threads it starts inherit the priority
             os.setpriority(os.PRIO_PROCESS, self.proc.pid, self.NICE)
         except OSError:
@@ -319,9 +322,9 @@ def tracer_cli():
     did not exit 0 on SIGTERM, or whose BPF programs outlive it, fails the test."""
     started: list[TracerRun] = []
 
-    def start(*args, env: dict | None = None) -> TracerRun:
+    def start(*args, env: dict | None = None, nofile: int | None = None) -> TracerRun:
         require_bpf()
-        t = TracerRun(args, env)
+        t = TracerRun(args, env, nofile)
         started.append(t)
         return t
 

@@ -459,7 +459,7 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
                 not printing or next_print is None or next_print - time.monotonic() > 0.5):
             try:  # retire exited processes' histograms even if nobody reads for a while
                 monitor.maintain()
-            except RunqlatError as exc:
+            except (RunqlatError, OSError) as exc:  # e.g. EMFILE: the next round may work
                 monitor.warn.once("maintain:" + str(exc), "%s", exc)
             trim.after_collection()
         if next_print is not None and time.monotonic() >= next_print:
