@@ -382,6 +382,15 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     if sources.pids_file:
         from .targets import read_pids_file
         read_pids_file(sources.pids_file)  # a missing file is an error before anything loads
+    if sources.cgroups:
+        from .cgroups import CgroupTree
+        tree = CgroupTree()
+        for path in sources.cgroups:  # a directory that is not a cgroup v2 one: an error before loading
+            try:
+                tree.resolve(path)
+            except InputError as exc:
+                if "does not exist" not in str(exc):
+                    raise  # (a cgroup that does not exist yet is waited for)
     stop = threading.Event()
     reload_wanted = threading.Event()
 
