@@ -130,7 +130,7 @@ def test_config_missing(tmp_path):
 
 
 @pytest.mark.parametrize("body,fragment", [('quiet = "yes"', "quiet must be true or false"),
-                                           ('pids = ["12"]', "pids must be a list of int"),
+                                           ('pids = ["12"]', "pids must be an array of integers (PIDs), not an array of strings"),
                                            ("max_tracked = 1.5", "max_tracked must be an integer")])
 def test_config_types(tmp_path, body, fragment):
     c = tmp_path / "c.toml"

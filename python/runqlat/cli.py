@@ -74,6 +74,50 @@ RELOADABLE = frozenset({"pids", "pids_file", "cgroups", "containers", "all_conta
 _LISTS = {"pids": int, "cgroups": str, "containers": str}
 
 
+def _toml_type(val) -> str:
+    """What a TOML value is, in TOML's words (for 'expected X, not Y')."""
+    if isinstance(val, bool):
+        return "a boolean"
+    if isinstance(val, int):
+        return "an integer"
+    if isinstance(val, float):
+        return "a float"
+    if isinstance(val, str):
+        return "a string"
+    if isinstance(val, list):
+        kinds = sorted({"arrays" if isinstance(v, list) else _PLURAL[_toml_type(v)] for v in val})
+        return "an empty array" if not kinds else f"an array of {' and '.join(kinds)}"
+    if isinstance(val, dict):
+        return "a table"
+    return "a date or time"
+
+
+_PLURAL = {"a boolean": "booleans", "an integer": "integers", "a float": "floats", "a string": "strings",
+           "a table": "tables", "a date or time": "dates or times"}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Each key's accepted TOML values: a test of the value and the words for it.
+_CONFIG_TYPES = {
+    "interval": (_number, "a number of seconds"),
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "max_tracked": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "pids": (lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+             "an array of integers (PIDs)"),
+    "cgroups": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
+    "containers": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
+    "buckets": (lambda v: isinstance(v, str) or (isinstance(v, list) and v and all(_number(x) for x in v)),
+                'an array of numbers of seconds or a string ("0.001,0.01,0.1")'),
+    **{k: (lambda v: isinstance(v, str), "a string")
+       for k in ("pids_file", "output", "output_file", "metrics_addr")},
+}
+
+_FLAG = (lambda v: isinstance(v, bool), "true or false")  # every other key
+
+
 def load_config(path: Path) -> dict:
     try:
         data = tomllib.loads(path.read_text())
@@ -82,31 +126,19 @@ def load_config(path: Path) -> dict:
     except OSError as exc:
         raise InputError(f"cannot read config file {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"config file {path} is not valid TOML: {exc}") from None
+        raise InputError(f"config file {path} is not valid TOML: {escape.name(str(exc), 300)}") from None
     unknown = sorted(set(data) - CONFIG_KEYS)
     if unknown:
-        raise InputError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+        raise InputError(f"config file {path}: unknown key(s) {escape.name(', '.join(unknown), 200)}; "
                          f"known: {', '.join(sorted(CONFIG_KEYS))}")
-    defaults = RunConfig()
     for key, val in data.items():
-        want = type(getattr(defaults, key))
-        if key in _LISTS:
-            if isinstance(val, (str, int)):
-                val = [val]
-            if not isinstance(val, list) or not all(isinstance(v, _LISTS[key]) for v in val):
-                raise InputError(f"config file {path}: {key} must be a list of {_LISTS[key].__name__}")
-            data[key] = val
-        elif key == "buckets" and isinstance(val, list):
-            data[key] = ",".join(str(v) for v in val)
-        elif key == "interval":
-            if not isinstance(val, (int, float)) or isinstance(val, bool):
-                raise InputError(f"config file {path}: interval must be a number of seconds")
-        elif want is bool and not isinstance(val, bool):
-            raise InputError(f"config file {path}: {key} must be true or false")
-        elif key in ("count", "max_tracked") and (not isinstance(val, int) or isinstance(val, bool)):
-            raise InputError(f"config file {path}: {key} must be an integer")
-        elif key in ("pids_file", "output", "output_file", "metrics_addr") and not isinstance(val, str):
-            raise InputError(f"config file {path}: {key} must be a string")
+        if key in _LISTS and isinstance(val, (str, int)) and not isinstance(val, bool):
+            val = data[key] = [val]  # one value for a list
+        ok, want = _CONFIG_TYPES.get(key, _FLAG)
+        if not ok(val):
+            raise InputError(f"config file {path}: {key} must be {want}, not {_toml_type(val)}")
+        if key == "buckets" and isinstance(val, list):
+            data[key] = ",".join(repr(float(v)) for v in val)
     return data
 
 
@@ -259,9 +291,14 @@ def _sources(cfg: RunConfig):
                    all_containers=cfg.all_containers)
 
 
+MAX_INTERVAL_S = 86_400
+
+
 def _validate(cfg: RunConfig) -> None:
     if cfg.interval is not None and not cfg.interval > 0:
         raise UsageError("INTERVAL must be a positive number of seconds")
+    if cfg.interval is not None and not cfg.interval <= MAX_INTERVAL_S:  # inf, 1e308: nothing would print
+        raise UsageError(f"INTERVAL must be at most {MAX_INTERVAL_S} seconds (one day)")
     if cfg.count is not None and cfg.count < 1:
         raise UsageError("COUNT must be at least 1")
     if cfg.count is not None and cfg.interval is None:
