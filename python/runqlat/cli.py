@@ -6,9 +6,11 @@ Written for typer 0.7 (Debian 12): option defaults, no Annotated.
 """
 from __future__ import annotations
 
+import errno as _errno
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -430,9 +432,13 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
                     raise  # (a cgroup that does not exist yet is waited for)
     stop = threading.Event()
     reload_wanted = threading.Event()
+    starting = [True]
 
     def on_stop(signum, frame):
         stop.set()
+        if starting[0]:  # loading can take long on a busy host: stop now, not after it
+            starting[0] = False  # (once: a second signal must not interrupt the unwinding)
+            raise _Stopped()
 
     def on_hup(signum, frame):
         reload_wanted.set()
@@ -447,6 +453,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
                            watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
                            max_tracked=cfg.max_tracked or 0, initial_filter=sources.filter,
                            expected_keys=expected_keys(mode, sources))
+            sink = _Sink(sys.stdout, "standard output")
+            if cfg.output_file:  # opened before loading anything: a bad path fails fast and alone
+                sink = _Sink(stack.enter_context(_open_output_file(cfg.output_file)), cfg.output_file)
             server = None
             if cfg.metrics_addr:
                 # bound before loading anything: a port in use fails fast and alone
@@ -464,25 +473,31 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
                 snapshot["source"] = lambda: monitor.snapshot("scrape")
                 server.start()
                 log.info("serving metrics at http://%s/metrics", server.address)
-            out = sys.stdout
-            if cfg.output_file:
-                try:
-                    out = stack.enter_context(open(cfg.output_file, "a", buffering=1))
-                except OSError as exc:
-                    raise InputError(f"cannot open --output-file {cfg.output_file}: {exc.strerror}") from None
-            printer = Printer(out, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)
+            printer = Printer(sink, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)
             if printing and cfg.output == "text" and not cfg.output_file:
                 what = sources.describe
                 end = "Hit Ctrl-C to end." if cfg.interval is None else ""
-                print(f"Tracing run queue latency of {what}... {end}".rstrip(), file=sys.stderr)
+                try:
+                    print(f"Tracing run queue latency of {what}... {end}".rstrip(), file=sys.stderr)
+                except OSError:
+                    pass
+            starting[0] = False
+            if stop.is_set():
+                return 0
             with _steady_gc():
-                return _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
+                return _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config,
+                             sink, server)
+    except _Stopped:
+        log.info("stopped while starting")
+        return 0
+    except _OutputClosed:
+        return 0
     finally:
         for s, h in old.items():
             signal.signal(s, h)
 
 
-def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config) -> int:
+def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config, sink=None, server=None) -> int:
     trim = _HeapTrim()
     start = last_emit = time.monotonic()
     next_print = start + cfg.interval if cfg.interval else None
@@ -515,6 +530,8 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
                 printer.emit(monitor.snapshot("print"), round(now - last_emit, 3))
                 last_emit = now
                 trim.after_collection()
+                if sink is not None and sink.error is not None:
+                    printing = _output_failed(sink, server)
             printed += 1
             next_print += cfg.interval
             if next_print < time.monotonic():  # we fell behind (suspend): do not burst
@@ -523,7 +540,93 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
                 return 0
     if next_print is None and printing:
         printer.emit(monitor.snapshot("print"), round(time.monotonic() - start, 3))
+        if sink is not None and sink.error is not None:
+            _output_failed(sink, None)
     return 0
+
+
+class _Stopped(BaseException):
+    """SIGINT/SIGTERM while starting."""
+
+
+# --output-file: never through a symlink planted at the path (root would append
+# to whatever file it points at), created readable by the owner's group only.
+OUTPUT_FILE_MODE = 0o640
+
+
+def _open_output_file(path: str):
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+             | os.O_NONBLOCK)  # a FIFO with no reader: ENXIO now, not a wait for one
+    shown = escape.name(path)
+    try:
+        fd = os.open(path, flags, OUTPUT_FILE_MODE)
+    except OSError as exc:
+        if exc.errno == _errno.ELOOP:
+            raise InputError(f"--output-file {shown} is a symlink; not written through "
+                             "(give the path of the file itself)") from None
+        if exc.errno == _errno.ENXIO:
+            raise InputError(f"--output-file {shown} is a FIFO that nobody reads") from None
+        raise InputError(f"cannot open --output-file {shown}: {exc.strerror}") from None
+    try:
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _Sink:
+    """Where histograms are printed. A write that fails (a full disk, /dev/full,
+    a closed pipe) is remembered, not raised: the loop decides what follows
+    (_output_failed). The stream's descriptor then points at /dev/null, so that
+    what is still buffered is not written, and failed, again at exit."""
+
+    def __init__(self, stream, name: str):
+        self.stream = stream
+        self.name = name
+        self.error: OSError | None = None
+
+    def write(self, text: str) -> None:
+        if self.error is None:
+            try:
+                self.stream.write(text)
+            except OSError as exc:
+                self._failed(exc)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except OSError as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.error = exc
+        try:
+            fd = self.stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except (OSError, ValueError):  # no descriptor (a test's stream): nothing buffered to drop
+            pass
+
+
+def _output_failed(sink: _Sink, server) -> bool:
+    """The output cannot be written: with an exporter, printing stops and metrics go
+    on (one warning); without one there is nothing left to do: one line, exit 1
+    (a closed pipe, as in `| head`, ends quietly). Returns whether to keep printing."""
+    exc = sink.error
+    if server is not None:
+        log.warning("cannot write the output to %s: %s; printing stops, metrics are still served at "
+                    "http://%s/metrics", escape.name(sink.name), exc.strerror or exc, server.address)
+        return False
+    if exc.errno == _errno.EPIPE:
+        raise _OutputClosed()
+    raise InputError(f"cannot write the output to {escape.name(sink.name)}: {exc.strerror or exc}; stopping")
+
+
+class _OutputClosed(Exception):
+    """The reader of standard output went away (EPIPE): end quietly, status 0."""
 
 
 def _reload(monitor, cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> None:
