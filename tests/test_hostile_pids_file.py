@@ -289,3 +289,28 @@ def test_cli_pid_option_takes_only_ascii_decimal(arg):
     r = CliRunner().invoke(app, ["run", "-p", arg, "1", "1"])
     assert r.exit_code == 2, r.output
     assert "is not a PID (a decimal number" in r.output and r.output.count("\n") == 1
+
+
+def test_cli_pid_that_is_a_thread_id_says_so():
+    """Before: -p TID tracked nothing without a word (tracked_pids is keyed by process)."""
+    ready = threading.Event()
+    stop = threading.Event()
+    tids = []
+
+    def worker():
+        tids.append(threading.get_native_id())
+        ready.set()
+        stop.wait(30)
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        ready.wait(5)
+        tid = tids[0]
+        assert tid != os.getpid()
+        r = CliRunner().invoke(app, ["run", "-p", str(tid), "1", "1"])
+    finally:
+        stop.set()
+        t.join()
+    assert r.exit_code == 2, r.output
+    assert r.output == (f"runqlat-core: error: --pid {tid} is a thread of process {os.getpid()}, not a "
+                        f"process; give -p {os.getpid()} to track that process (all its threads)\n")

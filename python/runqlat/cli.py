@@ -307,9 +307,14 @@ def _validate(cfg: RunConfig) -> None:
         raise UsageError("COUNT needs an INTERVAL before it")
     if cfg.output not in ("text", "json"):
         raise UsageError(f"--output must be text or json, not {cfg.output!r}")
+    from .targets import tgid_of
     for p in cfg.pids:
         if not 0 < p <= 4 * 1024 * 1024:
             raise UsageError(f"--pid {p} is not a valid PID")
+        tgid = tgid_of(p)
+        if tgid is not None and tgid != p:  # /proc/TID exists for threads too, but is not listed
+            raise UsageError(f"--pid {p} is a thread of process {tgid}, not a process; "
+                             f"give -p {tgid} to track that process (all its threads)")
     if cfg.max_tracked is not None and not 1 <= cfg.max_tracked <= 4 * 1024 * 1024:
         raise UsageError("--max-tracked must be between 1 and 4194304")
     if cfg.follow_children and not (cfg.pids or cfg.pids_file):

@@ -174,6 +174,18 @@ def start_time(pid: int, proc: str = "/proc") -> int | None:
         return None
 
 
+def tgid_of(tid: int, proc: str = "/proc") -> int | None:
+    """The process (thread group) a thread id belongs to, None if it does not exist."""
+    try:
+        with open(f"{proc}/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def is_thread_group_leader(pid: int, proc: str = "/proc") -> bool:
     try:
         for line in Path(f"{proc}/{pid}/status").read_text().splitlines():
