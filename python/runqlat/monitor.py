@@ -348,12 +348,23 @@ class Monitor:
                 if not pidns:
                     pidns = None
             targets = (set(self._live) if s.uses_pids else None, cg_ids, pidns)
-            if targets == self._sent:
+            over = getattr(self.tracer, "over_limit", None)
+            if targets == self._sent and not over:
                 return  # what the tracer was last given, and only we change its sets
             before = self.tracer.listed_pids
             self.tracer.set_targets(pids=targets[0], cgroups=cg_ids, pidns=pidns)
             self._sent = targets
             self._recheck(self.tracer.listed_pids - before, cg_ids, pidns)
+            self._warn_over_limit()
+
+    def _warn_over_limit(self) -> None:
+        over = getattr(self.tracer, "over_limit", None)
+        if not over:
+            self.warn.clear("over:")
+            return
+        shown = ", ".join(map(str, sorted(over)[:5])) + (", ..." if len(over) > 5 else "")
+        self.warn.once(f"over:{len(over)}", "%d listed PID(s) do not fit in the tracked set (--max-tracked): "
+                       "%s not tracked (counted as tracked_full); raise --max-tracked", len(over), shown)
 
     def _forget_exited(self, tracked_now: dict[int, int], now: float) -> None:
         """Forget the PIDs that are no longer in tracked_pids as just read."""
