@@ -226,8 +226,10 @@ class Monitor:
     def set_sources(self, sources: Sources, initial: bool = False) -> None:
         """New sources (start, SIGHUP). At start a missing pids file is an error."""
         with self.lock:
+            last_good = set() if initial else self._file_pids
             self.sources = sources
-            self.identity = Identity(self.proc)
+            if initial:  # kept across SIGHUP: a PID stays pinned to the process first listed
+                self.identity = Identity(self.proc)
             self._cli_pids = set(sources.pids)
             self._file_pids: set[int] = set()
             self._file_ok = False
@@ -237,6 +239,19 @@ class Monitor:
                 self._file_pids = self._parse_file(read_pids_file(sources.pids_file))
                 self._file_ok = True
                 self._watch.changed()
+            elif self._watch:  # SIGHUP: a file that cannot be read keeps the last good set
+                self._watch.changed()
+                try:
+                    pf = read_pids_file(sources.pids_file)
+                    if pf.size == 0:
+                        raise InputError(f"pids file {escape.name(str(sources.pids_file))} is empty")
+                except InputError as exc:
+                    log.warning("SIGHUP: %s; keeping the last good set of %d PID(s)", exc, len(last_good))
+                    self._file_pids = last_good
+                else:
+                    self.warn.clear("line:")
+                    self._file_pids = self._parse_file(pf)
+                    self._file_ok = True
             self._pids_dirty = True
             self._next_container_scan = 0.0
             if (sources.uses_groups or self.mode in (Mode.CONTAINER, Mode.CGROUP)) and self._cgtree is None:
