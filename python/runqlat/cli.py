@@ -416,7 +416,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     sources = _sources(cfg)
     bounds = None
     if cfg.buckets or cfg.metrics_addr:  # prometheus_client is loaded only for the exporter
-        from .metrics import Collector, MetricsServer, parse_addr, parse_buckets
+        from .metrics import Collector, MetricsServer, filtered_scrape, parse_addr, parse_buckets
         try:
             bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
             if cfg.metrics_addr:
@@ -475,7 +475,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
                 monitor.register("print")
             if server is not None:
                 monitor.register("scrape", fold_unseen=True)
-                snapshot["source"] = lambda: monitor.snapshot("scrape")
+                snapshot["source"] = lambda: monitor.snapshot("scrape", peek=filtered_scrape())
                 server.start()
                 log.info("serving metrics at http://%s/metrics", server.address)
             printer = Printer(sink, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)

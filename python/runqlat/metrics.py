@@ -16,6 +16,7 @@ import threading
 import time
 from socketserver import ThreadingMixIn
 from typing import Callable
+from urllib.parse import parse_qs
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
@@ -303,6 +304,25 @@ class _QuietHandler(WSGIRequestHandler):
         handler.run(self.server.get_app())
 
 
+_request = threading.local()
+
+
+def filtered_scrape() -> bool:
+    """Whether the scrape being answered (in this thread) asked for some families
+    only (`?name[]=...`): it must not take what the full scrape is owed."""
+    return getattr(_request, "filtered", False)
+
+
+def _note_filter(app):
+    def noted(environ, start_response):
+        _request.filtered = "name[]" in parse_qs(environ.get("QUERY_STRING", ""))
+        try:
+            return app(environ, start_response)
+        finally:
+            _request.filtered = False
+    return noted
+
+
 def _one_line_failures(app):
     """A scrape that fails on a library or OS error answers 500 and logs one line,
     not a traceback per scrape for as long as the problem lasts; the same problem
@@ -333,9 +353,12 @@ class MetricsServer:
 
     def __init__(self, addr: str, collector: Collector, start: bool = True):
         host, port = parse_addr(addr)
-        self.registry = CollectorRegistry(auto_describe=False)
+        try:  # without it, prometheus_client >= 0.21 answers ?name[]= with nothing (no fixed names here)
+            self.registry = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
+        except TypeError:  # older ones (Debian 12's 0.16) collect every collector for it anyway
+            self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
-        app = _one_line_failures(make_wsgi_app(self.registry))
+        app = _note_filter(_one_line_failures(make_wsgi_app(self.registry)))
         cls = _V6Server if ":" in host else _Server
         try:
             self.httpd = make_server(host, port, app, server_class=cls, handler_class=_QuietHandler)

@@ -481,10 +481,12 @@ class Monitor:
                     continue
         self._pidns_live = live
 
-    def snapshot(self, consumer: str | None = None) -> Snapshot:
+    def snapshot(self, consumer: str | None = None, peek: bool = False) -> Snapshot:
+        """peek: show the consumer what is pending for it without handing it over
+        (a filtered scrape must not take finals meant for the full one)."""
         with self.lock:
             t = self.tracer
-            hists, gone = self._collect(consumer)
+            hists, gone = self._collect(consumer, peek)
             return Snapshot(
                 ts=time.time(), mode=self.mode, hists=hists,
                 tracked_processes=self._count_processes(),
@@ -500,7 +502,7 @@ class Monitor:
         with self.lock:
             self._collect(None)
 
-    def _collect(self, consumer: str | None):
+    def _collect(self, consumer: str | None, peek: bool = False):
         """Labelled cumulative histograms now (plus, for a consumer, the final values
         of what retired since it last read), retiring gone keys on the way."""
         t = self.tracer
@@ -596,10 +598,11 @@ class Monitor:
                 self._add(hists, lab, h)
                 if lab not in live_labels:
                     gone.add(lab)
-            self._stash[consumer] = {}
             seen = self._seen.get(consumer)
-            if seen is not None:
-                seen.update(lab for lab in hists if lab not in gone)
+            if not peek:
+                self._stash[consumer] = {}
+                if seen is not None:
+                    seen.update(lab for lab in hists if lab not in gone)
                 if consumer in self._exited:
                     exited = self.exited_label
                     hists[exited] = hists[exited] + self._exited[consumer] if exited in hists \
