@@ -146,3 +146,19 @@ def test_real_sighup_keeps_pid_pinning(tmp_path, tracer_cli):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_a_thread_id_in_the_pids_file_says_so(tmp_path, monkeypatch, caplog):
+    """Before: a thread id was put in tracked_pids (keyed by process) and matched nothing, silently."""
+    monkeypatch.setattr(monitor_mod, "time", Clock())
+    proc = FakeProc(tmp_path / "proc")
+    proc.spawn(100, 1100)
+    proc.spawn(105, 1100, tgid=100)  # a thread of 100
+    f = tmp_path / "pids"
+    f.write_text("105\n")
+    tr = FakeTracer()
+    caplog.set_level(logging.WARNING, logger="runqlat")
+    Monitor(tr, Mode.PID, Sources(pids_file=f), proc=str(proc))
+    assert tr.listed == set()
+    assert [r.getMessage() for r in caplog.records] == [
+        "105 is a thread of process 100, not a process; it is not tracked (list 100 to track that process)"]

@@ -287,6 +287,9 @@ class Monitor:
         live, missing = self.identity.resolve(wanted)
         for pid in sorted(missing):
             self.warn.once(f"pid:{pid}", "PID %d does not exist; it is not tracked", pid)
+        for tid, tgid in sorted(self.identity.threads.items()):
+            self.warn.once(f"tid:{tid}", "%d is a thread of process %d, not a process; it is not tracked "
+                           "(list %d to track that process)", tid, tgid, tgid)
         self._live = live
         self._pids_dirty = False
 

@@ -209,6 +209,7 @@ class Identity:
 
     proc: str = "/proc"
     known: dict[int, int | None] = field(default_factory=dict)  # pid -> start time, None: never existed
+    threads: dict[int, int] = field(default_factory=dict)  # listed ids that are threads -> their process
 
     def resolve(self, wanted: set[int]) -> tuple[set[int], set[int]]:
         """(live PIDs that are still the process first seen, PIDs newly found missing).
@@ -219,6 +220,7 @@ class Identity:
         for pid in list(self.known):
             if pid not in wanted:
                 del self.known[pid]
+                self.threads.pop(pid, None)
         live, missing = set(), set()
         for pid in wanted:
             now = start_time(pid, self.proc)
@@ -226,7 +228,11 @@ class Identity:
                 self.known[pid] = now
                 if now is None:
                     missing.add(pid)
-            if now is not None and now == self.known[pid]:
+                else:  # /proc has an entry for a thread id too, but the kernel keys by process
+                    tgid = tgid_of(pid, self.proc)
+                    if tgid is not None and tgid != pid:
+                        self.threads[pid] = tgid
+            if now is not None and now == self.known[pid] and pid not in self.threads:
                 live.add(pid)
         return live, missing
 
