@@ -189,7 +189,7 @@ def test_runtime_json_with_lone_surrogate_and_non_string_names(tmp_path, monkeyp
     found = {c.id: c for c in ct.discover(containerd_state_dirs=[str(state)], scan_cgroups=False)}
     assert found["d" * 64].name == "web\ud800\x1b[31m"
     assert found["e" * 64].name is None  # a dict is not a name
-    monkeypatch.setenv(ct.STATE_ENV, str(state))
+    monkeypatch.setenv("RUNQLAT_CONTAINERD_STATE", str(state))
     monkeypatch.setattr(ct, "DEFAULT_CONTAINERD_STATE_DIRS", ())
     for args in (["containers"], ["containers", "--json"]):
         r = CliRunner().invoke(app, args)

@@ -314,10 +314,10 @@ def filtered_scrape() -> bool:
 
 
 def _note_filter(app):
-    def noted(environ, start_response):
-        _request.filtered = "name[]" in parse_qs(environ.get("QUERY_STRING", ""))
+    def noted(wsgi_env, start_response):
+        _request.filtered = "name[]" in parse_qs(wsgi_env.get("QUERY_STRING", ""))
         try:
-            return app(environ, start_response)
+            return app(wsgi_env, start_response)
         finally:
             _request.filtered = False
     return noted
