@@ -23,11 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import (BENCH, OUT, REPO, Procs, Sysctl, cpu_busy, cpu_ns, exit_on_signals,
+from common import (BENCH, OUT, Procs, Sysctl, cpu_busy, cpu_ns, exit_on_signals,
                     free_port, log, machine, map_fill, parse_metrics, prog_counters, prog_names, role,
                     runqlat_core, scrape_text, status_kb, wait_attached)
-
-sys.path.insert(0, str(REPO / "python"))
 
 # CPU 1 and 0 unless the machine is busier on CPU 1 (see main)
 WORKLOAD_CPU = "1"

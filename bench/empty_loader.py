@@ -8,8 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-from runqlat.bpf import BpfObject  # noqa: E402
+from runqlat.bpf import BpfObject
 
 
 def main() -> int:

@@ -5,7 +5,7 @@
 - No BPF program of ours outlives the test that loaded it (checked per `bpf`
   test on the pytest process's own file descriptors) or the session (checked
   with bpftool against the programs present when the session started).
-- `root_bpf`: the fixture for tests that load real BPF programs.
+- `root_bpf`: the one check for tests that load real BPF programs.
 """
 
 from __future__ import annotations
@@ -21,13 +21,9 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(TESTS.parent / "python"))
-
-from helpers import IN_CI, unavailable  # noqa: E402
-from workload import held_bpf_ids  # noqa: E402
-from runqlat import abi  # noqa: E402
+from helpers import IN_CI, unavailable
+from workload import held_bpf_ids
+from runqlat import abi
 
 MUST_RUN_MARKERS = ("bpf", "vm")
 # the kernel keeps BPF_OBJ_NAME_LEN - 1 = 15 characters of a program name
@@ -161,13 +157,17 @@ def _bpf_programs_closed(request):
 
 # -- fixtures --
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def root_bpf():
-    """For tests that load real BPF programs: root, BTF and bpffs-independent prerequisites."""
+    """What every test that loads real BPF programs needs: root, kernel BTF and the built object.
+
+    Missing: a skip, or a failure under CI=true. Session-wide, so module fixtures
+    (busy loops, a private Prometheus) can depend on it too.
+    """
     if os.geteuid() != 0:
         unavailable("loading BPF programs needs root")
     if not Path("/sys/kernel/btf/vmlinux").exists():
         unavailable("the kernel has no BTF (/sys/kernel/btf/vmlinux)")
     from runqlat import elf
     if not elf.default_object_path().exists():
-        pytest.fail(f"{elf.default_object_path()} is not built: run 'make -C bpf'")
+        pytest.fail(f"{elf.default_object_path()} is not built: run 'make -C bpf'", pytrace=False)

@@ -1,9 +1,10 @@
-"""Helpers shared by the test modules (importable once tests/ is on sys.path).
+"""Helpers shared by the test modules (tests/ is on pytest's pythonpath).
 
-Also real run-queue contention for the integration tests, and the kernel's own
-view of it: busy loops pinned to one CPU wait for each other on its run queue
-while the test process keeps to the other CPUs. Everything started here is
-stopped by the context manager that started it.
+Also what the integration tests need around real run-queue contention (the
+busy loops themselves are workload.BusyLoops): the CPU they share and the
+test process's own affinity, the kernel's view (schedstat, process state),
+sysctls and cgroups. Everything changed here is undone by the context
+manager that changed it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +19,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -42,19 +39,6 @@ def need_tool(name: str, package: str) -> str:
         unavailable(f"{name} is not installed (apt-get install {package})")
     return path
 
-# a busy loop that is one single-threaded process and forks nothing (dash runs it in place)
-SPIN = ["/bin/sh", "-c", "while :; do :; done"]
-# a process with `threads` busy threads (the main thread just waits)
-SPIN_THREADS = [sys.executable, "-c",
-                "import sys, threading\n"
-                "def spin():\n"
-                "    while True: pass\n"
-                "ts = [threading.Thread(target=spin, daemon=True) for _ in range(int(sys.argv[1]))]\n"
-                "[t.start() for t in ts]\n"
-                "print('ready', flush=True)\n"
-                "ts[0].join()\n"]
-
-
 def contention_cpu() -> tuple[int, set[int]]:
     """(the CPU the busy loops share, the CPUs left for the test process)."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -70,67 +54,6 @@ def affinity(cpus: set[int]):
         yield
     finally:
         os.sched_setaffinity(0, old)
-
-
-class Busy:
-    """One busy process pinned to `cpu`; stopped (SIGKILL + reap) by close()."""
-
-    def __init__(self, cpu: int, argv: list[str] | None = None, ready_line: bool = False):
-        self.proc = subprocess.Popen(argv or SPIN, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
-                                     preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
-        if ready_line:
-            line = self.proc.stdout.readline()
-            assert line.strip() == b"ready", line
-        self.pid = self.proc.pid
-
-    def threads(self) -> set[int]:
-        return {int(t) for t in os.listdir(f"/proc/{self.pid}/task")}
-
-    def stop(self) -> None:
-        """SIGSTOP, and return once it is stopped: off the run queue, no wait in progress."""
-        os.kill(self.pid, signal.SIGSTOP)
-        wait_for(lambda: proc_state(self.pid) == "T", what=f"pid {self.pid} to stop")
-
-    def cont(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> "Busy":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class BusyInPidns:
-    """A busy loop as init of a new PID namespace (unshare --pid --fork)."""
-
-    def __init__(self, cpu: int):
-        self.unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", *SPIN],
-                                        stdin=subprocess.DEVNULL,
-                                        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
-        self.pid = wait_for(lambda: children(self.unshare.pid), what="unshare to fork")[0]
-        self.pidns = os.stat(f"/proc/{self.pid}/ns/pid").st_ino
-
-    def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        if self.unshare.poll() is None:
-            self.unshare.kill()
-        self.unshare.wait()
-
-    def __enter__(self) -> "BusyInPidns":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def wait_for(cond, timeout: float = 5.0, what: str = "a condition"):

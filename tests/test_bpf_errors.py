@@ -4,15 +4,11 @@ failures that need no root: opening a bad object, a missing library."""
 from __future__ import annotations
 
 import errno
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import _ffi, elf  # noqa: E402
-from runqlat.errors import (  # noqa: E402
+from runqlat import _ffi, elf
+from runqlat.errors import (
     InputError,
     KernelUnsupported,
     LibbpfError,

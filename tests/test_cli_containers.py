@@ -16,9 +16,10 @@ import pytest
 
 from containerd_env import ContainerdEnv, ContainerdUnavailable
 from helpers import unavailable
-from runqlat.containers import STATE_ENV, discover
-from runqlat.monitor import CONTAINER_SCAN_S
-from workload import require_bpf, tracer_cli  # noqa: F401 (fixture)
+from runqlat.containers import discover
+from runqlat.policy import STATE_ENV
+from runqlat.tracking import CONTAINER_SCAN_S
+from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
 
@@ -66,7 +67,6 @@ def _intervals_between(t, start: float, end: float) -> set[float]:
 
 
 def test_all_containers_per_container(env, tracer_cli):
-    require_bpf()
     tag = secrets.token_hex(3)  # ids unique on the host: other containerds may run "busy" too
     busy, idle, third = f"busy-{tag}", f"idle-{tag}", f"third-{tag}"
     try:
@@ -110,7 +110,6 @@ def test_all_containers_per_container(env, tracer_cli):
 
 
 def test_container_by_unique_prefix_tracks_only_that_one(env, tracer_cli):
-    require_bpf()
     tag = secrets.token_hex(3)
     alpha, beta = f"solo-{tag}-alpha", f"solo-{tag}-beta"
     try:

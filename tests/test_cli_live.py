@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from runqlat.cgroups import cgroup2_mount
-from workload import BusyLoops, TracerRun, require_bpf, tracer_cli, usable_cpu  # noqa: F401 (fixture)
+from workload import BusyLoops, TracerRun, tracer_cli, usable_cpu  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
 
@@ -102,7 +102,6 @@ def _warnings(t: TracerRun) -> list[str]:
 
 
 def test_pids_file_rewritten_three_ways(tmp_path, tracer_cli):
-    require_bpf()
     with BusyLoops(3, usable_cpu()) as loops:
         a, b, c = loops.pids
         pids_file = tmp_path / "pids"
@@ -157,7 +156,6 @@ def test_pids_file_rewritten_three_ways(tmp_path, tracer_cli):
 
 
 def test_pids_file_bad_line_and_empty_file(tmp_path, tracer_cli):
-    require_bpf()
     with BusyLoops(3, usable_cpu()) as loops:
         a, b, other = loops.pids
         pids_file = tmp_path / "pids"
@@ -195,7 +193,6 @@ def test_pids_file_bad_line_and_empty_file(tmp_path, tracer_cli):
 def test_interval_with_nothing_to_show_keeps_the_tracer_running(output, tracer_cli):
     """Keyed modes print only keys with events: an interval in which the one
     tracked process never waited has nothing to print, and that is no error."""
-    require_bpf()
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         t = tracer_cli("-P", "-T", "-p", sleeper.pid, "-o", output, INTERVAL, 3)
@@ -233,7 +230,6 @@ def _spawn_with_pid(pid: int, cpu: int, name: str, timeout: float = 10.0) -> Bus
 
 
 def test_exited_pid_leaves_the_set_and_its_reuse_is_not_counted(tmp_path, tracer_cli):
-    require_bpf()
     if not NS_LAST_PID.exists():
         pytest.fail(f"{NS_LAST_PID} is missing (kernel without CONFIG_CHECKPOINT_RESTORE?)", pytrace=False)
     cpu = usable_cpu()
@@ -290,7 +286,6 @@ for line in sys.stdin:
 
 
 def test_follow_children_counts_a_forked_child(tmp_path, tracer_cli):
-    require_bpf()
     cpu = usable_cpu()
     parent = subprocess.Popen([sys.executable, "-c", _FORKER, str(cpu)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
@@ -355,7 +350,6 @@ def _cgroup_of(pid: int) -> str:
 
 @pytest.mark.parametrize("path_form", ["absolute", "relative"])
 def test_cgroup_process_moved_in_is_counted(path_form, tracer_cli):
-    require_bpf()
     mount = cgroup2_mount()
     if mount is None:
         pytest.fail("no cgroup2 file system is mounted", pytrace=False)

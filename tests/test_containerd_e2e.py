@@ -17,30 +17,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from containerd_env import ContainerdEnv, ContainerdUnavailable  # noqa: E402
-from runqlat.cgroups import cgroup2_mount  # noqa: E402
-from helpers import unavailable  # noqa: E402
-from runqlat.containers import STATE_ENV, discover, resolve  # noqa: E402
+from containerd_env import ContainerdEnv, ContainerdUnavailable
+from runqlat.cgroups import cgroup2_mount
+from helpers import IN_CI, unavailable
+from runqlat.containers import ContainerError, discover, resolve
+from runqlat.policy import STATE_ENV, LoadPolicy
 
 pytestmark = pytest.mark.bpf
-
-IN_CI = os.environ.get("CI") == "true"
-
-
-_unavailable = unavailable  # a skip off CI, a failure under CI=true
 
 
 @pytest.fixture
 def env():
     if os.geteuid() != 0:
-        _unavailable("containerd e2e needs root")
+        unavailable("containerd e2e needs root")
     try:
         e = ContainerdEnv().__enter__()
     except ContainerdUnavailable as exc:
-        _unavailable(f"containerd unavailable: {exc}")
+        unavailable(f"containerd unavailable: {exc}")
     try:
         yield e
     finally:
@@ -102,12 +96,11 @@ def test_discover_lifecycle(env):
     assert set(found) == {"idle", "third"}
 
 
-def test_env_var_adds_state_dir(env, monkeypatch):
+def test_env_var_adds_state_dir(env):
     env.run("viaenv", "sleep 1000")
-    monkeypatch.delenv(STATE_ENV, raising=False)
     assert "viaenv" not in {c.id for c in discover() if c.namespace == env.namespace}
-    monkeypatch.setenv(STATE_ENV, "/nonexistent/state:" + env.task_state_dir)
-    found = {c.id: c for c in discover() if c.namespace == env.namespace}
+    dirs = LoadPolicy.from_env({STATE_ENV: "/nonexistent/state:" + env.task_state_dir}).containerd_state_dirs
+    found = {c.id: c for c in discover(containerd_state_dirs=dirs) if c.namespace == env.namespace}
     assert set(found) == {"viaenv"}
 
 
@@ -131,7 +124,7 @@ def test_resolve_against_real_containers(env):
     cs = list(_ours(env).values())
     assert [c.id for c in resolve(cs, ["b"])] == ["beta"]
     assert [c.id for c in resolve(cs, ["alpha-2", "beta"])] == ["alpha-2", "beta"]
-    with pytest.raises(ValueError, match="ambiguous"):
+    with pytest.raises(ContainerError, match="ambiguous"):
         resolve(cs, ["alpha"])
 
 

@@ -6,15 +6,14 @@ import builtins
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import containers as ct  # noqa: E402
-from runqlat.containers import Container, ContainerError, discover, resolve  # noqa: E402
+from runqlat import containers as ct
+from runqlat.containers import Container, ContainerError, discover, resolve
+from runqlat.errors import RunqlatError
+from runqlat.policy import STATE_ENV, LoadPolicy
 
 HOST_NS = 4026531836
 IDS = {k: (k * 64)[:64] for k in "abcdef"}  # 64-hex ids: "aaaa...", "bbbb..."
@@ -95,7 +94,6 @@ class FakeHost:
 
 @pytest.fixture
 def host(tmp_path, monkeypatch) -> FakeHost:
-    monkeypatch.delenv(ct.STATE_ENV, raising=False)
     # Keep defaults hermetic even if a test passes containerd_state_dirs=None.
     monkeypatch.setattr(ct, "DEFAULT_CONTAINERD_STATE_DIRS", (str(tmp_path / "nodefault"),))
     return FakeHost(tmp_path)
@@ -221,10 +219,11 @@ def test_env_var_adds_state_dirs_to_defaults(host, tmp_path, monkeypatch):
     host.add_task("test", "in-extra", 101, state=extra)
     monkeypatch.setattr(ct, "DEFAULT_CONTAINERD_STATE_DIRS", (str(host.state),))
     assert list(host.by_id(containerd_state_dirs=None)) == ["in-default"]
-    monkeypatch.setenv(ct.STATE_ENV, f"::/nonexistent:{extra}")
-    assert list(host.by_id(containerd_state_dirs=None)) == ["in-default", "in-extra"]
-    # ... and on top of an explicit list too.
-    assert list(host.by_id(containerd_state_dirs=[])) == ["in-extra"]
+    defaults = ct.DEFAULT_CONTAINERD_STATE_DIRS
+    assert LoadPolicy.from_env({}).containerd_state_dirs == defaults
+    dirs = LoadPolicy.from_env({STATE_ENV: f"::/nonexistent:{extra}"}).containerd_state_dirs
+    assert dirs == defaults + ("/nonexistent", str(extra))
+    assert list(host.by_id(containerd_state_dirs=dirs)) == ["in-default", "in-extra"]
 
 
 # ------------------------------------------------------- pidns and cgroup
@@ -455,8 +454,7 @@ def test_init_pid_exits_between_listing_and_reading(host, monkeypatch):
     assert host.discover() == []
 
 
-def test_unreadable_proc_root(tmp_path, monkeypatch):
-    monkeypatch.delenv(ct.STATE_ENV, raising=False)
+def test_unreadable_proc_root(tmp_path):
     assert discover(str(tmp_path / "noproc"), containerd_state_dirs=[str(tmp_path / "nostate")],
                     storage_roots=[]) == []
 
@@ -509,7 +507,7 @@ def test_resolve_ambiguous_name():
 
 
 def test_resolve_no_match():
-    with pytest.raises(ValueError) as ei:  # ContainerError is a ValueError
+    with pytest.raises(RunqlatError) as ei:  # what the CLI reports as one line
         resolve(POOL, ["zzz"])
     assert isinstance(ei.value, ContainerError)
     msg = str(ei.value)

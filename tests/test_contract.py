@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from helpers import ROOT, need_tool, unavailable  # noqa: E402
-from runqlat import _ffi, abi, elf, hist  # noqa: E402
-from runqlat.bpf import BpfObject  # noqa: E402
+from helpers import ROOT, need_tool, unavailable
+from runqlat import _ffi, abi, elf, hist
+from runqlat.bpf import BpfObject
 
 HEADER = ROOT / "bpf" / "runqlat.h"
 BPF_SRC = ROOT / "bpf" / "runqlat.bpf.c"
@@ -284,3 +281,31 @@ def test_c_hist_slot_matches_python(c_hist_slot):
     assert len(out) == len(values)
     mismatches = [(v, int(c), hist.slot_of(v)) for v, c in zip(values, out) if int(c) != hist.slot_of(v)]
     assert not mismatches, mismatches[:10]
+
+
+# -- the kernel's structs the cdef declares (bpf/vmlinux.h is generated from kernel BTF) --
+
+def _struct_block(text: str, name: str) -> str:
+    m = re.search(r"^struct " + name + r" \{\n(.*?)^\};", text, re.M | re.S)
+    assert m, f"struct {name} not found"
+    return m.group(1)
+
+
+def test_cdef_bpf_prog_info_matches_the_kernel():
+    """Every field of the cdef's struct bpf_prog_info (read by name in
+    bpf.prog_stats) lies where the kernel's struct has it."""
+    import cffi
+    ours = _ffi.ffi
+    kernel_text = _struct_block((ROOT / "bpf" / "vmlinux.h").read_text(), "bpf_prog_info")
+    for t in ("8", "32", "64"):
+        kernel_text = kernel_text.replace(f"__u{t} ", f"uint{t}_t ")
+    kernel = cffi.FFI()
+    kernel.cdef("struct kernel_prog_info {\n" + kernel_text + "};")
+    cdef_text = _struct_block((ROOT / "python" / "runqlat" / "libbpf.cdef").read_text(), "bpf_prog_info")
+    names = re.findall(r"^\s*\w+\s+(\w+)(?:\[\d+\])?(?::\d+)?;", cdef_text, re.M)
+    assert {"id", "run_time_ns", "run_cnt"} <= set(names)
+    for name in names:
+        if name == "gpl_compatible":  # a bit field: no offsetof
+            continue
+        assert ours.offsetof("struct bpf_prog_info", name) == kernel.offsetof("struct kernel_prog_info", name), name
+    assert ours.sizeof("struct bpf_prog_info") <= kernel.sizeof("struct kernel_prog_info")

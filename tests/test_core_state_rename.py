@@ -10,15 +10,16 @@ read is right; the sum must still agree with the kernel's schedstat.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import Busy, affinity, contention_cpu, schedstat, sysctl, unavailable
+from helpers import affinity, contention_cpu, schedstat, sysctl, unavailable
 from runqlat.abi import AggMode, Filter
+from runqlat.policy import LoadPolicy
 from runqlat.tracer import Options, Tracer
+from workload import BusyLoops
 
 pytestmark = pytest.mark.bpf
 
@@ -33,19 +34,15 @@ def pre514_btf(dst: Path) -> Path:
     return dst
 
 
-def test_old_state_field_name(tmp_path):
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
-    if not VMLINUX.exists():
-        unavailable("no kernel BTF")
+def test_old_state_field_name(tmp_path, root_bpf):
     btf = pre514_btf(tmp_path / "vmlinux-pre514")
     hog_cpu, rest = contention_cpu()
     if hog_cpu in rest:
         unavailable("needs at least 2 CPUs")
     with affinity(rest), sysctl("kernel.task_delayacct", "1"):
-        hogs = [Busy(hog_cpu) for _ in range(3)]
+        hogs = [BusyLoops(1, hog_cpu) for _ in range(3)]
         try:
-            with Tracer(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, core_btf=str(btf))) as tr:
+            with Tracer(Options(agg=AggMode.PID, initial_filter=Filter.PIDS), LoadPolicy(core_btf=str(btf))) as tr:
                 assert tr.features["core_btf"] == str(btf)
                 task = hogs[0]
                 tr.set_targets(pids={task.pid})

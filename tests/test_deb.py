@@ -22,7 +22,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -30,12 +29,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import unavailable  # noqa: E402
-from runqlat import __version__  # noqa: E402
-from runqlat.elf import inspect  # noqa: E402
+from helpers import unavailable
+from runqlat import __version__
+from runqlat.elf import inspect
 
 pytestmark = pytest.mark.bpf
 

@@ -13,20 +13,17 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
 
-from helpers import unavailable  # noqa: E402
-from runqlat import cli  # noqa: E402
-from runqlat.metrics import Collector, parse_addr, parse_buckets  # noqa: E402
-from runqlat.monitor import Mode  # noqa: E402
+from helpers import unavailable
+from runqlat import cli
+from runqlat.metrics import Collector, parse_addr, parse_buckets
+from runqlat.model import Mode, Snapshot
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "runqlat-core.service"
@@ -97,8 +94,8 @@ def dashboard_targets(dash: dict):
 
 def exported_series_names() -> set[str]:
     """Every sample name the Prometheus collector can emit, from its families' types."""
-    snap = SimpleNamespace(
-        mode=Mode.PID, hists={}, tracked_processes=0, tracked_containers=0,
+    snap = Snapshot(
+        ts=0.0, mode=Mode.PID, hists={}, tracked_processes=0, tracked_containers=0,
         drops={}, maps={}, progs={}, features={})
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",),
                 "gauge": ("",), "info": ("_info",)}

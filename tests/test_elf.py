@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import abi, elf  # noqa: E402
-from runqlat.errors import ObjectInvalid  # noqa: E402
+from runqlat import abi, elf
+from runqlat.errors import ObjectInvalid
+from runqlat.policy import LoadPolicy
 
 FIX = "make -C bpf"
 
@@ -60,10 +58,9 @@ def test_program_sections(obj):
         assert progs[cg_p] == f"{attach}/cgroup_attach_task"
 
 
-def test_default_object_path_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("RUNQLAT_BPF_OBJECT", str(tmp_path / "x.o"))
-    assert elf.default_object_path() == tmp_path / "x.o"
-    monkeypatch.delenv("RUNQLAT_BPF_OBJECT")
+def test_object_path_env(tmp_path):
+    assert LoadPolicy.from_env({"RUNQLAT_BPF_OBJECT": str(tmp_path / "x.o")}).object_path == tmp_path / "x.o"
+    assert LoadPolicy.from_env({}).object_path is None
     assert elf.default_object_path().name == "runqlat.bpf.o"
 
 

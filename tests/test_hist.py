@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import abi  # noqa: E402
-from runqlat.hist import (  # noqa: E402
+from runqlat import abi
+from runqlat.hist import (
     OVERFLOW_SLOT,
     Histogram,
     bucket_list,

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runqlat import monitor as monitor_mod
+from runqlat import tracking
 from runqlat.hist import Histogram, slot_of
 from runqlat.metrics import HIST_NAME, Collector, MetricsServer, filtered_scrape
 from runqlat.monitor import Mode, Monitor, Sources
@@ -45,6 +46,7 @@ class HistTracer(FakeTracer):
 @pytest.fixture
 def exporter(tmp_path, monkeypatch):
     monkeypatch.setattr(monitor_mod, "time", Clock())
+    monkeypatch.setattr(tracking, "time", Clock())
     proc = FakeProc(tmp_path / "proc")
     for pid in (100, 101):
         proc.spawn(pid, 1000 + pid)

@@ -151,10 +151,8 @@ def free_port() -> int:
 
 
 @pytest.mark.bpf
-def test_stdout_dev_full_is_one_line_and_exit_1():
+def test_stdout_dev_full_is_one_line_and_exit_1(root_bpf):
     """Before: an OSError traceback."""
-    from workload import require_bpf
-    require_bpf()
     with open("/dev/full", "w") as full:
         p = tracer("0.2", "5", stdout=full)
         _, err = p.communicate(timeout=60)
@@ -165,9 +163,7 @@ def test_stdout_dev_full_is_one_line_and_exit_1():
 
 
 @pytest.mark.bpf
-def test_closed_pipe_ends_quietly():
-    from workload import require_bpf
-    require_bpf()
+def test_closed_pipe_ends_quietly(root_bpf):
     p = tracer("0.2")
     p.stdout.readline()
     p.stdout.close()  # `| head -1`
@@ -194,9 +190,7 @@ def full_tmpfs(where: Path):
 
 
 @pytest.mark.bpf
-def test_full_tmpfs_output_file_keeps_serving_metrics(tmp_path):
-    from workload import require_bpf
-    require_bpf()
+def test_full_tmpfs_output_file_keeps_serving_metrics(tmp_path, root_bpf):
     with full_tmpfs(tmp_path / "mnt") as mnt:
         port = free_port()
         p = tracer("-o", "json", "--output-file", mnt / "out.json", "--metrics-addr", f"127.0.0.1:{port}", "0.2")
@@ -226,9 +220,7 @@ def test_full_tmpfs_output_file_keeps_serving_metrics(tmp_path):
 
 
 @pytest.mark.bpf
-def test_full_tmpfs_output_file_without_exporter_exits_1(tmp_path):
-    from workload import require_bpf
-    require_bpf()
+def test_full_tmpfs_output_file_without_exporter_exits_1(tmp_path, root_bpf):
     with full_tmpfs(tmp_path / "mnt") as mnt:
         p = tracer("-o", "json", "--output-file", mnt / "out.json", "0.2")
         _, err = p.communicate(timeout=60)

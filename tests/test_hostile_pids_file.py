@@ -177,8 +177,10 @@ def running(tmp_path, monkeypatch):
     """A monitor over a fake /proc and tracer, tracking PIDs 100 and 101 from a file."""
     from test_monitor import Clock
     from runqlat import monitor as monitor_mod
+    from runqlat import tracking
     clock = Clock()
     monkeypatch.setattr(monitor_mod, "time", clock)
+    monkeypatch.setattr(tracking, "time", clock)
     proc = FakeProc(tmp_path / "proc")
     for pid in (100, 101, 102):
         proc.spawn(pid, 1000 + pid)

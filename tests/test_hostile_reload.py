@@ -16,6 +16,7 @@ import time
 import pytest
 
 from runqlat import monitor as monitor_mod
+from runqlat import tracking
 from runqlat.monitor import Mode, Monitor, Sources
 from test_monitor import Clock, FakeTracer
 from test_targets import FakeProc
@@ -25,6 +26,7 @@ from workload import tracer_cli  # noqa: F401 (fixture)
 @pytest.fixture
 def from_file(tmp_path, monkeypatch):
     monkeypatch.setattr(monitor_mod, "time", Clock())
+    monkeypatch.setattr(tracking, "time", Clock())
     proc = FakeProc(tmp_path / "proc")
     for pid in (100, 101):
         proc.spawn(pid, 1000 + pid)
@@ -151,6 +153,7 @@ def test_real_sighup_keeps_pid_pinning(tmp_path, tracer_cli):
 def test_a_thread_id_in_the_pids_file_says_so(tmp_path, monkeypatch, caplog):
     """Before: a thread id was put in tracked_pids (keyed by process) and matched nothing, silently."""
     monkeypatch.setattr(monitor_mod, "time", Clock())
+    monkeypatch.setattr(tracking, "time", Clock())
     proc = FakeProc(tmp_path / "proc")
     proc.spawn(100, 1100)
     proc.spawn(105, 1100, tgid=100)  # a thread of 100

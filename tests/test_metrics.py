@@ -12,11 +12,9 @@ import errno
 import logging
 import math
 import socket
-import sys
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,11 +23,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import __version__  # noqa: E402
-from runqlat.errors import InputError  # noqa: E402
-from runqlat.hist import (  # noqa: E402
+from runqlat import __version__
+from runqlat.errors import InputError
+from runqlat.hist import (
     HIST_SLOTS,
     OVERFLOW_SLOT,
     Histogram,
@@ -39,8 +35,8 @@ from runqlat.hist import (  # noqa: E402
     slot_of,
     slot_upper_ns,
 )
-from runqlat.metrics import HIST_NAME, Collector, MetricsServer, parse_addr, parse_buckets  # noqa: E402
-from runqlat.monitor import Mode, Snapshot  # noqa: E402
+from runqlat.metrics import HIST_NAME, Collector, MetricsServer, parse_addr, parse_buckets
+from runqlat.model import Mode, Snapshot
 
 US = 1000
 MS = 1_000_000

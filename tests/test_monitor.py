@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import monitor as monitor_mod  # noqa: E402
-from runqlat.monitor import Mode, Monitor, Sources  # noqa: E402
-from test_targets import FakeProc  # noqa: E402
+from runqlat import monitor as monitor_mod
+from runqlat import tracking
+from runqlat.model import Mode, Sources
+from runqlat.monitor import Monitor
+from test_targets import FakeProc
 
 
 class FakeTracer:
@@ -72,7 +69,7 @@ class FakeTracer:
 
 
 class Clock:
-    """monitor's time module, moved by hand."""
+    """monitor's and tracking's time module, moved by hand."""
 
     def __init__(self):
         self.now = 1000.0
@@ -88,6 +85,7 @@ class Clock:
 def clock(monkeypatch):
     c = Clock()
     monkeypatch.setattr(monitor_mod, "time", c)
+    monkeypatch.setattr(tracking, "time", c)
     return c
 
 
@@ -112,7 +110,7 @@ def test_a_collection_forgets_exited_pids_with_its_own_read(tracked):
     assert tr.walks == walks + 1, "one walk of tracked_pids per collection"
     assert snap.tracked_processes == 2
     assert tr.listed == {100, 102}, "the exited PID is still in the tracer's mirror"
-    assert 101 not in mon._live
+    assert 101 not in mon.tracking.listed_pids
 
 
 def test_refresh_between_collections_does_not_walk_tracked_pids(tracked, clock):
@@ -132,13 +130,13 @@ def test_refresh_forgets_exited_pids_when_nothing_collects(tracked, clock):
     tr.exit(102)
     proc.exit(102)
     walks = tr.walks
-    clock.now += monitor_mod.EXIT_SYNC_S / 2
+    clock.now += tracking.EXIT_SYNC_S / 2
     mon.refresh()
     assert tr.walks == walks and 102 in tr.listed
-    clock.now += monitor_mod.EXIT_SYNC_S / 2
+    clock.now += tracking.EXIT_SYNC_S / 2
     mon.refresh()
     assert tr.walks == walks + 1
-    assert tr.listed == {100, 101} and 102 not in mon._live
+    assert tr.listed == {100, 101} and 102 not in mon.tracking.listed_pids
 
 
 def test_refresh_gives_the_tracer_the_tracked_set_only_when_it_changed(tracked, clock):
@@ -168,10 +166,10 @@ def test_recheck_keeps_the_group_sets(tmp_path, clock, monkeypatch):
     tr = FakeTracer()
     mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100, 101}), cgroups=("/sys/fs/cgroup/app",)),
                   proc=str(proc))
-    monkeypatch.setattr(mon._cgtree, "id_of", lambda path: 7)
-    mon._sent = None
+    monkeypatch.setattr(mon.tracking.cgroups, "id_of", lambda path: 7)
+    mon.tracking._given = None
     mon.refresh()
     assert tr.last == ({100, 101}, {7}, None)
     proc.exit(101)
-    mon._recheck({101}, {7}, None)
+    mon.tracking._recheck({101}, {7}, None)
     assert tr.last == ({100}, {7}, None)

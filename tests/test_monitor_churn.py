@@ -9,9 +9,10 @@ import subprocess
 
 import pytest
 
-from helpers import unavailable
-from runqlat import monitor as monitor_mod
-from runqlat.monitor import Mode, Monitor, Sources
+from runqlat import ledger
+from runqlat.model import Mode, Sources
+from runqlat.monitor import Monitor
+from runqlat.tracking import agg_mode
 from runqlat.tracer import Options, Tracer
 
 pytestmark = pytest.mark.bpf
@@ -22,11 +23,9 @@ def _churn(n: int) -> None:
         subprocess.run(["sh", "-c", "i=0; while [ $i -lt 200 ]; do i=$((i+1)); done"], check=True)
 
 
-def test_exited_processes_retire_without_readers(monkeypatch):
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
-    monkeypatch.setattr(monitor_mod, "MAX_PENDING_FINALS", 10)
-    with Tracer(Options(agg=Mode.PID.agg)) as tr:
+def test_exited_processes_retire_without_readers(monkeypatch, root_bpf):
+    monkeypatch.setattr(ledger, "MAX_PENDING_FINALS", 10)
+    with Tracer(Options(agg=agg_mode(Mode.PID))) as tr:
         mon = Monitor(tr, Mode.PID, Sources())
         mon.register("scrape")  # registered, never reads: its pending finals must stay bounded
         for _ in range(4):
@@ -37,16 +36,14 @@ def test_exited_processes_retire_without_readers(monkeypatch):
         # 240 processes came and went: their histograms are gone from the kernel maps
         # (a process that exited since the last maintain() may still be there)
         assert len(dead) <= 5, (len(dead), len(keys))
-        assert mon.retired_dropped > 0
-        assert len(mon._stash["scrape"]) <= 10
+        assert mon.ledger.retired_dropped > 0
+        assert mon.ledger.pending("scrape") <= 10
         snap = mon.snapshot("scrape")
-        assert snap.retired_dropped == mon.retired_dropped
+        assert snap.retired_dropped == mon.ledger.retired_dropped
 
 
-def test_exporter_folds_processes_it_never_saw():
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
-    with Tracer(Options(agg=Mode.PID.agg)) as tr:
+def test_exporter_folds_processes_it_never_saw(root_bpf):
+    with Tracer(Options(agg=agg_mode(Mode.PID))) as tr:
         mon = Monitor(tr, Mode.PID, Sources())
         mon.register("scrape", fold_unseen=True)
         first = mon.snapshot("scrape")

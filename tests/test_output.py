@@ -12,18 +12,14 @@ from __future__ import annotations
 import io
 import json
 import random
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import output  # noqa: E402
-from runqlat.abi import HIST_SLOTS  # noqa: E402
-from runqlat.hist import (  # noqa: E402
+from runqlat import output
+from runqlat.abi import HIST_SLOTS
+from runqlat.hist import (
     UPPER_NS_INT,
     Histogram,
     log2_matrix,
@@ -32,8 +28,8 @@ from runqlat.hist import (  # noqa: E402
     summary_line,
     trim,
 )
-from runqlat.monitor import Mode, Snapshot  # noqa: E402
-from runqlat.output import Printer, log2_table_lines, mode_header, summary_lines  # noqa: E402
+from runqlat.model import Mode, Snapshot
+from runqlat.output import Printer, log2_table_lines, mode_header, summary_lines
 
 
 def _ref_sort_key(labels: tuple):

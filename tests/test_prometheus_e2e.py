@@ -30,23 +30,17 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import unavailable  # noqa: E402
-from workload import BusyLoops, held_bpf_ids, loaded_programs, usable_cpu  # noqa: E402
+from helpers import unavailable
+from workload import BusyLoops, held_bpf_ids, loaded_programs, usable_cpu
 
 pytestmark = pytest.mark.bpf
 
-IN_CI = os.environ.get("CI") == "true"
 HIST = "runqlat_run_queue_latency_seconds"
 CLI = [sys.executable, "-m", "runqlat"]
 
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
-
-
-_unavailable = unavailable  # a skip off CI, a failure under CI=true
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -128,16 +122,16 @@ def no_bpf_programs_left():
 @pytest.fixture(scope="module")
 def prerequisites():
     if os.geteuid() != 0:
-        _unavailable("the exporter end-to-end tests load BPF and need root")
+        unavailable("the exporter end-to-end tests load BPF and need root")
     if shutil.which("bpftool") is None:
-        _unavailable("bpftool is not installed (run scripts/setup.sh)")
+        unavailable("bpftool is not installed (run scripts/setup.sh)")
     env = cli_env()
     r = subprocess.run(CLI + ["version"], capture_output=True, text=True, env=env, timeout=60)
     if r.returncode != 0:
-        _unavailable(f"the CLI does not start ({' '.join(CLI)} version: {r.stderr.strip()[-300:]})")
+        unavailable(f"the CLI does not start ({' '.join(CLI)} version: {r.stderr.strip()[-300:]})")
     obj = ROOT / "python" / "runqlat" / "data" / "runqlat.bpf.o"
     if "RUNQLAT_BPF_OBJECT" not in os.environ and not obj.exists():
-        _unavailable(f"{obj} is not built (run scripts/setup.sh)")
+        unavailable(f"{obj} is not built (run scripts/setup.sh)")
 
 
 def cli_env() -> dict:
@@ -263,7 +257,7 @@ def ensure_prometheus() -> str:
     if found:
         return found
     if shutil.which("apt-get") is None:
-        _unavailable("prometheus is not installed and there is no apt-get to install it")
+        unavailable("prometheus is not installed and there is no apt-get to install it")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     installed_at = time.time()
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"]
@@ -273,7 +267,7 @@ def ensure_prometheus() -> str:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     found = shutil.which("prometheus") or "/usr/bin/prometheus"
     if r.returncode != 0 or not os.access(found, os.X_OK):
-        _unavailable(f"apt-get install prometheus failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        unavailable(f"apt-get install prometheus failed: {(r.stderr or r.stdout).strip()[-500:]}")
     _stop_packaged_service(found, installed_at)
     return found
 

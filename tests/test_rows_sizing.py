@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from runqlat import abi, tracer as tracer_mod
-from runqlat.monitor import Mode, Sources, expected_keys
+from runqlat.model import Mode, Sources
+from runqlat.tracking import expected_keys
+from runqlat.policy import LoadPolicy
 from runqlat.tracer import Options, Tracer
 
 
@@ -46,7 +48,9 @@ def test_expected_keys_unreadable_pids_file(proc, tmp_path):
 
 def test_row_count(monkeypatch):
     monkeypatch.setattr(tracer_mod, "possible_cpus", lambda: 2)
-    rows = lambda **kw: Tracer(Options(**kw))._row_count(hists_max=32768)  # noqa: E731
+    def rows(force_hist_hash=False, **kw):
+        return Tracer(Options(**kw), LoadPolicy(force_hist_hash=force_hist_hash))._row_count(hists_max=32768)
+
     assert rows() == 1  # global mode: no rows
     assert rows(agg=abi.AggMode.PID) == 64
     assert rows(agg=abi.AggMode.PID, expected_keys=1000) == 1000 + 250 + 64

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-
-from runqlat import targets  # noqa: E402
-from runqlat.errors import InputError, RunqlatError  # noqa: E402
-from runqlat.targets import (  # noqa: E402
+from runqlat import targets
+from runqlat.errors import InputError, RunqlatError
+from runqlat.targets import (
     PID_MAX_LIMIT,
     FileWatch,
     Identity,
-    comm,
-    is_thread_group_leader,
     parse_pids,
     read_pids_file,
     start_time,
@@ -152,14 +147,12 @@ def proc(tmp_path):
     return FakeProc(tmp_path / "proc")
 
 
-def test_start_time_and_comm_with_awkward_names(proc):
+def test_start_time_with_awkward_names(proc):
     proc.spawn(10, 5000, comm_="a) b (c")
     proc.spawn(11, 6000, comm_="x y")
     assert start_time(10, str(proc)) == 5000
     assert start_time(11, str(proc)) == 6000
-    assert comm(10, str(proc)) == "a) b (c"
     assert start_time(12, str(proc)) is None
-    assert comm(12, str(proc)) == ""
 
 
 def test_start_time_of_garbage_stat(proc):
@@ -173,13 +166,6 @@ def test_start_time_real_process():
     assert isinstance(st, int) and st > 0
     assert st == start_time(os.getpid())
 
-
-def test_is_thread_group_leader(proc):
-    proc.spawn(10, 1)
-    proc.spawn(11, 1, tgid=10)
-    assert is_thread_group_leader(10, str(proc))
-    assert not is_thread_group_leader(11, str(proc))
-    assert not is_thread_group_leader(12, str(proc))
 
 
 def test_identity_live_and_missing(proc):

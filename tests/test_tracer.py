@@ -18,9 +18,6 @@ import numpy as np
 import pytest
 
 from helpers import (
-    Busy,
-    BusyInPidns,
-    SPIN_THREADS,
     TempCgroup,
     affinity,
     contention_cpu,
@@ -29,24 +26,24 @@ from helpers import (
     unavailable,
     wait_for,
 )
+from workload import BusyInPidns, BusyLoops
 from runqlat import abi, bpf
 from runqlat.cgroups import cgroup2_mount
 from runqlat.abi import AggMode, DropReason, Filter, TrackedReason
+from runqlat.policy import FORCE_ENV as FORCE_FIELDS, LoadPolicy
 from runqlat.tracer import Options, Tracer
 
 pytestmark = pytest.mark.bpf
 
 US, MS = 1000, 1_000_000
-FORCE_ENV = ("RUNQLAT_FORCE_HASH", "RUNQLAT_FORCE_RAW_TP", "RUNQLAT_FORCE_NO_BATCH", "RUNQLAT_FORCE_HIST_HASH",
-             "RUNQLAT_FORCE_NO_TASK_SLOTS")
+HOG = "rq-hog"  # the busy loops' comm
+FORCE_ENV = tuple(FORCE_FIELDS)
 
 
 # -- module fixtures: the contention, shared by every test --
 
 @pytest.fixture(scope="module")
-def cpus():
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
+def cpus(root_bpf):
     hog_cpu, rest = contention_cpu()
     if hog_cpu in rest:
         unavailable("needs at least 2 CPUs (one for the busy loops, one for the test)")
@@ -60,7 +57,7 @@ def hogs(cpus):
     procs = []
     try:
         for _ in range(3):
-            procs.append(Busy(cpus))
+            procs.append(BusyLoops(1, cpus, name=HOG))
         yield procs
     finally:
         for p in procs:
@@ -75,11 +72,12 @@ def _clean_env(monkeypatch):
 
 @pytest.fixture
 def tracers(root_bpf):
-    """Open tracers with tracers(opts); every one is closed when the test ends."""
+    """Open tracers with tracers(opts), under the load policy of the environment
+    as the test has set it; every one is closed when the test ends."""
     opened: list[Tracer] = []
 
     def open_(opts: Options) -> Tracer:
-        t = Tracer(opts)
+        t = Tracer(opts, LoadPolicy.from_env(os.environ))
         opened.append(t)
         return t.open()
 
@@ -110,7 +108,7 @@ def test_tracked_process_latency_untracked_absent(tracers, hogs):
     h = hists[tracked.pid]
     assert h.count > 10
     assert int(h.slots.sum()) == h.count  # every counted event is in exactly one slot
-    assert h.labels["comm"] == "sh"
+    assert h.labels["comm"] == HOG
     p50 = h.percentile_ns(0.5)
     # three CPU hogs on one CPU under CFS/EEVDF: each waits for the others' slices (ms)
     assert 100 * US < p50 < 200 * MS, f"p50 {p50 / 1e6:.3f} ms"
@@ -173,7 +171,8 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
 
     task = hogs[0]
     opts = Options(agg=AggMode.PID, initial_filter=Filter.PIDS)
-    assert opts.force_hash == (path == "hash") and opts.force_raw_tp == path.startswith("raw_tp")
+    policy = LoadPolicy.from_env(os.environ)
+    assert policy.force_hash == (path == "hash") and policy.force_raw_tp == path.startswith("raw_tp")
     tr = tracers(opts)
     assert (tr.features["attach"], tr.features["timestamps"]) == (attach, store)
     slots = env is not NO_SLOTS and "RUNQLAT_FORCE_NO_TASK_SLOTS" not in env
@@ -208,7 +207,7 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
 
     hists_map = tr.obj.map("hists")
     if path == "no_batch":
-        assert not hists_map._batch_ok and batch_calls == [], "RUNQLAT_FORCE_NO_BATCH=1 still used batch ops"
+        assert not hists_map.batch_ok and batch_calls == [], "RUNQLAT_FORCE_NO_BATCH=1 still used batch ops"
     else:
         assert {"hists", "hist_index"} <= set(batch_calls), "reading did not use batch map operations"
     in_row = path != "hist_hash"
@@ -282,7 +281,7 @@ def test_live_set_changes_keep_programs(tracers, hogs):
 
 def test_exited_process_leaves_tracked_set(tracers, cpus):
     tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS))
-    with Busy(cpus) as gone, Busy(cpus) as stays:
+    with BusyLoops(1, cpus) as gone, BusyLoops(1, cpus) as stays:
         tr.set_targets(pids={gone.pid, stays.pid})
         assert set(tr.kernel_tracked_pids()) == {gone.pid, stays.pid}
         gone.close()
@@ -319,7 +318,7 @@ def test_follow_children_tracks_forks(tracers, cpus):
 # -- other aggregation modes --
 
 def test_tid_mode_keys_threads(tracers, cpus):
-    with Busy(cpus, SPIN_THREADS + ["2"], ready_line=True) as p:
+    with BusyLoops(1, cpus, threads=2) as p:
         tr = tracers(Options(agg=AggMode.TID, initial_filter=Filter.PIDS))
         tr.set_targets(pids={p.pid})
         time.sleep(1.0)
@@ -348,7 +347,7 @@ def test_cgroup_filter_counts_process_moved_in(tracers, cpus, hogs):
     mount = cgroup2_mount()
     if mount is None:
         unavailable("no cgroup v2 hierarchy mounted")
-    with TempCgroup(mount) as cg, Busy(cpus) as mover:
+    with TempCgroup(mount) as cg, BusyLoops(1, cpus) as mover:
         tr = tracers(Options(agg=AggMode.CGROUP, watch_cgroup_moves=True, initial_filter=Filter.CGROUPS))
         assert "cgroup_attach" in tr.features["programs"]
         tr.set_targets(cgroups={cg.id})
@@ -414,7 +413,8 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
     and the retired key's task, still running, never writes to it again."""
     tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, max_rows=1))
     assert tr.rows == 1
-    with Busy(cpus) as first, Busy(cpus) as second, Busy(cpus) as third:
+    with BusyLoops(1, cpus, name=HOG) as first, BusyLoops(1, cpus, name=HOG) as second, \
+            BusyLoops(1, cpus, name=HOG) as third:
         tr.set_targets(pids={first.pid})
         wait_for(lambda: first.pid in tr.read_hists(), timeout=3, what="a histogram for the first process")
         tr.set_targets(pids={first.pid, second.pid})
@@ -456,7 +456,7 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
         assert kernel > 100 * MS, detail
         # the first process's waits would be in it if the row were not zeroed or it still wrote there
         assert abs(ours - kernel) <= 0.05 * kernel, detail
-        assert h[third.pid].labels["comm"] == "sh"
+        assert h[third.pid].labels["comm"] == HOG
 
 
 @pytest.mark.parametrize("batch", [True, False])
@@ -516,7 +516,7 @@ def test_doctor_reports_task_slots(slots, monkeypatch, root_bpf):
     from runqlat import doctor
     if not slots:
         monkeypatch.setenv("RUNQLAT_FORCE_NO_TASK_SLOTS", "1")
-    rows = {c.name: c for c in doctor._trial_load()}
+    rows = {c.name: c for c in doctor._trial_load(LoadPolicy.from_env(os.environ))}
     assert rows["load + attach"].status == "ok", rows
     assert rows["task slots"].status == ("ok" if slots else "warn"), rows["task slots"]
 

@@ -12,6 +12,7 @@ after it exits on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,14 +26,25 @@ from pathlib import Path
 
 import pytest
 
-from helpers import need_tool, unavailable  # also puts python/ on sys.path
-from runqlat import abi, elf
+from helpers import children, need_tool, proc_state, wait_for
+from runqlat import abi
 
-# The child pins itself before it spins, so no turn is ever taken on another CPU.
-# An optional second argument renames the process (its comm), to tell it apart in a listing.
-_LOOP = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\n"
-         "if len(sys.argv) > 2:\n    open('/proc/self/comm', 'w').write(sys.argv[2])\n"
-         "sys.stdout.write('ready\\n')\nsys.stdout.flush()\nwhile True:\n    pass\n")
+# The child pins itself before it spins, so no turn is ever taken on another CPU
+# (pinned in the child, not with preexec_fn: tests start loops while reader threads
+# run, and preexec_fn is unsafe then). argv: cpu, spinning threads, comm ('' keeps
+# python's). One thread: the main thread spins (one single-threaded process); more:
+# that many spinning threads and a main thread that only waits.
+_LOOP = ("import os, sys, threading\n"
+         "cpu, threads, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]\n"
+         "os.sched_setaffinity(0, {cpu})\n"
+         "if name:\n    open('/proc/self/comm', 'w').write(name)\n"
+         "def spin():\n    while True:\n        pass\n"
+         "workers = [threading.Thread(target=spin, daemon=True) for _ in range(threads if threads > 1 else 0)]\n"
+         "[t.start() for t in workers]\n"
+         "sys.stdout.write('ready\\n')\nsys.stdout.flush()\n"
+         "workers[0].join() if workers else spin()\n")
+# a busy loop that is one single-threaded process and forks nothing (dash runs it in place)
+SPIN = ["/bin/sh", "-c", "while :; do :; done"]
 
 
 def pick_cpu() -> int:
@@ -80,11 +92,15 @@ def _run_ns(pid: int) -> int:
 
 
 class BusyLoops:
-    """`n` processes spinning on `cpu`; pids in `.pids`. A context manager; close() is safe twice."""
+    """`n` busy processes pinned to `cpu`, each with `threads` spinning threads, named `name`.
 
-    def __init__(self, n: int = 3, cpu: int | None = None, name: str | None = None):
+    Pids in `.pids` (`.pid` when n == 1), still known after close(). A context
+    manager; close() (SIGKILL and reap) is safe twice. Returns once every loop is pinned, named and spinning.
+    """
+
+    def __init__(self, n: int = 3, cpu: int | None = None, name: str | None = None, threads: int = 1):
         self.cpu = pick_cpu() if cpu is None else cpu
-        argv = [sys.executable, "-c", _LOOP, str(self.cpu)] + ([name] if name else [])
+        argv = [sys.executable, "-c", _LOOP, str(self.cpu), str(threads), name or ""]
         self.procs: list[subprocess.Popen] = []
         try:
             for _ in range(n):
@@ -102,8 +118,30 @@ class BusyLoops:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
+    @property
+    def pid(self) -> int:
+        """The pid of a single loop (BusyLoops(1, ...))."""
+        if len(self.procs) != 1:
+            raise ValueError(f"{len(self.procs)} loops have no single pid: use .pids")
+        return self.procs[0].pid
+
+    def threads(self) -> set[int]:
+        """Thread ids of every loop."""
+        return {int(t) for pid in self.pids for t in os.listdir(f"/proc/{pid}/task")}
+
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
+
+    def stop(self) -> None:
+        """SIGSTOP, and return once every loop is stopped: off the run queue, no wait in progress."""
+        for pid in self.pids:
+            os.kill(pid, signal.SIGSTOP)
+        for pid in self.pids:
+            wait_for(lambda: proc_state(pid) == "T", what=f"pid {pid} to stop")
+
+    def cont(self) -> None:
+        for pid in self.pids:
+            os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
         for p in self.procs:
@@ -117,9 +155,32 @@ class BusyLoops:
                 pass
             if p.stdout:
                 p.stdout.close()
-        self.procs = []
 
     def __enter__(self) -> "BusyLoops":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class BusyInPidns:
+    """A busy loop as init of a new PID namespace (unshare --pid --fork)."""
+
+    def __init__(self, cpu: int):
+        self.unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", *SPIN],
+                                        stdin=subprocess.DEVNULL,
+                                        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+        self.pid = wait_for(lambda: children(self.unshare.pid), what="unshare to fork")[0]
+        self.pidns = os.stat(f"/proc/{self.pid}/ns/pid").st_ino
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        if self.unshare.poll() is None:
+            self.unshare.kill()
+        self.unshare.wait()
+
+    def __enter__(self) -> "BusyInPidns":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -131,17 +192,6 @@ class BusyLoops:
 ROOT = Path(__file__).resolve().parent.parent
 # the kernel keeps BPF_OBJ_NAME_LEN - 1 = 15 characters of a program name
 PROG_NAMES = frozenset(p[:15] for p in abi.PROGRAMS)
-
-
-def require_bpf() -> None:
-    """What a test that runs the tracer needs; missing: a skip, or a failure under CI=true."""
-    if os.geteuid() != 0:
-        unavailable("loading BPF programs needs root")
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        unavailable("the kernel has no BTF (/sys/kernel/btf/vmlinux)")
-    if not elf.default_object_path().exists():
-        pytest.fail(f"{elf.default_object_path()} is not built: run 'make -C bpf'", pytrace=False)
-    need_tool("bpftool", "bpftool")
 
 
 def _bpftool(*args: str):
@@ -317,13 +367,13 @@ class TracerRun:
 
 
 @pytest.fixture
-def tracer_cli():
+def tracer_cli(root_bpf):
     """start(*args, env=None) -> TracerRun. At teardown every tracer started is stopped; one that
     did not exit 0 on SIGTERM, or whose BPF programs outlive it, fails the test."""
+    need_tool("bpftool", "bpftool")  # lists the programs the tracer holds
     started: list[TracerRun] = []
 
     def start(*args, env: dict | None = None, nofile: int | None = None) -> TracerRun:
-        require_bpf()
         t = TracerRun(args, env, nofile)
         started.append(t)
         return t

@@ -15,20 +15,14 @@ from . import _ffi, abi
 from ._ffi import ffi
 from .errors import LibbpfError, check, error_for
 
-BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+BPF_ANY = 0
 LOG_BUF_SIZE = 1 << 22
 
 # what a kernel without batch map operations answers (524: the kernel's ENOTSUPP)
 _UNSUPPORTED = {_errno.EINVAL, 524, _errno.ENOSYS, _errno.EOPNOTSUPP}
 
-# enum bpf_map_type / bpf_prog_type values used by probes (uapi, stable)
+# enum bpf_map_type value used by the probe (uapi, stable)
 BPF_MAP_TYPE_TASK_STORAGE = 29
-BPF_PROG_TYPE_TRACING = 26
-BPF_PROG_TYPE_RAW_TRACEPOINT = 17
-
-# struct bpf_prog_info offsets (uapi, stable ABI)
-_PROG_INFO_SIZE = 232
-_PROG_ID_OFF, _RUN_TIME_OFF, _RUN_CNT_OFF = 4, 192, 200
 
 # batch read buffers: not cleared (the kernel writes what is read back); a big one
 # is a fresh mapping whose pages are touched only where the kernel writes
@@ -51,7 +45,7 @@ def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
 class Map:
     """A created map, addressed by fd. Keys and values are bytes."""
 
-    def __init__(self, ptr, name: str, percpu: bool):
+    def __init__(self, ptr, name: str, percpu: bool, batch_ops: bool = True):
         l = _ffi.lib()
         self.name = name
         self.fd = l.bpf_map__fd(ptr)
@@ -60,8 +54,13 @@ class Map:
         vsize = l.bpf_map__value_size(ptr)
         self.ncpus = possible_cpus() if percpu else 1
         self.value_size = ((vsize + 7) // 8 * 8) * self.ncpus if percpu else vsize
-        self._batch_ok = os.environ.get("RUNQLAT_FORCE_NO_BATCH") != "1"
+        self._batch_ok = batch_ops  # until the kernel refuses one
         self._last_n = 0
+
+    @property
+    def batch_ok(self) -> bool:
+        """Whether batch operations are used (False once the kernel refused one)."""
+        return self._batch_ok
 
     def lookup(self, key: bytes) -> bytes | None:
         val = ffi.new("char[]", self.value_size)
@@ -123,8 +122,8 @@ class Map:
         """All entries: (keys, values, n), packed back to back (bytes-like: bytes or memoryview).
 
         One bpf_map_lookup_batch call per chunk where the kernel supports it
-        (5.6+), a get_next_key/lookup walk otherwise (RUNQLAT_FORCE_NO_BATCH=1
-        forces the walk, for tests).
+        (5.6+), a get_next_key/lookup walk otherwise (or when the map was made
+        with batch_ops=False, for tests).
         """
         if self._batch_ok:
             try:
@@ -203,11 +202,13 @@ class Map:
 class BpfObject:
     """An opened (then loaded and attached) BPF object file."""
 
-    def __init__(self, path: Path, btf_custom_path: str | None = None):
+    def __init__(self, path: Path, btf_custom_path: str | None = None, batch_ops: bool = True):
         """btf_custom_path: BTF to use for CO-RE relocations instead of the kernel's
-        (tests use it to make the object meet an older task_struct)."""
+        (tests use it to make the object meet an older task_struct). batch_ops:
+        False makes the maps walk entries one by one, as without kernel support."""
         l = _ffi.lib()
         self.path = Path(path)
+        self._batch_ops = batch_ops
         self._links: list = []
         self._log_bufs: dict[str, object] = {}
         _ffi.take_messages()
@@ -241,9 +242,6 @@ class BpfObject:
 
     def set_autoload(self, name: str, on: bool) -> None:
         check(_ffi.lib().bpf_program__set_autoload(self._progs[name], on), f"set_autoload({name})")
-
-    def autoload(self, name: str) -> bool:
-        return bool(_ffi.lib().bpf_program__autoload(self._progs[name]))
 
     def set_max_entries(self, name: str, n: int) -> None:
         check(_ffi.lib().bpf_map__set_max_entries(self._map_ptrs[name], n), f"sizing map {name}")
@@ -303,19 +301,16 @@ class BpfObject:
         if name not in self._maps:
             ptr = self._map_ptrs[name] if name in self._map_ptrs else self._section_map(name)[1]
             percpu = name in abi.PERCPU_MAPS
-            self._maps[name] = Map(ptr, name, percpu)
+            self._maps[name] = Map(ptr, name, percpu, self._batch_ops)
         return self._maps[name]
 
     def prog_stats(self, name: str) -> tuple[int, int, int]:
         """(prog id, run_time_ns, run_cnt); the last two stay 0 unless kernel.bpf_stats_enabled=1."""
         fd = _ffi.lib().bpf_program__fd(self._progs[name])
-        info = ffi.new("char[]", _PROG_INFO_SIZE)
-        ln = ffi.new("uint32_t *", _PROG_INFO_SIZE)
+        info = ffi.new("struct bpf_prog_info *")
+        ln = ffi.new("uint32_t *", ffi.sizeof(info[0]))
         check(_ffi.lib().bpf_obj_get_info_by_fd(fd, info, ln), f"reading info of program {name}")
-        raw = ffi.buffer(info, _PROG_INFO_SIZE)[:]
-        (pid,) = struct.unpack_from("<I", raw, _PROG_ID_OFF)
-        rt, rc = struct.unpack_from("<QQ", raw, _RUN_TIME_OFF)
-        return pid, rt, rc
+        return info.id, info.run_time_ns, info.run_cnt
 
     # -- lifetime --
     def close(self) -> None:
@@ -348,7 +343,3 @@ def _last_message() -> str:
 
 def probe_map_type(map_type: int) -> bool:
     return _ffi.lib().libbpf_probe_bpf_map_type(map_type, ffi.NULL) == 1
-
-
-def probe_prog_type(prog_type: int) -> bool:
-    return _ffi.lib().libbpf_probe_bpf_prog_type(prog_type, ffi.NULL) == 1

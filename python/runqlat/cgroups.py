@@ -129,3 +129,7 @@ class CgroupTree:
         if p is None:
             p = self.scan(min_age=1.0).get(cg_id)
         return p
+
+    def knows(self, cg_id: int) -> bool:
+        """Whether the last scan saw this cgroup id."""
+        return cg_id in self._by_id

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno as _errno
 import gc
+import inspect
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import tomllib
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union, get_args, get_origin, get_type_hints
 
 import typer
 
@@ -43,37 +44,85 @@ class UsageError(RunqlatError):
 
 
 # -- configuration: command line, optionally a TOML file under it --------------
+#
+# Each option of `run` is written once, as a field of RunConfig: its name is the
+# config file's key, its type the parser's and the config loader's, and its
+# metadata the flags and help text from which the `run` command's parameters
+# are made (_run_parameters).
+
+def _option(default, *flags: str, help: str, metavar: Optional[str] = None, reload: bool = False):
+    """A `run` option and config key; reload: SIGHUP applies it without reloading the BPF programs."""
+    meta = {"flags": flags, "help": help, "metavar": metavar, "reload": reload}
+    if isinstance(default, list):
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _argument(help: str):
+    """A positional argument of `run` (also a config key)."""
+    return field(default=None, metadata={"flags": None, "help": help, "metavar": None, "reload": False})
+
 
 @dataclass
 class RunConfig:
-    interval: Optional[float] = None
-    count: Optional[int] = None
-    milliseconds: bool = False
-    timestamp: bool = False
-    per_process: bool = False
-    per_thread: bool = False
-    pidnss: bool = False
-    per_container: bool = False
-    per_cgroup: bool = False
-    pids: list = field(default_factory=list)
-    pids_file: Optional[str] = None
-    follow_children: bool = False
-    cgroups: list = field(default_factory=list)
-    containers: list = field(default_factory=list)
-    all_containers: bool = False
-    output: str = "text"
-    output_file: Optional[str] = None
-    quiet: bool = False
-    metrics_addr: Optional[str] = None
-    buckets: Optional[str] = None
-    max_tracked: Optional[int] = None
+    interval: Optional[float] = _argument(
+        "Print every INTERVAL seconds (default: once, at Ctrl-C, like runqlat).")
+    count: Optional[int] = _argument("Stop after COUNT intervals.")
+    milliseconds: bool = _option(False, "-m", "--milliseconds", help="Histograms in milliseconds.")
+    timestamp: bool = _option(False, "-T", "--timestamp", help="Print a timestamp with each interval.")
+    per_process: bool = _option(False, "-P", "--pids", help="One histogram per process (pid, comm).")
+    per_thread: bool = _option(False, "-L", "--tids", help="One histogram per thread (tid, comm).")
+    pidnss: bool = _option(False, "--pidnss", help="One histogram per PID namespace.")
+    per_container: bool = _option(False, "--per-container", help="One histogram per container (id and name).")
+    per_cgroup: bool = _option(False, "--per-cgroup", help="One histogram per cgroup v2 (its path).")
+    pids: List[int] = _option([], "-p", "--pid", help="Track this process and its threads (repeatable).",
+                              reload=True)
+    pids_file: Optional[str] = _option(
+        None, "--pids-file", metavar="FILE", reload=True,
+        help="Track the PIDs listed in FILE, one per line, '#' comments; the file is watched and "
+             "changes apply within a second (an empty or unreadable file keeps the last good set).")
+    follow_children: bool = _option(
+        False, "--follow-children", help="Also track processes forked by tracked processes.")
+    cgroups: List[str] = _option(
+        [], "--cgroup", metavar="PATH", reload=True, help="Track every task in this cgroup v2 subtree (repeatable).")
+    containers: List[str] = _option(
+        [], "--container", metavar="ID", reload=True,
+        help="Track a container by id, unique id prefix or name (repeatable; containerd, docker, "
+             "CRI-O/Kubernetes, podman).")
+    all_containers: bool = _option(
+        False, "--all-containers", reload=True, help="Track every container, picking up new ones as they start.")
+    output: str = _option("text", "-o", "--output", help="text (runqlat-style) or json (one object "
+                          "per histogram per interval).")
+    output_file: Optional[str] = _option(
+        None, "--output-file", metavar="FILE", help="Append the output to FILE instead of stdout.")
+    quiet: bool = _option(False, "-q", "--quiet", help="Print no histograms (e.g. exporter only).")
+    metrics_addr: Optional[str] = _option(
+        None, "--metrics-addr", metavar="HOST:PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (':PORT' binds 127.0.0.1).")
+    buckets: Optional[str] = _option(
+        None, "--buckets", metavar="SECONDS,...",
+        help="Prometheus bucket bounds in seconds (default: powers of two from 1us to ~16s).")
+    max_tracked: Optional[int] = _option(
+        None, "--max-tracked", help="Capacity of the tracked-PID map (default: kernel.pid_max up to 65536, "
+                                    "or twice the processes present at start if more).")
 
 
+_TYPES = get_type_hints(RunConfig)
 # Keys a config file may hold (the same names as RunConfig's fields).
 CONFIG_KEYS = frozenset(f.name for f in fields(RunConfig))
 # What SIGHUP can change without reloading the BPF programs.
-RELOADABLE = frozenset({"pids", "pids_file", "cgroups", "containers", "all_containers"})
-_LISTS = {"pids": int, "cgroups": str, "containers": str}
+RELOADABLE = frozenset(f.name for f in fields(RunConfig) if f.metadata["reload"])
+
+
+def _flag(name: str) -> str:
+    """The short (or only) flag of a RunConfig field."""
+    return next(f for f in fields(RunConfig) if f.name == name).metadata["flags"][0]
+
+
+def _base_type(typ):
+    """Optional[X] -> X."""
+    args = [a for a in get_args(typ) if a is not type(None)]
+    return args[0] if get_origin(typ) is Union and len(args) == 1 else typ
 
 
 def _toml_type(val) -> str:
@@ -118,6 +167,8 @@ _CONFIG_TYPES = {
 }
 
 _FLAG = (lambda v: isinstance(v, bool), "true or false")  # every other key
+# keys whose one value stands for a list of one
+_LISTS = frozenset(k for k in CONFIG_KEYS if get_origin(_base_type(_TYPES[k])) is list)
 
 
 def load_config(path: Path) -> dict:
@@ -139,6 +190,8 @@ def load_config(path: Path) -> dict:
         ok, want = _CONFIG_TYPES.get(key, _FLAG)
         if not ok(val):
             raise InputError(f"config file {path}: {key} must be {want}, not {_toml_type(val)}")
+        if any(isinstance(v, str) and "\0" in v for v in (val if isinstance(val, list) else [val])):
+            raise InputError(f"config file {path}: {key} contains a NUL character")
         if key == "buckets" and isinstance(val, list):
             data[key] = ",".join(repr(float(v)) for v in val)
     return data
@@ -275,19 +328,19 @@ def _fail(msg: str, code: int = 1) -> None:
 
 
 def _pick_mode(cfg: RunConfig):
-    from .monitor import Mode
+    from .model import Mode
     chosen = [m for flag, m in ((cfg.per_process, Mode.PID), (cfg.per_thread, Mode.TID),
                                 (cfg.pidnss, Mode.PIDNS), (cfg.per_container, Mode.CONTAINER),
                                 (cfg.per_cgroup, Mode.CGROUP)) if flag]
     if len(chosen) > 1:
-        names = {Mode.PID: "-P", Mode.TID: "-L", Mode.PIDNS: "--pidnss", Mode.CONTAINER: "--per-container",
-                 Mode.CGROUP: "--per-cgroup"}
+        names = {Mode.PID: _flag("per_process"), Mode.TID: _flag("per_thread"), Mode.PIDNS: _flag("pidnss"),
+                 Mode.CONTAINER: _flag("per_container"), Mode.CGROUP: _flag("per_cgroup")}
         raise UsageError(f"choose one of {', '.join(names[m] for m in chosen)}: one histogram key at a time")
     return chosen[0] if chosen else Mode.GLOBAL
 
 
 def _sources(cfg: RunConfig):
-    from .monitor import Sources
+    from .model import Sources
     return Sources(pids=frozenset(cfg.pids), pids_file=Path(cfg.pids_file) if cfg.pids_file else None,
                    cgroups=tuple(cfg.cgroups), containers=tuple(cfg.containers),
                    all_containers=cfg.all_containers)
@@ -331,84 +384,66 @@ def _pid_arg(text: str) -> int:
 
 # -- commands ------------------------------------------------------------------
 
-@app.command()
-def run(
-    interval: Optional[float] = typer.Argument(
-        None, help="Print every INTERVAL seconds (default: once, at Ctrl-C, like runqlat)."),
-    count: Optional[int] = typer.Argument(None, help="Stop after COUNT intervals."),
-    milliseconds: bool = typer.Option(False, "-m", "--milliseconds", help="Histograms in milliseconds."),
-    timestamp: bool = typer.Option(False, "-T", "--timestamp", help="Print a timestamp with each interval."),
-    per_process: bool = typer.Option(False, "-P", "--pids", help="One histogram per process (pid, comm)."),
-    per_thread: bool = typer.Option(False, "-L", "--tids", help="One histogram per thread (tid, comm)."),
-    pidnss: bool = typer.Option(False, "--pidnss", help="One histogram per PID namespace."),
-    per_container: bool = typer.Option(
-        False, "--per-container", help="One histogram per container (id and name)."),
-    per_cgroup: bool = typer.Option(False, "--per-cgroup", help="One histogram per cgroup v2 (its path)."),
-    pid: Optional[List[str]] = typer.Option(
-        None, "-p", "--pid", help="Track this process and its threads (repeatable)."),
-    pids_file: Optional[str] = typer.Option(
-        None, "--pids-file", metavar="FILE",
-        help="Track the PIDs listed in FILE, one per line, '#' comments; the file is watched and "
-             "changes apply within a second (an empty or unreadable file keeps the last good set)."),
-    follow_children: bool = typer.Option(
-        False, "--follow-children", help="Also track processes forked by tracked processes."),
-    cgroup: Optional[List[str]] = typer.Option(
-        None, "--cgroup", metavar="PATH", help="Track every task in this cgroup v2 subtree (repeatable)."),
-    container: Optional[List[str]] = typer.Option(
-        None, "--container", metavar="ID",
-        help="Track a container by id, unique id prefix or name (repeatable; containerd, docker, "
-             "CRI-O/Kubernetes, podman)."),
-    all_containers: bool = typer.Option(
-        False, "--all-containers", help="Track every container, picking up new ones as they start."),
-    output: str = typer.Option("text", "-o", "--output", help="text (runqlat-style) or json (one object "
-                               "per histogram per interval)."),
-    output_file: Optional[str] = typer.Option(
-        None, "--output-file", metavar="FILE", help="Append the output to FILE instead of stdout."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print no histograms (e.g. exporter only)."),
-    metrics_addr: Optional[str] = typer.Option(
-        None, "--metrics-addr", metavar="HOST:PORT",
-        help="Serve Prometheus metrics at http://HOST:PORT/metrics (':PORT' binds 127.0.0.1)."),
-    buckets: Optional[str] = typer.Option(
-        None, "--buckets", metavar="SECONDS,...",
-        help="Prometheus bucket bounds in seconds (default: powers of two from 1us to ~16s)."),
-    max_tracked: Optional[int] = typer.Option(
-        None, "--max-tracked", help="Capacity of the tracked-PID map (default: kernel.pid_max up to 65536, "
-                                        "or twice the processes present at start if more)."),
-    config: Optional[Path] = typer.Option(
-        None, "--config", metavar="FILE",
-        help="TOML file with these options (keys as the long names with '_'); SIGHUP re-reads "
-             "its tracked sets."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log more (load path, container changes)."),
-):
+def run(config: Optional[Path] = None, verbose: bool = False, **options):
     """Trace run-queue latency and print histograms (and serve metrics)."""
     _setup_logging(verbose)
     _steady_memory()
-    try:
-        pid = [_pid_arg(p) for p in pid or []]
+    try:  # -p is read as text: int() would take '+5', '1_2' and other scripts' digits
+        options["pids"] = [_pid_arg(p) for p in options.get("pids") or []]
     except UsageError as exc:
         _fail(str(exc), 2)
-    cli_cfg = RunConfig(interval=interval, count=count, milliseconds=milliseconds, timestamp=timestamp,
-                        per_process=per_process, per_thread=per_thread, pidnss=pidnss,
-                        per_container=per_container, per_cgroup=per_cgroup, pids=list(pid or []),
-                        pids_file=pids_file, follow_children=follow_children, cgroups=list(cgroup or []),
-                        containers=list(container or []), all_containers=all_containers, output=output,
-                        output_file=output_file, quiet=quiet, metrics_addr=metrics_addr, buckets=buckets,
-                        max_tracked=max_tracked)
+    cli_cfg = RunConfig(**{name: list(v or []) if get_origin(_base_type(_TYPES[name])) is list else v
+                           for name, v in options.items()})
     try:
         cfg = merge(cli_cfg, load_config(config)) if config else cli_cfg
         _validate(cfg)
-        code = _run(cfg, cli_cfg, config)
+        code = _run(cfg, cli_cfg, config, _policy())
     except UsageError as exc:
         _fail(str(exc), 2)
     except RunqlatError as exc:
         _fail(str(exc))
-    except ValueError as exc:  # ContainerError and other input problems from below
-        _fail(str(exc))
     raise typer.Exit(code)
 
 
-def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
-    from .monitor import Mode, Monitor, expected_keys
+def _run_parameters() -> list[inspect.Parameter]:
+    """run's parameters as typer reads them (typer 0.7: defaults, no Annotated):
+    one per RunConfig field, then the command's own --config and --verbose."""
+    params = []
+    for f in fields(RunConfig):
+        m, typ = f.metadata, _TYPES[f.name]
+        if m["flags"] is None:
+            default = typer.Argument(None, help=m["help"])
+        elif get_origin(typ) is list:  # repeatable: typer gives None or a tuple
+            typ = Optional[List[str]] if f.name == "pids" else Optional[typ]  # -p: see run()
+            default = typer.Option(None, *m["flags"], help=m["help"], metavar=m["metavar"])
+        else:
+            default = typer.Option(f.default, *m["flags"], help=m["help"], metavar=m["metavar"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typ))
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=typer.Option(
+        None, "--config", metavar="FILE",
+        help="TOML file with these options (keys as the long names with '_'); SIGHUP re-reads "
+             "its tracked sets.")))
+    params.append(inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                    default=typer.Option(False, "-v", "--verbose",
+                                                         help="Log more (load path, container changes).")))
+    return params
+
+
+run.__signature__ = inspect.Signature(_run_parameters())
+run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+app.command()(run)
+
+
+def _policy():
+    """The load policy, from the environment: read here and nowhere else."""
+    from .policy import LoadPolicy
+    return LoadPolicy.from_env(os.environ)
+
+
+def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> int:
+    from .monitor import Monitor
+    from .tracking import agg_mode, expected_keys, kernel_filter, uses_cgroup_tree
     from .output import Printer
     from .tracer import Options, Tracer
 
@@ -454,9 +489,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
     signal.signal(signal.SIGHUP, on_hup)
     try:
         with ExitStack() as stack:
-            opts = Options(agg=mode.agg, follow_children=cfg.follow_children,
-                           watch_cgroup_moves=sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER),
-                           max_tracked=cfg.max_tracked or 0, initial_filter=sources.filter,
+            opts = Options(agg=agg_mode(mode), follow_children=cfg.follow_children,
+                           watch_cgroup_moves=uses_cgroup_tree(mode, sources),
+                           max_tracked=cfg.max_tracked or 0, initial_filter=kernel_filter(sources),
                            expected_keys=expected_keys(mode, sources))
             sink = _Sink(sys.stdout, "standard output")
             if cfg.output_file:  # opened before loading anything: a bad path fails fast and alone
@@ -467,9 +502,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> int:
                 snapshot = {}
                 server = stack.enter_context(MetricsServer(
                     cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds), start=False))
-            tracer = stack.enter_context(Tracer(opts))
+            tracer = stack.enter_context(Tracer(opts, policy))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
-            monitor = Monitor(tracer, mode, sources)
+            monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs)
             printing = not cfg.quiet
             if printing:
                 monitor.register("print")
@@ -661,7 +696,7 @@ def doctor(
     from .doctor import run_checks
     _setup_logging(False)
     logging.getLogger().setLevel(logging.ERROR)
-    checks = run_checks()
+    checks = run_checks(_policy())
     if as_json:
         typer.echo(json.dumps([c.__dict__ for c in checks], indent=1))
     else:
@@ -682,7 +717,7 @@ def list_containers(
 ):
     """List the containers found on this host (what --container and --all-containers see)."""
     from .containers import discover
-    found = discover()
+    found = discover(containerd_state_dirs=_policy().containerd_state_dirs)
     # ids, names and cgroup paths come from the containers' owners: escaped (escape.py)
     if as_json:
         typer.echo(json.dumps([{k: escape.name(v) if isinstance(v, str) else v for k, v in c.__dict__.items()}

@@ -6,7 +6,7 @@ host paths: containerd runtime-v2 state dirs first, because they name every
 task and its init PID exactly, then a scan of /proc/*/cgroup for runtimes
 that leave no such state dir (CRI-O, podman, docker with its own layouts).
 
-Pure stdlib, no BPF. Every root is injectable so tests can use a fake tree.
+Pure stdlib (and errors.py), no BPF. Every root is injectable so tests can use a fake tree.
 Processes exit while we scan; any vanished or unreadable entry is skipped
 rather than raised, because a half-finished scan is still useful and a
 crash is not.
@@ -21,21 +21,16 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from . import escape
+from .errors import InputError
 
 __all__ = [
     "Container",
     "ContainerError",
     "DEFAULT_CONTAINERD_STATE_DIRS",
     "DEFAULT_STORAGE_ROOTS",
-    "STATE_ENV",
     "discover",
     "resolve",
 ]
-
-# Colon-separated extra containerd state dirs (each an
-# ".../io.containerd.runtime.v2.task" directory); set by the CLI's users and
-# by the e2e tests, which run a private containerd.
-STATE_ENV = "RUNQLAT_CONTAINERD_STATE"
 
 DEFAULT_CONTAINERD_STATE_DIRS: tuple[str, ...] = (
     # Stock containerd (also docker >= 23 and Kubernetes nodes).
@@ -56,7 +51,7 @@ DEFAULT_STORAGE_ROOTS: tuple[str, ...] = (
 DEFAULT_DOCKER_ROOT = "/var/lib/docker"
 
 
-class ContainerError(ValueError):
+class ContainerError(InputError):
     """A container selector matched nothing or more than one container."""
 
 
@@ -257,8 +252,6 @@ def _state_dirs(explicit: Iterable[str] | None) -> list[str]:
         dirs = list(explicit)
     else:
         dirs = list(DEFAULT_CONTAINERD_STATE_DIRS)
-    extra = os.environ.get(STATE_ENV, "")
-    dirs += [d for d in extra.split(":") if d]
     seen: set[str] = set()
     out = []
     for d in dirs:
@@ -459,8 +452,8 @@ def discover(
     """All running containers visible from this host, sorted by id.
 
     containerd_state_dirs: runtime-v2 task dirs to read; None means
-    DEFAULT_CONTAINERD_STATE_DIRS. Dirs listed in $RUNQLAT_CONTAINERD_STATE
-    (colon-separated) are always added. Missing dirs are ignored.
+    DEFAULT_CONTAINERD_STATE_DIRS (policy.LoadPolicy adds the user's
+    RUNQLAT_CONTAINERD_STATE to them). Missing dirs are ignored.
     """
     host_ns = _host_pidns(proc)
     claimed: set[str] = set()
@@ -489,7 +482,7 @@ def resolve(containers: Iterable[Container], wanted: Iterable[str]) -> list[Cont
     """Pick containers by exact id, exact name ('name' or 'pod/name') or
     unique id prefix, in the order asked, without duplicates.
 
-    Raises ContainerError (a ValueError) with a one-line message when a
+    Raises ContainerError (an InputError) with a one-line message when a
     selector matches nothing or is ambiguous.
     """
     pool = list(containers)

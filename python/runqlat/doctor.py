@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RunqlatError
+from .policy import LoadPolicy
 
 # capability bits (linux/capability.h)
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -46,7 +47,7 @@ def _sysctl(name: str) -> str | None:
         return None
 
 
-def run_checks() -> list[Check]:
+def run_checks(policy: LoadPolicy) -> list[Check]:
     out: list[Check] = []
     add = lambda *a: out.append(Check(*a))  # noqa: E731
 
@@ -80,8 +81,7 @@ def run_checks() -> list[Check]:
     lib_ok = False
     try:
         from . import _ffi
-        lib = _ffi.lib()
-        add("libbpf", "ok", f"libbpf.so.1 {lib.libbpf_major_version()}.{lib.libbpf_minor_version()}")
+        add("libbpf", "ok", f"{_ffi.LIBBPF_SONAME} {_ffi.libbpf_version()}")
         lib_ok = True
     except RunqlatError as exc:
         add("libbpf", "FAIL", str(exc))
@@ -89,7 +89,7 @@ def run_checks() -> list[Check]:
     obj_ok = False
     try:
         from . import elf
-        path = elf.default_object_path()
+        path = policy.object_path or elf.default_object_path()
         info = elf.inspect(path)
         add("BPF object", "ok", f"{path} ({len(info.programs)} programs)")
         obj_ok = True
@@ -111,7 +111,7 @@ def run_checks() -> list[Check]:
             add("task storage", "info", "cannot probe without privileges")
 
     if lib_ok and obj_ok and btf.exists():
-        out.extend(_trial_load())
+        out.extend(_trial_load(policy))
 
     from .cgroups import cgroup2_mount
     mnt = cgroup2_mount()
@@ -121,8 +121,7 @@ def run_checks() -> list[Check]:
         hybrid = mnt != Path("/sys/fs/cgroup")
         add("cgroup v2", "ok", f"{mnt}" + (" (hybrid: v1 controllers beside it)" if hybrid else ""))
 
-    from .containers import DEFAULT_CONTAINERD_STATE_DIRS
-    dirs = [d for d in DEFAULT_CONTAINERD_STATE_DIRS if _is_dir(d)]
+    dirs = [d for d in policy.containerd_state_dirs if _is_dir(d)]
     add("containerd", "info", ", ".join(dirs) if dirs else "no containerd state dir (fine without containers)")
 
     acct = _sysctl("kernel.task_delayacct")
@@ -135,17 +134,17 @@ def run_checks() -> list[Check]:
     return out
 
 
-def _trial_load() -> list[Check]:
+def _trial_load(policy: LoadPolicy) -> list[Check]:
     """Load and attach for real (then detach): the only reliable probe of tp_btf."""
     from .tracer import Options, Tracer, pid_max
     try:
-        with Tracer(Options()) as t:
+        with Tracer(Options(), policy) as t:
             f = t.features
             first = t.candidates()[0]
             chosen = (f["attach"], f["timestamps"])
             m = t.obj.map("tracked_pids")
             m.items()
-            batch = m._batch_ok
+            batch = m.batch_ok
             slots, pm = int(f.get("task_slots", 0)), pid_max()
         fell = "" if chosen == first else f" (fell back from {first[0]} + {first[1]})"
         return [Check("load + attach", "ok", f"{chosen[0]} + {chosen[1]}{fell}"),

@@ -5,7 +5,6 @@ foreign file gets a message that says what is wrong and what to do.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,9 +20,7 @@ FIX = "rebuild it with 'make -C bpf' or reinstall runqlat-core"
 
 
 def default_object_path() -> Path:
-    env = os.environ.get("RUNQLAT_BPF_OBJECT")
-    if env:
-        return Path(env)
+    """The object installed with the package (policy.LoadPolicy may name another)."""
     return Path(str(resources.files(__package__).joinpath("data/runqlat.bpf.o")))
 
 

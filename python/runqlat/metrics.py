@@ -27,7 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import __version__, escape
 from .errors import InputError, RunqlatError
 from .hist import is_slot_boundary, power_of_two_bounds_ns
-from .monitor import Snapshot
+from .model import Snapshot
 
 log = logging.getLogger("runqlat")
 
@@ -78,7 +78,7 @@ class Collector:
 
     def collect(self):
         snap = self.source()
-        label_names = list(snap.mode.labels)
+        label_names = list(snap.label_names)
         h = HistogramMetricFamily(
             HIST_NAME, "Time tasks spent runnable before running (run-queue latency)", labels=label_names)
         # label values are names others chose (comm, cgroup and container names):
@@ -108,7 +108,7 @@ class Collector:
         yield c
         c = CounterMetricFamily("runqlat_retired_series_dropped",
                                 "Final histograms of exited owners dropped before any scrape read them")
-        c.add_metric([], getattr(snap, "retired_dropped", 0))
+        c.add_metric([], snap.retired_dropped)
         yield c
         cap = GaugeMetricFamily("runqlat_map_capacity_entries", "Size of a BPF map", labels=["map"])
         used = GaugeMetricFamily("runqlat_map_used_entries", "Entries in use in a BPF map", labels=["map"])

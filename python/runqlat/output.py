@@ -21,7 +21,7 @@ from . import escape
 from .abi import HIST_SLOTS
 from .hist import (UPPER_NS_INT, WIDE_FROM, log2_column_header, log2_matrix, log2_row_prefix,
                    percentiles_ns, star_bars)
-from .monitor import Mode
+from .model import Labels, Mode
 
 BAR_WIDTH = 40
 QUANTILES = (0.5, 0.9, 0.99)
@@ -219,7 +219,7 @@ class Printer:
                 old_slots, old_count, old_sum = old.slots, old.count, old.sum_ns
             m = meta_of(lab)
             if m is None:
-                m = meta[lab] = (sort_key(lab), self._describe(snap.mode, lab))
+                m = meta[lab] = (sort_key(lab), self._describe(snap, lab))
             append((m[0], lab, m[1], h.slots, old_slots, count - old_count, h.sum_ns - old_sum))
         prev.update(snap.hists)  # each one is the last seen now
         for lab in snap.gone:
@@ -231,12 +231,12 @@ class Printer:
         rows.sort(key=itemgetter(0))
         return _Interval(rows)
 
-    def _describe(self, mode: Mode, lab: tuple):
+    def _describe(self, snap, lab: Labels):
         # comm, cgroup and container names are chosen by others: escaped (escape.py)
         if self.fmt == "json":
             return "".join(f', "{k}": {v}' if k in _NUMERIC_LABELS else f', "{k}": {json.dumps(escape.name(v))}'
-                           for k, v in zip(mode.labels, lab))
-        return mode_header(mode, {k: escape.name(v) for k, v in zip(mode.labels, lab)})
+                           for k, v in zip(snap.label_names, lab))
+        return mode_header(snap.mode, {k: escape.name(v) for k, v in zip(snap.label_names, lab)})
 
     def emit(self, snap, interval_s: float | None) -> None:
         """Writes the interval chunk by chunk: each piece stays small (no multi-MB

@@ -186,23 +186,6 @@ def tgid_of(tid: int, proc: str = "/proc") -> int | None:
     return None
 
 
-def is_thread_group_leader(pid: int, proc: str = "/proc") -> bool:
-    try:
-        for line in Path(f"{proc}/{pid}/status").read_text().splitlines():
-            if line.startswith("Tgid:"):
-                return int(line.split()[1]) == pid
-    except OSError:
-        pass
-    return False
-
-
-def comm(pid: int, proc: str = "/proc") -> str:
-    try:
-        return Path(f"{proc}/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 @dataclass
 class Identity:
     """PIDs seen in the user's sources, with the start time that pins each one."""

@@ -1,19 +1,18 @@
 """The tracer: one loaded BPF object, configured for a mode, and its maps.
 
 Chooses the fast path or a fallback at load time by probing the kernel:
-tp_btf + task storage, tp_btf + hash, raw_tp + hash. RUNQLAT_FORCE_HASH=1 and
-RUNQLAT_FORCE_RAW_TP=1 force the fallbacks (tests use them).
+tp_btf + task storage, tp_btf + hash, raw_tp + hash.
 
 On every path a task's state is in the task_slots array at its thread id when
 the id is below the array's size (pid_max, within TASK_SLOTS_BUDGET_BYTES), and
-in task storage (or the hash) otherwise. RUNQLAT_FORCE_NO_TASK_SLOTS=1 sends
-every task to the latter (tests).
+in task storage (or the hash) otherwise.
 
 Per-key histograms are rows of the per-CPU array hist_arr, handed out by the
 BPF side from the hist_free stack; user space sizes them, reads them (summed
 over CPUs) and gives a retired key's row back, zeroed, after a quarantine.
-Keys beyond the rows live in the hists hash (RUNQLAT_FORCE_HIST_HASH=1 puts
-every key there).
+Keys beyond the rows live in the hists hash.
+
+policy.LoadPolicy forces each fallback (tests) and names the object file.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import logging
 import os
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from .abi import AggMode, Filter
 from .bpf import BPF_MAP_TYPE_TASK_STORAGE, BpfObject, possible_cpus, probe_map_type
 from .errors import KernelUnsupported, LibbpfError, PermissionDenied
 from .hist import Histogram
+from .policy import LoadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,6 @@ class Options:
     # Filters active from the moment of attach (with empty sets until set_targets),
     # so nothing outside the user's choice is counted in between.
     initial_filter: Filter = Filter(0)
-    force_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HASH") == "1")
-    force_raw_tp: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_RAW_TP") == "1")
-    # no task_slots: every task's state in task storage or the hash (RUNQLAT_FORCE_NO_TASK_SLOTS; tests)
-    force_no_task_slots: bool = field(
-        default_factory=lambda: os.environ.get("RUNQLAT_FORCE_NO_TASK_SLOTS") == "1")
-    # no hist_arr rows: every key's histogram in the hists hash (RUNQLAT_FORCE_HIST_HASH; tests)
-    force_hist_hash: bool = field(default_factory=lambda: os.environ.get("RUNQLAT_FORCE_HIST_HASH") == "1")
-    # BTF for CO-RE relocations instead of the running kernel's (RUNQLAT_CORE_BTF; tests)
-    core_btf: str | None = field(default_factory=lambda: os.environ.get("RUNQLAT_CORE_BTF") or None)
 
 
 def check_environment(btf_path: str | None = None) -> None:
@@ -133,10 +124,15 @@ def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
 
 
 class Tracer:
-    def __init__(self, opts: Options, object_path: Path | None = None):
+    def __init__(self, opts: Options, policy: LoadPolicy | None = None):
         self.opts = opts
-        self.object_path = Path(object_path) if object_path else elf.default_object_path()
+        self.policy = policy or LoadPolicy()
+        self.object_path = self.policy.object_path or elf.default_object_path()
         self.features: dict[str, str] = {}
+        self.task_slots = 0  # task_slots entries, set at load (_configure)
+        self.rows = 0        # hist_arr rows, set at load (_configure)
+        self._wanted: list[str] = []  # the programs to attach, set at load (_configure)
+        self._hists_used: int | None = None  # keys seen by the last read_hists
         self._gen = 1
         self._filter = Filter(0)
         self._pids: dict[int, int] = {}   # mirror of the listed entries we put in tracked_pids
@@ -156,10 +152,10 @@ class Tracer:
     # -- lifetime --
     def candidates(self) -> list[tuple[str, str]]:
         """(attach type, timestamp store) to try, fastest first."""
-        o = self.opts
+        p = self.policy
         out = []
-        if not o.force_raw_tp:
-            if not o.force_hash and probe_map_type(BPF_MAP_TYPE_TASK_STORAGE):
+        if not p.force_raw_tp:
+            if not p.force_hash and probe_map_type(BPF_MAP_TYPE_TASK_STORAGE):
                 out.append(("tp_btf", "task_storage"))
             out.append(("tp_btf", "hash"))
         out.append(("raw_tp", "hash"))
@@ -170,12 +166,13 @@ class Tracer:
         check_environment()
         first_error = None
         for attach, store in self.candidates():
-            obj = BpfObject(self.object_path, btf_custom_path=self.opts.core_btf)
+            obj = BpfObject(self.object_path, btf_custom_path=self.policy.core_btf,
+                            batch_ops=not self.policy.force_no_batch)
             self._obj = obj
             try:
                 self._configure(obj, attach, store)
                 obj.load()
-                if not self.opts.force_hist_hash:
+                if not self.policy.force_hist_hash:
                     self._free_rows(range(self.rows - 1, -1, -1))  # row 0 on top
                 self._attach(obj)
                 return self
@@ -213,12 +210,12 @@ class Tracer:
         return self._obj
 
     def _configure(self, obj: BpfObject, attach: str, store: str) -> None:
-        o = self.opts
+        o, p = self.opts, self.policy
         self.features = {"attach": attach, "timestamps": store}
         if o.agg != AggMode.GLOBAL:
-            self.features["histograms"] = "hash" if o.force_hist_hash else "array+hash"
-        if o.core_btf:
-            self.features["core_btf"] = o.core_btf
+            self.features["histograms"] = "hash" if p.force_hist_hash else "array+hash"
+        if p.core_btf:
+            self.features["core_btf"] = p.core_btf
         wanted = set(abi.SCHED_PROGRAMS[(attach, store)])
         exit_p, fork_p, cg_p = abi.AUX_PROGRAMS[attach]
         wanted.add(exit_p)
@@ -260,14 +257,14 @@ class Tracer:
     def _task_slot_count(self, pm: int) -> int:
         """task_slots entries: thread ids below this have a slot (0 is the idle task's, unused)."""
         o = self.opts
-        if o.force_no_task_slots:
+        if self.policy.force_no_task_slots:
             return 0
         return o.max_task_slots or min(pm, TASK_SLOTS_BUDGET_BYTES // abi.TASK_SLOT_SIZE)
 
     def _row_count(self, hists_max: int) -> int:
         """hist_arr rows: the keys expected at start and room to grow, within the budget."""
         o = self.opts
-        if o.agg == AggMode.GLOBAL or o.force_hist_hash:
+        if o.agg == AggMode.GLOBAL or self.policy.force_hist_hash:
             return 1
         if o.max_rows:
             return o.max_rows
@@ -548,7 +545,7 @@ class Tracer:
         out = {"tracked_pids": (self.obj.map("tracked_pids").max_entries, tracked_pids_used)}
         if self.opts.agg != AggMode.GLOBAL:
             m = self.obj.map("hists")
-            used = getattr(self, "_hists_used", None)
+            used = self._hists_used
             if used is None:
                 used = len(m.keys()) + len(self.obj.map("hist_index").keys())
             # every key has a row or a hists entry (rarely, for a moment, both)

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import vmrun  # noqa: E402
+import vmrun
+from helpers import unavailable  # a skip; a failure under CI=true
 
 GUEST_CHECK = HERE / "guest_check.py"
 
@@ -37,23 +37,16 @@ EXPECTED_PATH = {
 GUEST_TIMEOUT = 900  # a hang, not a slow run: about 1-3 min is usual
 
 
-def _cannot_run(msg: str) -> None:
-    # Under CI a missing prerequisite must not turn into a silent skip.
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"VM test cannot run under CI: {msg}")
-    pytest.skip(msg)
-
-
 @pytest.fixture(scope="module")
 def host_ready():
     if os.geteuid() != 0:
-        _cannot_run("needs root (apt-get, qemu virtfs export of /)")
+        unavailable("needs root (apt-get, qemu virtfs export of /)")
     try:
         vmrun.ensure_host_tools()
     except Exception as e:  # noqa: BLE001
-        _cannot_run(f"qemu-system-x86_64 not available: {e}")
+        unavailable(f"qemu-system-x86_64 not available: {e}")
     if not shutil.which(vmrun.QEMU):
-        _cannot_run("qemu-system-x86_64 not available")
+        unavailable("qemu-system-x86_64 not available")
     return True
 
 
@@ -71,7 +64,7 @@ def test_guest_check(series, host_ready, record_property):
     try:
         kdir = vmrun.fetch_kernel(series)
     except Exception as e:  # noqa: BLE001
-        _cannot_run(f"cannot fetch Debian kernel {series}: {e}")
+        unavailable(f"cannot fetch Debian kernel {series}: {e}")
     fetch_s = time.monotonic() - t0
     package = (kdir / "package").read_text().strip()
     record_property("vm_package", package)

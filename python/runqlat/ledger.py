@@ -1,0 +1,184 @@
+"""The ledger of histogram keys: their labels, their retirement, and what each
+consumer is owed. Pure bookkeeping: no BPF, no /proc (tracking.py says whose a
+key is; the monitor deletes retired keys from the kernel).
+
+Histograms in the kernel are cumulative and are never cleared while their
+owner lives. When an owner goes away (process exit, cgroup removed, container
+stopped) its last value is handed once to every consumer (the interval
+printer, the Prometheus collector), then its kernel entry is deleted so maps
+stay bounded. Several keys may share one label (the cgroups of one
+container): a retired key's final value is then carried in that label's
+series, which keeps going up.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from .hist import Histogram
+from .model import Labels
+
+# Final values of exited owners kept for a consumer that has not read them yet;
+# beyond this (a scrape-less exporter under heavy churn) they are counted, not kept.
+MAX_PENDING_FINALS = 20_000
+# A run-queue wait that began while its owner was tracked can end after the key
+# was retired, and re-create its kernel entry: within this long of a retirement
+# that entry is a late wait, not a new owner, and is deleted unseen.
+LATE_WAIT_S = 1.0
+
+
+class Owners(Protocol):
+    """Whose a kernel key is (tracking.Tracking)."""
+
+    def labels_of(self, key: int, h: Histogram, last: Labels | None) -> Labels | None:
+        """The key's labels; None when its owner is gone or no longer wanted."""
+
+    def fallback_labels(self, key: int, h: Histogram) -> Labels:
+        """Labels of a key whose owner was gone before it was first labelled."""
+
+
+class Ledger:
+    def __init__(self, label_names: tuple[str, ...]):
+        self.label_names = label_names
+        self.retired_dropped = 0  # final values no consumer could be handed (MAX_PENDING_FINALS)
+        self._pending: dict[str, dict[Labels, Histogram]] = {}  # consumer -> finals not yet read
+        self._read_by: dict[str, set] = {}         # folding consumer -> labels it has read
+        self._folded: dict[str, Histogram] = {}    # folding consumer -> owners it never read
+        self._carried: dict[Labels, Histogram] = {}  # finals of retired keys whose label lives on
+        self._labels: dict[int, Labels] = {}       # kernel key -> its labels at the last collection
+        self._label_dicts: dict[Labels, dict] = {}  # Histogram.labels of each label, made once
+        self._retired_at: dict[int, float] = {}    # keys retired within LATE_WAIT_S -> when
+
+    def register(self, consumer: str, fold_unseen: bool = False) -> None:
+        """A consumer (e.g. 'print', 'scrape') sees every retired histogram once.
+
+        fold_unseen (the exporter): an owner that came and went between two reads
+        of this consumer was never exported under its own labels; a series that
+        would exist for one scrape only is useless to Prometheus and, under heavy
+        process churn, is most of the page. Its counts go into one cumulative
+        series labelled EXITED instead, so totals stay complete and bounded.
+        """
+        self._pending.setdefault(consumer, {})
+        if fold_unseen:
+            self._read_by[consumer] = set()
+
+    @property
+    def exited_label(self) -> Labels:
+        """Labels of the series that folds owners gone before they were exported."""
+        n = len(self.label_names)
+        return ("(exited)",) + ("",) * (n - 1) if n else ()
+
+    def pending(self, consumer: str) -> int:
+        """Final values waiting for this consumer's next read."""
+        return len(self._pending[consumer])
+
+    def collect(self, raw: dict[int, Histogram], owners: Owners, consumer: str | None,
+                now: float, peek: bool = False) -> tuple[dict[Labels, Histogram], set, list[int]]:
+        """Labelled cumulative histograms now (plus, for a consumer, the final values
+        of what retired since it last read), and retiring gone keys on the way.
+
+        Returns (histograms by labels, labels shown for the last time, kernel keys
+        to delete). raw: the tracer's histograms by kernel key, fresh objects.
+        peek: the consumer is shown what it is owed without it being handed over
+        (a filtered scrape must not take finals meant for the full one).
+        """
+        hists, gone_keys, late_keys = self._label(raw, owners, now)
+        self._retire(raw, gone_keys, hists)
+        self._retired_at.update(dict.fromkeys(gone_keys, now))
+        gone = self._hand_to(consumer, hists, peek) if consumer is not None else set()
+        self._share_label_dicts(hists)
+        return hists, gone, list(gone_keys) + late_keys
+
+    def _label(self, raw: dict[int, Histogram], owners: Owners, now: float):
+        """(histograms by labels, gone keys -> their last labels, late keys)."""
+        hists: dict[Labels, Histogram] = {}
+        gone_keys: dict[int, Labels] = {}
+        late_keys: list[int] = []
+        retired_at = self._retired_at = {k: ts for k, ts in self._retired_at.items() if now - ts < LATE_WAIT_S}
+        known = self._labels
+        labels_of = owners.labels_of
+        for key, h in raw.items():
+            last = known.get(key)
+            lab = labels_of(key, h, last)
+            if lab is None:
+                if key in retired_at:
+                    # a late wait re-created a retired entry (see LATE_WAIT_S): its final
+                    # value was handed out already, so drop it rather than show the key again
+                    late_keys.append(key)
+                    continue
+                gone_keys[key] = last or owners.fallback_labels(key, h)
+                continue
+            if lab is not last:
+                known[key] = lab
+            if retired_at:
+                retired_at.pop(key, None)  # back in the set: a new life, not a late wait
+            # raw histograms are fresh objects: a label's first one is used as is
+            hists[lab] = hists[lab] + h if lab in hists else h
+        for lab, b in self._carried.items():
+            if lab in hists:
+                hists[lab] = hists[lab] + b
+        return hists, gone_keys, late_keys
+
+    def _retire(self, raw: dict[int, Histogram], gone_keys: dict[int, Labels],
+                hists: dict[Labels, Histogram]) -> None:
+        """A gone key's final value goes to every consumer once, or into its label's
+        series when that label lives on (another cgroup of the same container)."""
+        finals: dict[Labels, Histogram] = {}
+        for key, lab in gone_keys.items():
+            h = raw[key]
+            if lab in hists:
+                _add(self._carried, lab, h)
+                hists[lab] = hists[lab] + h
+            else:
+                _add(finals, lab, h)
+            self._labels.pop(key, None)
+        for lab, h in finals.items():
+            b = self._carried.pop(lab, None)
+            if b is not None:
+                h = h + b
+            for c, pending in self._pending.items():
+                read = self._read_by.get(c)
+                if read is not None and lab not in read:
+                    self._folded[c] = self._folded[c] + h if c in self._folded else h
+                    continue
+                if read is not None:
+                    read.discard(lab)
+                if len(pending) < MAX_PENDING_FINALS or lab in pending:
+                    _add(pending, lab, h)
+                else:  # a consumer that does not read while thousands of processes exit
+                    self.retired_dropped += 1
+
+    def _hand_to(self, consumer: str, hists: dict[Labels, Histogram], peek: bool = False) -> set:
+        """Add what the consumer is owed to hists; returns the labels shown for the last time."""
+        gone = set()
+        live_labels = set(hists)
+        for lab, h in self._pending.get(consumer, {}).items():
+            _add(hists, lab, h)
+            if lab not in live_labels:
+                gone.add(lab)
+        if consumer in self._pending and not peek:
+            self._pending[consumer] = {}
+        read = self._read_by.get(consumer)
+        if read is not None:
+            if not peek:
+                read.update(lab for lab in hists if lab not in gone)
+            if consumer in self._folded:
+                exited = self.exited_label
+                folded = self._folded[consumer]
+                hists[exited] = hists[exited] + folded if exited in hists else folded
+        return gone
+
+    def _share_label_dicts(self, hists: dict[Labels, Histogram]) -> None:
+        """Histogram.labels: made once per label and shared (nothing changes them)."""
+        dicts = self._label_dicts
+        if len(dicts) > 2 * len(hists) + 64:
+            dicts.clear()
+        names = self.label_names
+        for lab, h in hists.items():
+            d = dicts.get(lab)
+            if d is None:
+                d = dicts[lab] = dict(zip(names, lab))
+            h.labels = d
+
+
+def _add(d: dict, lab: Labels, h: Histogram) -> None:
+    d[lab] = d[lab] + h if lab in d else Histogram(h.slots.copy(), h.count, h.sum_ns, dict(h.labels), h.key)
