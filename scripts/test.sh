@@ -6,7 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # what the end-to-end tests run, installed in one go (the tests install any
-# that are still missing themselves, so a single test can run on its own)
-EXTRA_PKGS="containerd runc busybox-static prometheus qemu-system-x86 systemd groff-base" \
+# that are still missing themselves, so a single test can run on its own);
+# the second line: debian/control's Build-Depends, lintian and mmdebstrap
+# for tests/test_deb.py
+EXTRA_PKGS="containerd runc busybox-static prometheus qemu-system-x86 systemd groff-base strace
+    build-essential debhelper dh-python pybuild-plugin-pyproject python3-setuptools python3-wheel
+    python3-typer python3-cffi python3-numpy python3-pyelftools python3-pytest bash-completion
+    lintian mmdebstrap" \
     bash scripts/setup.sh
 exec .venv/bin/python -m pytest -ra "$@" tests

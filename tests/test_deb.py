@@ -1,15 +1,27 @@
-"""The Debian package, built, installed with apt, run from the installed files, purged.
+"""The Debian package: built from debian/ by dpkg-buildpackage, checked by lintian,
+installed with apt into a fresh Debian 12 root, run there, removed and purged.
 
-Builds runqlat-core_<version>_amd64.deb with packaging/build-deb.sh, installs
-it with `apt-get install ./runqlat-core_*.deb` (which pulls Debian 12's own
-python3-typer 0.7, python3-prometheus-client 0.16, python3-cffi 1.15,
-python3-pyelftools 0.29, python3-numpy, libbpf1), runs /usr/bin/runqlat-core
-with /usr/bin/python3 from a clean environment in /, and purges the package
-in the end. Needs root and loads real BPF programs; off CI a missing
-prerequisite is a skip, with CI=true a failure.
+Once per session:
+- `built`: the tracked (and new, unignored) files of this tree are copied to a
+  temporary directory and `dpkg-buildpackage -us -uc -b` runs there with a
+  clean environment (Debian's python3, no virtualenv), so the build outputs
+  land beside the copy, never in the checkout's parent.
+- `root`: mmdebstrap --variant=minbase makes a bookworm root from the Debian
+  sources this machine's apt uses (nothing cached across runs); the package is
+  installed with `apt-get install ./runqlat-core_<version>_amd64.deb`, which
+  pulls Debian 12's own python3-typer 0.7, python3-prometheus-client 0.16,
+  python3-cffi, python3-pyelftools, python3-numpy and libbpf1.
 
-Warning for a developer's machine: an installed runqlat-core package (and
-its /etc/runqlat-core) is purged, before and after.
+Commands run chrooted in their own mount namespace with /proc, /sys (BTF,
+bpffs, tracefs, cgroups) and /dev: the root shares this kernel, so the
+installed tracer loads and attaches for real. Its systemctl is a recorder,
+with /run/systemd/system present, so the maintainer scripts act as on a
+systemd host and the test sees what they asked systemd to do.
+
+The last test removes and purges the package and checks what is left; this
+machine's own packages are never touched. Needs root, network access to the
+apt mirror and about five minutes; off CI a missing tool is a skip, with
+CI=true a failure.
 """
 from __future__ import annotations
 
@@ -31,18 +43,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 from helpers import unavailable
-from runqlat import __version__
-from runqlat.elf import inspect
+from runqlat import __version__, abi
+from test_completion import DRIVER as COMPLETION_DRIVER
 
 pytestmark = pytest.mark.bpf
 
 PKG = "runqlat-core"
+DEB = f"{PKG}_{__version__}_amd64.deb"
 BIN = "/usr/bin/runqlat-core"
-UNIT = "/usr/lib/systemd/system/runqlat-core.service"
+UNIT = "/lib/systemd/system/runqlat-core.service"  # Debian 12: units in /lib (merged with /usr/lib)
 CONF = "/etc/runqlat-core/config.toml"
-PYDIR = Path("/usr/lib/python3/dist-packages/runqlat")
+PYDIR = "/usr/lib/python3/dist-packages/runqlat"
+COMPLETION = "/usr/share/bash-completion/completions/runqlat-core"
+LOGDIR = "/var/log/runqlat-core"
 # The package's whole dependency list: Debian packages only.
-DEPENDS = {"python3", "python3:any", "libbpf1", "python3-cffi", "python3-pyelftools", "python3-typer",
+DEPENDS = {"python3:any", "libbpf1", "procps", "python3-cffi", "python3-pyelftools", "python3-typer",
            "python3-prometheus-client", "python3-numpy"}
 # Which Debian package must provide each third-party module the installed code imports.
 DEBIAN_MODULES = {"typer": "python3-typer", "click": "python3-click", "cffi": "python3-cffi",
@@ -50,105 +65,352 @@ DEBIAN_MODULES = {"typer": "python3-typer", "click": "python3-click", "cffi": "p
                   "numpy": "python3-numpy"}
 COMPILERS = re.compile(r"^(gcc(-\d+)?|g\+\+(-\d+)?|cpp(-\d+)?|clang(-\d+)?|llvm(-\d+)?|make|binutils"
                        r"|libc6-dev|python3-pip|python3(\.\d+)?-dev|python3-setuptools)$")
-# A clean environment: nothing from the test runner's virtualenv.
-CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-APT_OPTS = ["-y", "-q", "-o", "DPkg::Lock::Timeout=300",
-            "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confnew"]
-
-
-def _apt_env() -> dict:
-    return {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+# What every command sees: nothing of the test runner's environment or virtualenv.
+CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+# Mounts a kernel-facing view into the root, then runs the command chrooted there. In a
+# private mount namespace (unshare): the mounts end with the command, nothing leaks.
+IN_ROOT = r"""
+r=$1; shift
+mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" || exit 125
+exec chroot "$r" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 HOME=/root \
+    DEBIAN_FRONTEND=noninteractive "$@"
+"""
+# Stands in for systemd's systemctl in the root: logs each call; a unit is enabled when a
+# *.wants/ link names it (what deb-systemd-helper makes) and never active.
+FAKE_SYSTEMCTL = r"""#!/bin/sh
+echo "$*" >> /root/systemctl.log
+for a in "$@"; do
+    case $a in
+    is-enabled) for u in "$@"; do :; done
+                if ls /etc/systemd/system/*.wants/"$u" >/dev/null 2>&1; then echo enabled; exit 0; fi
+                echo disabled; exit 1 ;;
+    is-active) exit 3 ;;
+    esac
+done
+exit 0
+"""
+# The root is thrown away after the session: dpkg need not fsync every file (force-unsafe-io).
+APT_OPTS = ["-y", "-q", "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
+            "-o", "Dpkg::Options::=--force-unsafe-io"]
 
 
 def _sh(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def _installed(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run an installed command the way an admin would: clean env, cwd /, Debian's python3."""
-    return _sh(cmd, timeout=timeout, env=CLEAN_ENV, cwd="/")
+def _need(tool: str, package: str) -> None:
+    if not shutil.which(tool):
+        unavailable(f"{tool} is not installed (apt-get install {package})")
 
 
-def _package_state() -> str:
-    r = _sh(["dpkg-query", "-W", "-f", "${db:Status-Status}", PKG])
-    return r.stdout.strip() if r.returncode == 0 else ""
+# -- the build ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """The directory holding what `dpkg-buildpackage -us -uc -b` produced from this tree."""
+    if os.geteuid() != 0:
+        unavailable("building, installing and running the package needs root")
+    for tool, package in (("dpkg-buildpackage", "dpkg-dev"), ("dh", "debhelper"), ("git", "git")):
+        _need(tool, package)
+    out = tmp_path_factory.mktemp("deb")
+    src = out / PKG
+    src.mkdir()
+    files = _sh(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+    if files.returncode != 0:
+        unavailable(f"{ROOT} is not a git checkout: {files.stderr.strip()}")
+    for name in filter(None, files.stdout.split("\0")):
+        path = ROOT / name
+        if path.is_symlink() or path.exists():  # a file deleted but not yet committed is skipped
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, src / name, follow_symlinks=False)
+    env = {**CLEAN_ENV}
+    deps = _sh(["dpkg-checkbuilddeps"], cwd=src, env=env)
+    if deps.returncode != 0:
+        unavailable(f"the package's Build-Depends are not installed: {deps.stderr.strip()}")
+    r = _sh(["dpkg-buildpackage", "-us", "-uc", "-b"], timeout=1200, cwd=src, env=env)
+    (out / "build.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, f"dpkg-buildpackage failed:\n{r.stdout[-4000:]}\n{r.stderr[-3000:]}"
+    assert (out / DEB).is_file(), sorted(p.name for p in out.iterdir())
+    return out
 
 
-def _purge() -> subprocess.CompletedProcess:
-    return _sh(["apt-get", "purge", *APT_OPTS, PKG], timeout=600, env=_apt_env())
+def test_build_outputs_beside_the_copy_only(built):
+    names = {p.name for p in built.iterdir()}
+    assert {DEB, f"{PKG}_{__version__}_amd64.changes", f"{PKG}_{__version__}_amd64.buildinfo"} <= names
+    # the object was compiled by the build (bpf/Makefile), from the copy's sources
+    log = (built / "build.log").read_text()
+    assert re.search(r"^clang .*-target bpf .*runqlat\.bpf\.c", log, re.M), "the build compiled no BPF object"
+    assert re.search(r"^\d+ passed", log, re.M), "dh_auto_test ran no tests"
 
 
-# -- BPF programs left behind ------------------------------------------------------
+def test_lintian_clean(built):
+    _need("lintian", "lintian")
+    changes = built / f"{PKG}_{__version__}_amd64.changes"
+    r = _sh(["lintian", "--fail-on", "error,warning", str(changes)], timeout=600)
+    tags = [line for line in r.stdout.splitlines() if re.match(r"^[EW]: ", line)]
+    assert r.returncode == 0 and not tags, r.stdout + r.stderr
+    # the one override is the one that applied, shown with its reason (lintian's exit
+    # status is 2 whenever it shows overridden tags)
+    r = _sh(["lintian", "--show-overrides", str(changes)], timeout=600)
+    assert "O: runqlat-core: binary-from-other-architecture [usr/lib/python3/dist-packages/runqlat/data/" \
+           "runqlat.bpf.o]" in r.stdout, r.stdout
+    assert "N: The BPF object is bytecode" in r.stdout, r.stdout
 
-def _loaded_programs() -> dict[int, str]:
+
+def test_control_fields(built):
+    deb = built / DEB
+    fields = {k: _sh(["dpkg-deb", "-f", str(deb), k]).stdout.strip()
+              for k in ("Package", "Version", "Architecture", "Depends")}
+    assert fields["Package"] == PKG
+    assert fields["Version"] == __version__
+    assert fields["Architecture"] == "amd64"
+    depends = [d.strip() for d in fields["Depends"].split(",")]
+    assert {re.sub(r"\s*\(.*\)", "", d) for d in depends} == DEPENDS, fields["Depends"]
+    for pinned in ("python3:any (>= 3.11~)", "python3-typer (>= 0.7)", "python3-typer (<< 0.29)",
+                   "python3-prometheus-client (>= 0.16)", "libbpf1 (>= 1:1.1)"):
+        assert pinned in depends, fields["Depends"]
+
+
+def test_maintainer_scripts_are_debhelpers(built, tmp_path):
+    """Every call to systemd or its helpers is in a section debhelper generated."""
+    _sh(["dpkg-deb", "-e", str(built / DEB), str(tmp_path)])
+    scripts = {p.name: p.read_text() for p in tmp_path.iterdir() if p.name in ("preinst", "postinst",
+                                                                              "prerm", "postrm")}
+    assert "dh_installsystemd" in scripts["postinst"] and "dh_python3" in scripts["prerm"]
+    for name, text in scripts.items():
+        outside = re.sub(r"(?ms)^# Automatically added by dh_.*?^# End automatically added section$", "", text)
+        assert not re.search(r"systemctl|deb-systemd|py3compile|py3clean", outside), f"{name}:\n{outside}"
+
+
+# -- the root ---------------------------------------------------------------------------
+
+def _debian_sources() -> tuple[list[str], list[str]]:
+    """(sources.list lines, apt options) for this machine's Debian archives of its release:
+    the mirror apt here is configured with, whatever it is."""
+    codename = ""
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            codename = line.split("=", 1)[1].strip('"')
+    policy = _sh(["apt-cache", "policy"]).stdout.splitlines()
+    suites: dict[tuple[str, str], list[str]] = {}
+    for line, release in zip(policy, policy[1:]):
+        m = re.match(r"^\s*\d+ (\S+) (\S+)/(\S+) amd64 Packages$", line)
+        if not m or "o=Debian," not in release:
+            continue
+        uri, suite, component = m.groups()
+        if suite == codename or suite.startswith(codename + "-"):
+            suites.setdefault((uri, suite), []).append(component)
+    lines = [f"deb {uri} {suite} {' '.join(sorted(set(c)))}" for (uri, suite), c in sorted(suites.items())]
+    options = []
+    for key in ("Acquire::Check-Valid-Until", "Acquire::http::Proxy", "Acquire::https::Proxy"):
+        value = _sh(["apt-config", "shell", "V", key]).stdout.strip()
+        if value:
+            options.append(f'{key} "{shlex.split(value.split("=", 1)[1])[0]}"')
+    return lines, options
+
+
+def in_root(root: Path, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return _sh(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", IN_ROOT, "sh",
+                str(root), *argv], timeout=timeout, **kw)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(str(path) + "/")]
+
+
+def _our_loaded_programs() -> dict[int, str]:
+    ours = {p[:15] for p in abi.PROGRAMS}  # the kernel keeps 15 characters of a name
     r = _sh(["bpftool", "-j", "prog", "show"])
     assert r.returncode == 0, r.stderr
-    return {p["id"]: p.get("name", "") for p in json.loads(r.stdout or "[]")}
+    return {p["id"]: p["name"] for p in json.loads(r.stdout or "[]") if p.get("name") in ours}
 
 
-def _held_program_ids() -> set[int]:
-    """Programs some process still holds an fd (program or link) to."""
-    held = set()
-    for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
-        try:
-            text = fdinfo.read_text()
-        except OSError:
-            continue
-        held.update(int(m) for m in re.findall(r"^prog_id:\s+(\d+)$", text, re.M))
-    return held
+@pytest.fixture(scope="session")
+def programs_before() -> set[int]:
+    """Our programs loaded before the installed tracer first ran (other runs on this machine)."""
+    _need("bpftool", "bpftool")
+    return set(_our_loaded_programs())
 
 
-def _leaked(before: set[int], names: set[str]) -> dict[int, str]:
-    """Our programs loaded since `before` that no process holds: pinned or stuck in the kernel.
-    Programs of other tracers running meanwhile on the machine are held, so they do not count."""
-    deadline = time.monotonic() + 10
-    while True:  # a closed program is freed after an RCU grace period
-        new = {i: n for i, n in _loaded_programs().items() if i not in before and n in names}
-        leaked = {i: n for i, n in new.items() if i not in _held_program_ids()}
-        if not leaked or time.monotonic() > deadline:
-            return leaked
-        time.sleep(0.5)
-
-
-# -- the package, built and installed once for the module ---------------------------
-
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory):
-    if os.geteuid() != 0:
-        unavailable("installing the .deb needs root")
-    for tool, package in (("dpkg-deb", "dpkg"), ("apt-get", "apt"), ("bpftool", "bpftool"),
-                          ("setpriv", "util-linux")):
-        if not shutil.which(tool):
-            unavailable(f"{tool} is not installed (apt-get install {package})")
-    if not Path("/usr/bin/python3").exists():
-        unavailable("/usr/bin/python3 is missing")
-
-    out = tmp_path_factory.mktemp("deb")
-    r = _sh(["bash", str(ROOT / "packaging" / "build-deb.sh"), str(out)], timeout=600)
-    assert r.returncode == 0, f"build-deb.sh failed:\n{r.stdout}\n{r.stderr}"
-    path = Path(r.stdout.strip().splitlines()[-1])
-    assert path == out / f"{PKG}_{__version__}_amd64.deb" and path.is_file()
-
-    our_names = {name[:15] for name in inspect(ROOT / "python/runqlat/data/runqlat.bpf.o").programs}
-    before = set(_loaded_programs())
-    if _package_state():
-        _purge()
+@pytest.fixture(scope="session")
+def root(built, programs_before, tmp_path_factory):
+    """A fresh bookworm root with the package installed by apt; deleted in the end."""
+    for tool, package in (("mmdebstrap", "mmdebstrap"), ("unshare", "util-linux"), ("chroot", "coreutils")):
+        _need(tool, package)
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        unavailable("the kernel has no BTF (/sys/kernel/btf/vmlinux)")
+    sources, options = _debian_sources()
+    if not sources:
+        unavailable("this machine's apt has no Debian archive of its release configured (apt-cache policy)")
+    base = tmp_path_factory.mktemp("root")
+    (base / "sources.list").write_text("\n".join(sources) + "\n")
+    path = base / "root"
+    path.mkdir()
     try:
-        # A machine whose apt lists were never fetched cannot resolve the dependencies.
-        if "Candidate: (none)" in _sh(["apt-cache", "policy", "python3-typer"]).stdout or \
-                not _sh(["apt-cache", "policy", "python3-typer"]).stdout.strip():
-            _sh(["apt-get", "update", "-q"], timeout=600, env=_apt_env())
-        r = _sh(["apt-get", "install", *APT_OPTS, f"./{path.name}"], timeout=900, cwd=out, env=_apt_env())
+        r = _sh(["unshare", "--mount", "--propagation", "private", "--", "mmdebstrap", "--variant=minbase",
+                 "--mode=root", "--skip=cleanup/apt/lists", "--dpkgopt=force-unsafe-io",
+                 '--aptopt=Acquire::Languages "none"', *(f"--aptopt={o}" for o in options),
+                 "bookworm", str(path), str(base / "sources.list")], timeout=1200)
+        assert r.returncode == 0, f"mmdebstrap failed:\n{r.stderr[-3000:]}"
+        # systemd "running" for the maintainer scripts, with a recorder as its systemctl
+        (path / "run/systemd/system").mkdir(parents=True)
+        # where systemd's own would be (maintainer scripts run with apt's PATH, no /usr/local)
+        fake = path / "usr/bin/systemctl"
+        fake.write_text(FAKE_SYSTEMCTL)
+        fake.chmod(0o755)
+        shutil.copy(built / DEB, path / "root" / DEB)
+        r = in_root(path, ["apt-get", "install", *APT_OPTS, f"/root/{DEB}"], timeout=1200)
         assert r.returncode == 0, f"apt-get install failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        assert _package_state() == "installed"
+        (path / "root" / DEB).unlink()
         yield path
     finally:
-        r = _purge()
+        # The mounts lived in the commands' own namespaces; refuse to delete through one anyway.
+        assert not _mounts_under(path), _mounts_under(path)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
+
+
+def systemctl_calls(root: Path) -> list[str]:
+    log = root / "root/systemctl.log"
+    calls = log.read_text().splitlines() if log.exists() else []
+    log.unlink(missing_ok=True)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def installed(root):
+    """The root right after installation, with what the postinst asked of systemd."""
+    return root, systemctl_calls(root)
+
+
+def installed_run(root: Path, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """An installed command run the way an admin would: clean env, Debian's python3."""
+    return in_root(root, argv, timeout=timeout)
+
+
+# -- what the package installed ------------------------------------------------------
+
+def test_installed_files(installed):
+    root, _ = installed
+    r = in_root(root, ["dpkg", "-L", PKG])
+    files = set(r.stdout.split())
+    for f in (BIN, UNIT, CONF, COMPLETION, f"{PYDIR}/cli.py", f"{PYDIR}/libbpf.cdef",
+              f"{PYDIR}/data/runqlat.bpf.o", "/usr/share/man/man1/runqlat-core.1.gz",
+              "/usr/share/doc/runqlat-core/copyright",
+              "/usr/share/doc/runqlat-core/examples/grafana-dashboard.json",
+              "/usr/share/doc/runqlat-core/examples/kubernetes/daemonset.yaml"):
+        assert f in files, f"{f} is not in the package"
+    for src in (ROOT / "python/runqlat").rglob("*.py"):
+        if "__pycache__" not in src.parts:
+            assert f"{PYDIR}/{src.relative_to(ROOT / 'python/runqlat')}" in files, f"{src.name} not packaged"
+    assert (root / BIN.lstrip("/")).read_text().splitlines()[0] == "#!/usr/bin/python3"
+    assert os.access(root / BIN.lstrip("/"), os.X_OK)
+    assert (root / CONF.lstrip("/")).read_bytes() == (ROOT / "deploy/config.toml").read_bytes()
+    assert (root / UNIT.lstrip("/")).read_bytes() == (ROOT / "deploy/runqlat-core.service").read_bytes()
+    conffiles = in_root(root, ["dpkg-query", "-W", "-f", "${Conffiles}", PKG]).stdout
+    assert CONF in conffiles
+    # byte-compiled by the postinst with Debian's own tool
+    assert list((root / PYDIR.lstrip("/") / "__pycache__").glob("cli.cpython-*.pyc"))
+
+
+def test_only_debian_packages_and_no_toolchain(installed):
+    root, _ = installed
+    packages = in_root(root, ["dpkg-query", "-W", "-f", "${Package}\n"]).stdout.split()
+    assert "python3-typer" in packages and "libbpf1" in packages
+    toolchain = sorted(p for p in packages if COMPILERS.match(p))
+    assert not toolchain, f"installing {PKG} pulled a toolchain: {toolchain}"
+    local = root / "usr/local/lib"
+    assert not [p for p in local.rglob("*") if p.is_file()], "something was installed under /usr/local"
+
+
+def test_unit_installed_but_not_enabled_nor_started(installed):
+    root, calls = installed
+    assert "--system daemon-reload" in calls, calls
+    # the postinst asked systemd for nothing but a reload and state queries
+    actions = {c for call in calls for c in call.split() if not c.startswith("-")} - {"runqlat-core.service"}
+    assert actions <= {"daemon-reload", "is-enabled", "is-active"}, calls
+    assert not list((root / "etc/systemd/system").glob("*.wants/runqlat-core.service"))
+    # every command the unit runs exists in the installed system
+    for line in (root / UNIT.lstrip("/")).read_text().splitlines():
+        m = re.match(r"^Exec\w+=[-@+!:]*(\S+)", line)
+        if m:
+            assert os.access(root / m.group(1).lstrip("/"), os.X_OK), f"{line}: not in the installed system"
+
+
+def test_man_page_installed(installed):
+    root, _ = installed
+    page = root / "usr/share/man/man1/runqlat-core.1.gz"
+    source = gzip.decompress(page.read_bytes()).decode()
+    assert f'.TH RUNQLAT-CORE 1 "" "runqlat-core {__version__}"' in source
+    if shutil.which("man"):  # the root has no man-db; this machine's renders the installed page
+        r = _sh(["man", "-l", "-P", "cat", str(page)], env={**CLEAN_ENV, "MANWIDTH": "80"})
         assert r.returncode == 0, r.stderr
-        assert _package_state() == "", "runqlat-core is still known to dpkg after purge"
-        assert not PYDIR.exists() and not Path(BIN).exists() and not Path(CONF).exists()
-        leaked = _leaked(before, our_names)
-        assert not leaked, f"BPF programs left loaded after the installed tracer exited: {leaked}"
+        assert "--metrics-addr" in r.stdout and "runqlat_run_queue_latency_seconds" in r.stdout
+
+
+def test_bash_completion_installed(installed):
+    root, _ = installed
+
+    def complete(*words):
+        r = in_root(root, ["bash", "--norc", "--noprofile", "-c", COMPLETION_DRIVER, "bash", COMPLETION,
+                           "runqlat-core", *words])
+        assert r.returncode == 0, r.stderr
+        return sorted(w for w in r.stdout.splitlines() if w)
+
+    assert complete("") == ["--help", "containers", "doctor", "run", "version"]
+    assert complete("run", "--met") == ["--metrics-addr"]
+    assert complete("run", "-o", "") == ["json", "text"]
+    assert complete("doctor", "--") == ["--help", "--json"]
+
+
+# -- running the installed files on Debian's libraries ------------------------------
+
+def test_runs_on_debian_libraries(installed):
+    root, _ = installed
+    probe = (
+        "import importlib, json, sys\n"
+        "import runqlat.cli\n"
+        f"mods = {sorted(['runqlat', *DEBIAN_MODULES])!r}\n"
+        "print(json.dumps({m: importlib.import_module(m).__file__ for m in mods}))\n")
+    r = installed_run(root, ["python3", "-c", probe])
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)
+    assert found["runqlat"] == f"{PYDIR}/__init__.py"
+    for mod, pkg in DEBIAN_MODULES.items():
+        owner = in_root(root, ["dpkg", "-S", found[mod]]).stdout.split(":")[0]
+        assert owner == pkg, f"{mod} comes from {found[mod]} ({owner or 'no Debian package'}), not {pkg}"
+
+
+def test_version_and_help(installed):
+    root, _ = installed
+    r = installed_run(root, [BIN, "version"])
+    assert r.returncode == 0 and r.stdout.strip() == f"{PKG} {__version__}", r.stdout + r.stderr
+    r = installed_run(root, [BIN, "run", "--help"])
+    assert r.returncode == 0, r.stderr
+    assert "--metrics-addr" in r.stdout and "--pids-file" in r.stdout
+    r = installed_run(root, [BIN, "run", "--no-such-flag"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_doctor(installed):
+    root, _ = installed
+    r = installed_run(root, [BIN, "doctor"])
+    assert r.returncode == 0, f"doctor says the tracer cannot run here:\n{r.stdout}\n{r.stderr}"
+    assert "Traceback" not in r.stderr
+    rows = {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
+    assert "BTF" in rows and "libbpf" in rows
+    r = installed_run(root, [BIN, "doctor", "--json"])
+    assert r.returncode == 0, r.stderr
+    checks = json.loads(r.stdout)
+    assert checks and not [c for c in checks if c["status"] == "FAIL"]
+    assert {c["name"]: c["status"] for c in checks}["load + attach"] == "ok", checks
+
+
+def test_containers_lists(installed):
+    root, _ = installed
+    r = installed_run(root, [BIN, "containers", "--json"])
+    assert r.returncode == 0, r.stderr
+    assert isinstance(json.loads(r.stdout), list)
 
 
 @pytest.fixture
@@ -160,136 +422,6 @@ def busy_shell():
     finally:
         p.kill()
         p.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _unit_service_section() -> dict[str, list[str]]:
-    svc: dict[str, list[str]] = {}
-    section = None
-    for line in Path(UNIT).read_text().splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            section = line
-        elif section == "[Service]" and "=" in line and not line.startswith("#"):
-            k, _, v = line.partition("=")
-            svc.setdefault(k, []).append(v)
-    return svc
-
-
-# -- what the package is ------------------------------------------------------------
-
-def test_control_fields(deb):
-    fields = {}
-    for key in ("Package", "Version", "Architecture", "Depends"):
-        fields[key] = _sh(["dpkg-deb", "-f", str(deb), key]).stdout.strip()
-    assert fields["Package"] == PKG
-    assert fields["Version"] == __version__
-    assert fields["Architecture"] == "amd64"
-    names = {re.sub(r"\s*\(.*\)", "", d).strip() for d in fields["Depends"].split(",")}
-    assert names == DEPENDS
-    assert "python3 (>= 3.11)" in fields["Depends"]
-
-
-def test_nothing_to_compile_and_nothing_from_pypi(deb):
-    # Everything apt installs for us, Recommends included as apt does by default.
-    r = _sh(["apt-cache", "depends", "--recurse", "--no-suggests", "--no-conflicts", "--no-breaks",
-             "--no-replaces", "--no-enhances", PKG])
-    assert r.returncode == 0, r.stderr
-    closure = {line.strip() for line in r.stdout.splitlines() if not line.startswith(" ")}
-    assert "python3-typer" in closure and "libbpf1" in closure
-    toolchain = sorted(p for p in closure if COMPILERS.match(p))
-    assert not toolchain, f"installing {PKG} pulls a toolchain: {toolchain}"
-
-
-def test_installed_files(deb):
-    files = set(_sh(["dpkg", "-L", PKG]).stdout.split())
-    for f in (BIN, UNIT, CONF, str(PYDIR / "cli.py"), str(PYDIR / "libbpf.cdef"),
-              str(PYDIR / "data/runqlat.bpf.o"), "/usr/share/man/man1/runqlat-core.1.gz",
-              "/usr/share/doc/runqlat-core/copyright",
-              "/usr/share/doc/runqlat-core/examples/grafana-dashboard.json"):
-        assert f in files, f"{f} is not in the package"
-    for src in (ROOT / "python/runqlat").rglob("*.py"):
-        if "__pycache__" not in src.parts:
-            assert str(PYDIR / src.relative_to(ROOT / "python/runqlat")) in files, f"{src.name} not packaged"
-    assert Path(BIN).read_text().splitlines()[0] == "#!/usr/bin/python3"
-    assert os.access(BIN, os.X_OK)
-    conffiles = _sh(["dpkg-query", "-W", "-f", "${Conffiles}", PKG]).stdout
-    assert CONF in conffiles
-    # byte-compiled by postinst with Debian's own tool
-    assert list((PYDIR / "__pycache__").glob("cli.cpython-*.pyc"))
-
-
-def test_unit_installed_but_not_enabled(deb):
-    assert not Path("/etc/systemd/system/multi-user.target.wants/runqlat-core.service").exists()
-    if shutil.which("systemctl"):
-        r = _sh(["systemctl", "is-enabled", "runqlat-core.service"])
-        assert r.stdout.strip() == "disabled", r.stdout + r.stderr
-    if shutil.which("systemd-analyze"):
-        man = [] if shutil.which("man") else ["--man=no"]
-        r = _sh(["systemd-analyze", "verify", *man, UNIT])
-        assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
-
-
-def test_man_page_installed(deb):
-    page = Path("/usr/share/man/man1/runqlat-core.1.gz")
-    source = gzip.decompress(page.read_bytes()).decode()
-    assert f'.TH RUNQLAT-CORE 1 "" "runqlat-core {__version__}"' in source
-    if shutil.which("man"):  # man-db is optional on a minimal system
-        r = _sh(["man", "-P", "cat", PKG], env={**CLEAN_ENV, "MANWIDTH": "80"})
-        assert r.returncode == 0, r.stderr
-        assert "--metrics-addr" in r.stdout and "runqlat_run_queue_latency_seconds" in r.stdout
-
-
-# -- running the installed files on Debian's libraries ------------------------------
-
-def test_runs_on_debian_libraries(deb):
-    probe = (
-        "import importlib, json, sys\n"
-        "import runqlat.cli\n"
-        f"mods = {sorted(['runqlat', *DEBIAN_MODULES])!r}\n"
-        "print(json.dumps({'exe': sys.executable, 'mods': {m: (importlib.import_module(m).__file__,"
-        " getattr(importlib.import_module(m), '__version__', None)) for m in mods}}))\n")
-    r = _installed(["/usr/bin/python3", "-c", probe])
-    assert r.returncode == 0, r.stderr
-    info = json.loads(r.stdout)
-    assert info["mods"]["runqlat"][0] == str(PYDIR / "__init__.py")
-    for mod, pkg in DEBIAN_MODULES.items():
-        path = info["mods"][mod][0]
-        owner = _sh(["dpkg", "-S", path]).stdout.split(":")[0]
-        assert owner == pkg, f"{mod} comes from {path} ({owner or 'no Debian package'}), not {pkg}"
-
-
-def test_version_and_help(deb):
-    r = _installed([BIN, "version"])
-    assert r.returncode == 0 and r.stdout.strip() == f"{PKG} {__version__}", r.stdout + r.stderr
-    r = _installed([BIN, "run", "--help"])
-    assert r.returncode == 0, r.stderr
-    assert "--metrics-addr" in r.stdout and "--pids-file" in r.stdout
-    r = _installed([BIN, "run", "--no-such-flag"])
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-
-
-def test_doctor(deb):
-    r = _installed([BIN, "doctor"])
-    assert r.returncode == 0, f"doctor says the tracer cannot run here:\n{r.stdout}\n{r.stderr}"
-    assert "Traceback" not in r.stderr
-    rows = {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
-    assert "BTF" in rows and "libbpf" in rows
-    r = _installed([BIN, "doctor", "--json"])
-    assert r.returncode == 0, r.stderr
-    checks = json.loads(r.stdout)
-    assert checks and not [c for c in checks if c["status"] == "FAIL"]
-
-
-def test_containers_lists(deb):
-    r = _installed([BIN, "containers", "--json"])
-    assert r.returncode == 0, r.stderr
-    assert isinstance(json.loads(r.stdout), list)
 
 
 def _histograms(text: str) -> list[int]:
@@ -305,8 +437,9 @@ def _histograms(text: str) -> list[int]:
     return totals
 
 
-def test_run_text(deb, busy_shell):
-    r = _installed([BIN, "run", "1", "2"], timeout=60)
+def test_run_text(installed, busy_shell):
+    root, _ = installed
+    r = installed_run(root, [BIN, "run", "1", "2"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     totals = _histograms(r.stdout)
@@ -314,8 +447,9 @@ def test_run_text(deb, busy_shell):
     assert all(t > 0 for t in totals), r.stdout
 
 
-def test_run_json_per_process(deb, busy_shell):
-    r = _installed([BIN, "run", "-P", "-p", str(busy_shell), "-o", "json", "1", "2"], timeout=60)
+def test_run_json_per_process(installed, busy_shell):
+    root, _ = installed
+    r = installed_run(root, [BIN, "run", "-P", "-p", str(busy_shell), "-o", "json", "1", "2"])
     assert r.returncode == 0, r.stdout + r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
     assert records, r.stderr
@@ -326,17 +460,54 @@ def test_run_json_per_process(deb, busy_shell):
         assert rec["count"] == sum(b["count"] for b in rec["buckets"])
 
 
-def test_service_command_with_unit_capabilities(deb, busy_shell):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _unit_service_section(root: Path) -> dict[str, list[str]]:
+    svc: dict[str, list[str]] = {}
+    section = None
+    for line in (root / UNIT.lstrip("/")).read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            k, _, v = line.partition("=")
+            svc.setdefault(k, []).append(v)
+    return svc
+
+
+def _scrape(port: int, proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the service exited with {proc.returncode}:\n{out}\n{err}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                return resp.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_service_command_with_unit_capabilities(installed, busy_shell):
     """The unit's ExecStart with the installed conffile, under the unit's capability
     bounding set: serves metrics, survives SIGHUP (ExecReload), stops cleanly on SIGTERM."""
-    svc = _unit_service_section()
+    root, _ = installed
+    svc = _unit_service_section(root)
     caps = " ".join(svc["CapabilityBoundingSet"]).split()
     bounding = "-all," + ",".join("+" + c.lower().removeprefix("cap_") for c in caps)
     port = _free_port()
     argv = shlex.split(svc["ExecStart"][0]) + ["--metrics-addr", f"127.0.0.1:{port}"]
+    # unshare, sh and chroot exec in turn: the process started here is the tracer itself
     proc = subprocess.Popen(
-        ["setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--inh-caps=-all", *argv],
-        env=CLEAN_ENV, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", IN_ROOT, "sh", str(root),
+         "setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--inh-caps=-all", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         from prometheus_client.parser import text_string_to_metric_families
         deadline = time.monotonic() + 10
@@ -366,16 +537,59 @@ def test_service_command_with_unit_capabilities(deb, busy_shell):
             proc.communicate()
 
 
-def _scrape(port: int, proc: subprocess.Popen) -> str:
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the service exited with {proc.returncode}:\n{out}\n{err}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                return resp.read().decode()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
+def test_no_bpf_programs_left_loaded(installed, programs_before):
+    """Every run above has ended: none of the programs it loaded stays loaded (pinned, or
+    held by nobody). Other tracers' programs loaded meanwhile are held by their processes."""
+    deadline = time.monotonic() + 10
+    while True:  # a closed program is freed after an RCU grace period
+        new = {i: n for i, n in _our_loaded_programs().items() if i not in programs_before}
+        held = set()
+        for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
+            try:
+                held.update(int(m) for m in re.findall(r"^prog_id:\s+(\d+)$", fdinfo.read_text(), re.M))
+            except OSError:
+                continue
+        leaked = {i: n for i, n in new.items() if i not in held}
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not leaked, f"BPF programs left loaded after the installed tracer exited: {leaked}"
+
+
+# -- removal and purge: keep this test last in the file ------------------------------
+
+def _names_with(root: Path, word: str) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob(f"*{word}*"))
+
+
+def test_remove_then_purge_leaves_nothing(installed):
+    root, _ = installed
+    conf = root / CONF.lstrip("/")
+    conf.write_text(conf.read_text() + "\n# changed by the administrator\n")
+    # what systemd would have made when the service ran (LogsDirectory=)
+    (root / LOGDIR.lstrip("/")).mkdir(parents=True)
+    (root / LOGDIR.lstrip("/") / "runqlat.log").write_text("x\n")
+
+    r = in_root(root, ["apt-get", "remove", *APT_OPTS, PKG], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = systemctl_calls(root)
+    assert "stop runqlat-core.service" in calls, f"the prerm did not stop the service: {calls}"
+    # a remove keeps the configuration, the administrator's change included
+    assert conf.read_text().endswith("# changed by the administrator\n")
+    for path in (BIN, UNIT, PYDIR, COMPLETION):
+        assert not (root / path.lstrip("/")).exists(), f"{path} is left after remove"
+    assert in_root(root, ["dpkg-query", "-W", "-f", "${db:Status-Status}", PKG]).stdout == "config-files"
+
+    r = in_root(root, ["apt-get", "purge", *APT_OPTS, PKG], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert in_root(root, ["dpkg-query", "-W", PKG]).returncode != 0, "dpkg still knows the package"
+    shutil.rmtree(root / "run/systemd")
+    (root / "usr/bin/systemctl").unlink()
+    (root / "root/systemctl.log").unlink(missing_ok=True)
+    # nothing named after the package anywhere: config, logs, unit, its enablement state
+    # (/etc/systemd, /var/lib/systemd/deb-systemd-helper-*), byte-compiled files, docs
+    assert _names_with(root, "runqlat") == []
+    # and no byte-compiled file whose source has gone
+    orphans = [str(pyc) for pyc in (root / "usr/lib/python3/dist-packages").rglob("__pycache__/*.pyc")
+               if not (pyc.parent.parent / (pyc.name.split(".")[0] + ".py")).exists()]
+    assert not orphans, orphans

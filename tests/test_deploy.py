@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import typer
 ROOT = Path(__file__).resolve().parent.parent
 
 from helpers import unavailable
+from unit_file import DROPINS, allowed_syscalls, capabilities, parse_unit, syscall_groups
 from runqlat import cli
 from runqlat.metrics import Collector, parse_addr, parse_buckets
 from runqlat.model import Mode, Snapshot
@@ -40,24 +42,6 @@ NEEDED_CAPS = {"CAP_BPF", "CAP_PERFMON"}
 
 
 # -- helpers -----------------------------------------------------------------------
-
-def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
-    """Sections -> key -> values (systemd allows a key more than once)."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current = None
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-            continue
-        assert current is not None, f"{path}: {raw!r} outside a section"
-        key, sep, value = line.partition("=")
-        assert sep, f"{path}: not a key=value line: {raw!r}"
-        current.setdefault(key.strip(), []).append(value.strip())
-    return sections
-
 
 def click_app():
     return typer.main.get_command(cli.app)
@@ -126,8 +110,13 @@ def test_unit_runs_the_documented_command():
 
 def test_unit_capabilities_allow_bpf_and_exist():
     svc = parse_unit(UNIT)["Service"]
-    caps = set(" ".join(svc["CapabilityBoundingSet"]).split())
+    caps = capabilities(svc)
     assert NEEDED_CAPS <= caps
+    # a transient user gets its capabilities as ambient ones: all of the bounding set
+    assert svc["DynamicUser"] == ["yes"] and "User" not in svc
+    assert capabilities(svc, "AmbientCapabilities") == caps
+    # what kernels with CAP_BPF do not need stays out of the default unit
+    assert not caps & {"CAP_SYS_ADMIN", "CAP_SYS_RESOURCE", "CAP_DAC_OVERRIDE"}
     if shutil.which("setpriv"):
         known = {"CAP_" + c.upper() for c in
                  subprocess.run(["setpriv", "--list-caps"], capture_output=True, text=True,
@@ -135,7 +124,58 @@ def test_unit_capabilities_allow_bpf_and_exist():
         assert caps <= known, f"unknown capabilities: {sorted(caps - known)}"
     # The tracer reads every process's /proc entries: hiding them breaks it.
     assert "ProtectProc" not in svc and "ProcSubset" not in svc
-    assert svc.get("User", ["root"]) == ["root"]
+    # item 5 of issue 12: the exporter's connection cap needs a known descriptor limit
+    assert int(svc["LimitNOFILE"][0]) >= 4096
+
+
+def test_old_kernel_dropin_adds_only_cap_sys_admin():
+    dropin = parse_unit(DROPINS / "old-kernel.conf")
+    assert set(dropin) == {"Service"}
+    svc = dropin["Service"]
+    assert set(svc) == {"CapabilityBoundingSet", "AmbientCapabilities"}
+    assert capabilities(svc) == capabilities(svc, "AmbientCapabilities") == {"CAP_SYS_ADMIN"}
+
+
+def test_unit_system_call_filter_is_an_allow_list_with_bpf():
+    tool = shutil.which("systemd-analyze")
+    if not tool:
+        unavailable("systemd-analyze is not installed (package systemd)")
+    svc = parse_unit(UNIT)["Service"]
+    allowed = allowed_syscalls(svc, syscall_groups(tool))
+    assert "bpf" in allowed
+    # the calls a tracer has no business making
+    for name in ("setuid", "chown", "mount", "init_module", "reboot", "ptrace", "kexec_load", "swapon"):
+        assert name not in allowed, name
+    assert svc["SystemCallErrorNumber"] == ["EPERM"]
+    assert svc["SystemCallArchitectures"] == ["native"]
+
+
+def _exposure(tool: str, root: Path) -> float:
+    """`systemd-analyze security --offline=true`'s overall figure for the unit (and the
+    drop-ins) installed under `root` as /etc/systemd/system."""
+    r = subprocess.run([tool, "security", "--offline=true", f"--root={root}", "--no-pager",
+                        UNIT.name], capture_output=True, text=True)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout + r.stderr)
+    assert m, f"no overall exposure level in:\n{r.stdout}\n{r.stderr}"
+    return float(m.group(1))
+
+
+def test_unit_security_exposure_below_3(tmp_path):
+    """CI prints the unit's `systemd-analyze security` figure and fails above 3.0."""
+    tool = shutil.which("systemd-analyze")
+    if not tool:
+        unavailable("systemd-analyze is not installed (package systemd)")
+    units = tmp_path / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    shutil.copy(UNIT, units)
+    figure = _exposure(tool, tmp_path)
+    (units / f"{UNIT.name}.d").mkdir()
+    shutil.copy(DROPINS / "old-kernel.conf", units / f"{UNIT.name}.d")
+    old_kernel = _exposure(tool, tmp_path)
+    print(f"\nsystemd-analyze security --offline=true {UNIT.name}: {figure} "
+          f"(with old-kernel.conf: {old_kernel})")
+    assert figure <= 3.0, f"the unit's exposure is {figure}, above 3.0"
+    assert old_kernel <= 3.0, f"with old-kernel.conf the exposure is {old_kernel}, above 3.0"
 
 
 def test_unit_verifies():
@@ -347,3 +387,23 @@ def test_man_page_renders_cleanly():
         unavailable("groff is not installed (package groff-base)")
     r = subprocess.run([groff, "-man", "-ww", "-z", str(MANPAGE)], capture_output=True, text=True)
     assert r.returncode == 0 and not r.stderr, r.stderr
+
+
+def test_libbpf_callback_works_under_memory_deny_write_execute():
+    """The unit sets MemoryDenyWriteExecute=yes: libbpf's message callback must not need
+    write+execute memory (cffi's ffi.callback would: MemoryError at import)."""
+    assert parse_unit(UNIT)["Service"]["MemoryDenyWriteExecute"] == ["yes"]
+    try:
+        import ctypes
+        ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        unavailable("libseccomp.so.2 is missing (apt-get install libseccomp2)")
+    code = ("from runqlat import _ffi, bpf, errors\n"
+            "try:\n    bpf.BpfObject('/nonexistent/runqlat.bpf.o')\n"
+            "except errors.RunqlatError as exc:\n    print(exc)\n")
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "seccomp_exec.py"), "--mdwe", "--",
+                        sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "python")})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    # libbpf's own message came through the callback
+    assert "libbpf: elf: failed to open /nonexistent/runqlat.bpf.o" in r.stdout, r.stdout

@@ -2,9 +2,16 @@
 
 Nothing is compiled, on the host or at install time; the declarations in
 libbpf.cdef are the subset of libbpf 1.1 this package calls.
+
+The one callback (libbpf's message printer) is a ctypes function, not an
+ffi.callback: cffi's ABI-mode callbacks need memory that is writable and
+executable at once, which MemoryDenyWriteExecute= (the systemd unit) and
+SELinux's execmem refuse; libffi's closures, which ctypes uses, fall back
+to a double mapping (one writable, one executable) when refused.
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 from importlib import resources
 
@@ -36,19 +43,23 @@ def lib():
                 raise LibraryMissing(
                     f"cannot load {LIBBPF_SONAME} ({exc}); install it with: apt-get install libbpf1"
                 ) from exc
-            _lib.libbpf_set_print(_print_cb)
+            _lib.libbpf_set_print(ffi.cast("libbpf_print_fn_t", ctypes.cast(_print_fn, ctypes.c_void_p).value))
         return _lib
 
 
-@ffi.callback("int(int, const char *, void *)")
 def _print_cb(level, fmt, args):
     # libbpf's own diagnostics are kept (a bounded tail) and attached to errors
-    # instead of being sprayed on stderr.
+    # instead of being sprayed on stderr. fmt and args (a va_list, passed by
+    # reference) arrive as addresses.
     buf = ffi.new("char[]", 1024)
-    _lib.vsnprintf(buf, 1024, fmt, args)
+    _lib.vsnprintf(buf, 1024, ffi.cast("const char *", fmt or 0), ffi.cast("void *", args or 0))
     _messages.append(ffi.string(buf).decode(errors="replace").rstrip())
     del _messages[:-50]
     return 0
+
+
+# int (*)(enum libbpf_print_level, const char *, va_list); kept referenced for good
+_print_fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(_print_cb)
 
 
 def take_messages() -> list[str]:

@@ -55,7 +55,7 @@ def error_for(op: str, err: int, detail: str = "", log: str = "") -> LibbpfError
     err = abs(err)
     if err in (_errno.EPERM, _errno.EACCES) and not log:
         return PermissionDenied(
-            op, err, detail or "run as root (needs CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE or root)"
+            op, err, detail or "run as root (or with CAP_BPF and CAP_PERFMON; CAP_SYS_ADMIN before Linux 5.8)"
         )
     if log:
         return LoadError(op, err, detail, log)

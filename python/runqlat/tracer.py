@@ -180,7 +180,7 @@ class Tracer:
                 self.close()
                 raise PermissionDenied(
                     "loading BPF programs", _errno.EPERM,
-                    "run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE)") from None
+                    "run as root (or with CAP_BPF and CAP_PERFMON; CAP_SYS_ADMIN before Linux 5.8)") from None
             except LibbpfError as exc:
                 # a kernel without tp_btf or task storage: try the next fallback
                 log.debug("%s + %s not usable here: %s", attach, store, exc)
