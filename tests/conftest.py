@@ -171,3 +171,49 @@ def root_bpf():
     from runqlat import elf
     if not elf.default_object_path().exists():
         pytest.fail(f"{elf.default_object_path()} is not built: run 'make -C bpf'", pytrace=False)
+
+
+# -- container runtimes: one private daemon of each per test session --------------
+# Starting containerd or dockerd costs seconds; every module that needs one shares
+# the session's, and each test removes its own containers (ContainerdEnv /
+# runtime_env.*Env track what they started; ids and names are unique per test).
+
+def _runtime_session(make, what: str):
+    if os.geteuid() != 0:
+        unavailable(f"{what} needs root")
+    from containerd_env import ContainerdUnavailable
+    try:
+        env = make().__enter__()
+    except ContainerdUnavailable as exc:
+        unavailable(f"{what} unavailable: {exc}")
+    return env
+
+
+@pytest.fixture(scope="session")
+def containerd_session():
+    from containerd_env import ContainerdEnv
+    env = _runtime_session(ContainerdEnv, "containerd")
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+@pytest.fixture(scope="session")
+def docker_session():
+    from runtime_env import DockerEnv
+    env = _runtime_session(DockerEnv, "docker")
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+@pytest.fixture(scope="session")
+def podman_session():
+    from runtime_env import PodmanEnv
+    env = _runtime_session(PodmanEnv, "podman")
+    try:
+        yield env
+    finally:
+        env.close()

@@ -120,7 +120,8 @@ class ContainerdEnv:
         self.start_timeout = start_timeout
         self.tmp: Path | None = None
         self.proc: subprocess.Popen | None = None
-        self._containers: set[str] = set()
+        self._containers: set[tuple[str, str]] = set()  # (namespace, id)
+        self._cgroups: dict[tuple[str, str], str] = {}  # explicit --cgroup paths
         self._log = None
 
     # paths -----------------------------------------------------------------
@@ -220,70 +221,131 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             return "(no log)"
         return " | ".join(lines[-n:])
 
-    def _ctr(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        cmd = ["ctr", "--address", self.address, "--namespace", self.namespace, *args]
+    def _ctr(self, *args: str, check: bool = True, timeout: float = 60,
+             namespace: str | None = None) -> subprocess.CompletedProcess:
+        cmd = ["ctr", "--address", self.address, "--namespace", namespace or self.namespace, *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed rc={r.returncode}: {r.stderr.strip()}")
         return r
 
     # containers ------------------------------------------------------------
-    def run(self, id: str, command: str) -> int:
-        """Start `sh -c command` in a fresh busybox container; its init PID."""
+    def run(self, id: str, command: str, *, namespace: str | None = None,
+            annotations: dict[str, str] | None = None, cgroup: str | None = None) -> int:
+        """Start `sh -c command` in a fresh busybox container; its init PID.
+
+        namespace: a containerd namespace other than this env's (e.g. k8s.io,
+        as the kubelet's CRI plugin uses); annotations go into the OCI spec as
+        the CRI plugin writes them; cgroup: the cgroup path (cgroupfs driver),
+        e.g. /kubepods/besteffort/pod<uid>/<id> as the kubelet lays it out."""
         assert self.tmp is not None, "not started"
+        ns = namespace or self.namespace
         # ctr --rootfs uses the dir as-is as the container's writable root, so
         # each container gets its own copy rather than sharing the base.
-        rootfs = self.tmp / "rootfs" / id
-        rootfs.parent.mkdir(exist_ok=True)
+        rootfs = self.tmp / "rootfs" / ns / id
+        rootfs.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(self.tmp / "rootfs-base", rootfs, symlinks=True)
-        self._containers.add(id)
+        self._containers.add((ns, id))
+        extra: list[str] = []
+        for k, v in (annotations or {}).items():
+            extra += ["--annotation", f"{k}={v}"]
+        if cgroup is not None:
+            extra += ["--cgroup", cgroup]
+            self._cgroups[(ns, id)] = cgroup
         # Without an image config there is no PATH in the spec; --null-io
         # keeps ctr from creating FIFOs under /run/containerd/fifo.
         self._ctr(
-            "run", "-d", "--null-io", "--env", "PATH=/bin",
-            "--rootfs", str(rootfs), id, "/bin/sh", "-c", command,
+            "run", "-d", "--null-io", "--env", "PATH=/bin", *extra,
+            "--rootfs", str(rootfs), id, "/bin/sh", "-c", command, namespace=ns,
         )
-        return self.init_pid(id)
+        return self.init_pid(id, namespace=ns)
 
-    def init_pid(self, id: str) -> int:
-        pid_file = Path(self.task_state_dir) / self.namespace / id / "init.pid"
+    def run_pod(self, pod: str, namespace: str, containers: dict[str, str]) -> dict[str, str]:
+        """A pod as containerd's CRI plugin makes it for the kubelet: a sandbox
+        ("pause") container and app containers in containerd namespace k8s.io, the
+        CRI annotations in their OCI specs, cgroups /kubepods/besteffort/pod<uid>/<id>
+        (the kubelet's cgroupfs driver). containers: name -> shell command.
+        Returns name -> id, plus "(sandbox)" and "(cgroup)" (the pod's cgroup)."""
+        cri = "io.kubernetes.cri."
+        uid = "-".join(secrets.token_hex(n) for n in (4, 2, 2, 2, 6))
+        parent = f"/kubepods/besteffort/pod{uid}"
+        sandbox = secrets.token_hex(32)
+        common = {cri + "sandbox-name": pod, cri + "sandbox-namespace": namespace,
+                  cri + "sandbox-uid": uid, cri + "sandbox-id": sandbox}
+        self.run(sandbox, "sleep 100000", namespace="k8s.io", cgroup=f"{parent}/{sandbox}",
+                 annotations={**common, cri + "container-type": "sandbox"})
+        ids = {"(sandbox)": sandbox, "(cgroup)": parent}
+        for name, command in containers.items():
+            cid = secrets.token_hex(32)
+            self.run(cid, command, namespace="k8s.io", cgroup=f"{parent}/{cid}",
+                     annotations={**common, cri + "container-type": "container", cri + "container-name": name})
+            ids[name] = cid
+        return ids
+
+    def init_pid(self, id: str, namespace: str | None = None) -> int:
+        ns = namespace or self.namespace
+        pid_file = Path(self.task_state_dir) / ns / id / "init.pid"
         try:
             return int(pid_file.read_text().strip())
         except (OSError, ValueError):
             pass
-        for line in self._ctr("task", "ls").stdout.splitlines()[1:]:
+        for line in self._ctr("task", "ls", namespace=ns).stdout.splitlines()[1:]:
             parts = line.split()
             if len(parts) >= 2 and parts[0] == id:
                 return int(parts[1])
         raise RuntimeError(f"no task {id!r}")
 
-    def stop(self, id: str) -> None:
+    def stop(self, id: str, namespace: str | None = None) -> None:
         """Kill and delete the task, then the container and its rootfs copy."""
+        ns = namespace or self.namespace
         # --force kills a running task before deleting it; both calls may
         # fail harmlessly if the task already exited or never started.
-        self._ctr("task", "kill", "--signal", "SIGKILL", id, check=False)
+        self._ctr("task", "kill", "--signal", "SIGKILL", id, check=False, namespace=ns)
         for _ in range(50):
-            if self._ctr("task", "rm", "--force", id, check=False).returncode == 0:
+            if self._ctr("task", "rm", "--force", id, check=False, namespace=ns).returncode == 0:
                 break
-            if not self._task_exists(id):
+            if not self._task_exists(id, ns):
                 break
             time.sleep(0.1)
-        self._ctr("containers", "rm", id, check=False)
-        self._containers.discard(id)
+        self._ctr("containers", "rm", id, check=False, namespace=ns)
+        self._containers.discard((ns, id))
+        cgroup = self._cgroups.pop((ns, id), None)
+        if cgroup is not None:
+            self._remove_cgroup_parents(cgroup)
         if self.tmp is not None:
-            shutil.rmtree(self.tmp / "rootfs" / id, ignore_errors=True)
+            shutil.rmtree(self.tmp / "rootfs" / ns / id, ignore_errors=True)
 
-    def _task_exists(self, id: str) -> bool:
-        r = self._ctr("task", "ls", "--quiet", check=False)
+    def stop_all(self) -> None:
+        """Remove every container this env started (between the tests sharing it)."""
+        for ns, id in sorted(self._containers):
+            try:
+                self.stop(id, namespace=ns)
+            except Exception:  # cleanup goes on for the rest
+                pass
+
+    def _remove_cgroup_parents(self, cgroup: str) -> None:
+        # runc removes the container's own cgroup; the parents made for it
+        # (/kubepods/besteffort/pod<uid>) stay. rmdir only removes empty ones, so
+        # a parent still used by another container (or another test) stays.
+        parts = [p for p in cgroup.split("/") if p]
+        try:
+            roots = [Path(CGROUP_ROOT)] + [d for d in Path(CGROUP_ROOT).iterdir() if d.is_dir()]
+        except OSError:
+            roots = [Path(CGROUP_ROOT)]
+        for n in range(len(parts), 0, -1):
+            for r in roots:
+                try:
+                    (r.joinpath(*parts[:n])).rmdir()
+                except OSError:
+                    pass
+
+    def _task_exists(self, id: str, namespace: str | None = None) -> bool:
+        r = self._ctr("task", "ls", "--quiet", check=False, namespace=namespace)
         return id in r.stdout.split()
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            for id in list(self._containers):
-                try:
-                    self.stop(id)
-                except Exception:  # cleanup must go on for the rest
-                    pass
+            self.stop_all()
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -313,3 +316,41 @@ def test_interval_buffers_stay_below_the_mmap_threshold():
     from runqlat.abi import HIST_SLOTS
     assert tracer.ROWS_READ_BYTES < cli.MMAP_THRESHOLD
     assert output.CHUNK * HIST_SLOTS * 8 < cli.MMAP_THRESHOLD
+
+
+def test_containers_command_on_hostile_state(tmp_path):
+    """Runtime state written for a hostile pod owner: names with terminal escapes,
+    newlines and lone surrogates, a huge name, garbage files. The listing goes on,
+    each problem is one warning line, nothing of the files' contents is echoed."""
+    import subprocess
+    state = tmp_path / "state"
+    ns = state / "k8s.io"
+    good = ns / ("a" * 64)
+    good.mkdir(parents=True)
+    (good / "init.pid").write_text(str(os.getpid()))
+    (good / "config.json").write_text(
+        '{"annotations": {"io.kubernetes.cri.container-type": "container", '
+        '"io.kubernetes.cri.container-name": "app\\u001b[2J\\n\\ud800", '
+        '"io.kubernetes.cri.sandbox-namespace": "shop", '
+        '"io.kubernetes.cri.sandbox-name": "' + "p" * 10_000 + '"}}')
+    for name, pid, config in (("b" * 64, "garbage\n", "{}"), ("c" * 64, str(os.getpid()), "{SECRET-CONTENT"),
+                              ("d" * 64, str(os.getpid()), "[" * 50_000)):
+        d = ns / name
+        d.mkdir()
+        (d / "init.pid").write_text(pid)
+        (d / "config.json").write_text(config)
+    env = dict(os.environ, RUNQLAT_CONTAINERD_STATE=str(state),
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent / "python"))
+    for args in (["containers"], ["containers", "--json"]):
+        r = subprocess.run([sys.executable, "-m", "runqlat", *args], capture_output=True, text=True,
+                           env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr and "SECRET" not in r.stderr + r.stdout
+        warnings = r.stderr.strip().splitlines()
+        ours = [w for w in warnings if str(state) in w]  # (the host may have containers of its own)
+        assert len(ours) == 3 and all(w.startswith("runqlat-core: warning: ") for w in warnings), warnings
+        assert "\x1b" not in r.stdout and "\ud800" not in r.stdout
+    rows = {c["id"]: c for c in json.loads(r.stdout)}
+    c = rows["a" * 64]
+    assert c["name"] == "app\ufffd[2J\ufffd\ufffd" and c["pod_namespace"] == "shop"
+    assert len(c["pod"]) == 253

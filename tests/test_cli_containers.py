@@ -8,14 +8,11 @@ of the CI machines can run at once, so they wait in the run queue.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 
 import pytest
 
-from containerd_env import ContainerdEnv, ContainerdUnavailable
-from helpers import unavailable
 from runqlat.containers import discover
 from runqlat.policy import STATE_ENV
 from runqlat.tracking import CONTAINER_SCAN_S
@@ -31,18 +28,13 @@ CHANGE_S = CONTAINER_SCAN_S + 0.5 + INTERVAL + 1.0
 SPIN = "for i in 1 2 3; do (while :; do :; done) & done; wait"
 
 
-@pytest.fixture(scope="module")
-def env():
-    if os.geteuid() != 0:
-        unavailable("containerd needs root")
+@pytest.fixture
+def env(containerd_session):
+    """The session's containerd; what a test started is removed after it."""
     try:
-        e = ContainerdEnv().__enter__()
-    except ContainerdUnavailable as exc:
-        unavailable(f"containerd unavailable: {exc}")
-    try:
-        yield e
+        yield containerd_session
     finally:
-        e.close()
+        containerd_session.stop_all()
 
 
 def _wait_counted(t, env, cid: str, timeout: float, after: float = 0.0) -> dict:

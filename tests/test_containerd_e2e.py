@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -16,29 +17,24 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from containerd_env import ContainerdEnv, ContainerdUnavailable
+from containerd_env import ContainerdEnv
+from helpers import IN_CI
 from runqlat.cgroups import cgroup2_mount
-from helpers import IN_CI, unavailable
 from runqlat.containers import ContainerError, discover, resolve
 from runqlat.policy import STATE_ENV, LoadPolicy
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.bpf
 
 
 @pytest.fixture
-def env():
-    if os.geteuid() != 0:
-        unavailable("containerd e2e needs root")
+def env(containerd_session):
+    """The session's containerd; what a test started is removed after it."""
     try:
-        e = ContainerdEnv().__enter__()
-    except ContainerdUnavailable as exc:
-        unavailable(f"containerd unavailable: {exc}")
-    try:
-        yield e
+        yield containerd_session
     finally:
-        e.close()
+        containerd_session.stop_all()
 
 
 def _ours(env: ContainerdEnv, **kw) -> dict:
@@ -189,3 +185,43 @@ def test_cli_per_container_latency(env):
     except ValueError:
         docs = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert any(_mentions_with_samples(d, "busy") for d in docs), text[-2000:]
+
+
+# -- Kubernetes, laid out as the kubelet does it through CRI ---------------------------
+
+def test_kubernetes_pods_named_from_cri_annotations(env):
+    tag = secrets.token_hex(3)
+    web = env.run_pod(f"web-{tag}", "shop", {"app": "while :; do :; done", "sidecar": "sleep 1000"})
+    db = env.run_pod(f"db-{tag}", "data", {"app": "sleep 1000"})
+    found = {c.id: c for c in discover(containerd_state_dirs=[env.task_state_dir]) if c.namespace == "k8s.io"}
+    # the sandboxes (pause containers) are not workloads: not listed
+    assert web["(sandbox)"] not in found and db["(sandbox)"] not in found
+    mine = {cid for cid in found if cid in set(web.values()) | set(db.values())}
+    assert mine == {web["app"], web["sidecar"], db["app"]}
+    for ids, pod, ns in ((web, f"web-{tag}", "shop"), (db, f"db-{tag}", "data")):
+        for name, cid in ids.items():
+            if name.startswith("("):
+                continue
+            c = found[cid]
+            assert (c.runtime, c.pod_namespace, c.pod, c.name) == ("cri", ns, pod, name), c
+            # the cgroup the kubelet chose, in the unified hierarchy of this hybrid host too
+            assert c.cgroup is not None and c.cgroup.startswith("/kubepods/besteffort/pod")
+            assert c.cgroup.endswith("/" + cid)
+            assert c.init_pid == env.init_pid(cid, namespace="k8s.io")
+    # the same container name in two pods: only namespace/pod/name is unique
+    with pytest.raises(ContainerError, match="ambiguous"):
+        resolve(found.values(), ["app"])
+    assert [c.id for c in resolve(found.values(), [f"shop/web-{tag}/app"])] == [web["app"]]
+    assert [c.id for c in resolve(found.values(), [f"db-{tag}/app"])] == [db["app"]]
+
+
+def test_kubernetes_pods_in_the_containers_command(env):
+    tag = secrets.token_hex(3)
+    ids = env.run_pod(f"api-{tag}", "prod", {"server": "sleep 1000"})
+    r = subprocess.run(
+        [sys.executable, "-m", "runqlat", "containers"], capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "python"), **{STATE_ENV: env.task_state_dir}))
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in r.stdout.splitlines() if line.startswith(ids["server"][:12]))
+    assert "server" in line and f"prod/api-{tag}" in line and " cri " in line
+    assert ids["(sandbox)"][:12] not in r.stdout

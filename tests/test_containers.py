@@ -84,7 +84,7 @@ class FakeHost:
 
     def discover(self, **kw) -> list[Container]:
         kw.setdefault("containerd_state_dirs", [str(self.state)])
-        kw.setdefault("docker_root", str(self.docker))
+        kw.setdefault("docker_roots", [str(self.docker)])
         kw.setdefault("storage_roots", [str(self.storage)])
         return discover(str(self.proc), **kw)
 
@@ -383,6 +383,130 @@ def test_cgroup_scan_names(host):
     assert found[docker_id].name == "db"
     assert found[podman_id].name == "cache"
     assert (found[crio_id].name, found[crio_id].pod) == ("api", "api-7d9")
+
+
+def test_crio_pod_namespace(host):
+    cid = IDS["c"]
+    host.add_proc(700, pidns=4026532007, cgroup=f"/kubepods.slice/crio-{cid}.scope")
+    ud = host.storage / "overlay-containers" / cid / "userdata"
+    ud.mkdir(parents=True)
+    (ud / "config.json").write_text(json.dumps({"annotations": {
+        "io.kubernetes.cri-o.ContainerType": "container",
+        "io.kubernetes.container.name": "api",
+        "io.kubernetes.pod.name": "api-7d9",
+        "io.kubernetes.pod.namespace": "shop",
+    }}))
+    (c,) = host.discover()
+    assert (c.runtime, c.pod_namespace, c.pod, c.name) == ("crio", "shop", "api-7d9", "api")
+    assert [x.id for x in resolve([c], ["shop/api-7d9/api"])] == [cid]
+
+
+def test_storage_and_docker_roots_given(host, tmp_path):
+    podman_id, docker_id = IDS["b"], IDS["a"]
+    other = tmp_path / "private/storage"
+    (other / "overlay-containers").mkdir(parents=True)
+    (other / "overlay-containers" / "containers.json").write_text(
+        json.dumps([{"id": podman_id, "names": ["pm"]}]))
+    host.add_proc(600, pidns=4026532006, cgroup=f"/libpod_parent/libpod-{podman_id}")
+    dk = tmp_path / "private/docker"
+    (dk / "containers" / docker_id).mkdir(parents=True)
+    (dk / "containers" / docker_id / "config.v2.json").write_text(json.dumps({"Name": "/dk"}))
+    host.add_proc(500, pidns=4026532005, cgroup=f"/docker/{docker_id}")
+    assert host.by_id()[podman_id].name is None
+    found = host.by_id(storage_roots=["/nonexistent", str(other)], docker_roots=[str(host.docker), str(dk)])
+    assert (found[podman_id].name, found[docker_id].name) == ("pm", "dk")
+
+
+def test_roots_from_env():
+    from runqlat.policy import DOCKER_ROOT_ENV, STORAGE_ENV
+    policy = LoadPolicy.from_env({DOCKER_ROOT_ENV: "/a::/b", STORAGE_ENV: "/s"})
+    assert policy.docker_roots == (ct.DEFAULT_DOCKER_ROOT, "/a", "/b")
+    assert policy.storage_roots == ct.DEFAULT_STORAGE_ROOTS + ("/s",)
+    empty = LoadPolicy.from_env({})
+    assert (empty.docker_roots, empty.storage_roots) == ((ct.DEFAULT_DOCKER_ROOT,), ct.DEFAULT_STORAGE_ROOTS)
+
+
+def test_docker_data_root_from_the_hostname_mount(host, tmp_path):
+    # dockerd --data-root elsewhere: its spec bind-mounts <root>/containers/<id>/hostname
+    cid = IDS["e"]
+    root = tmp_path / "elsewhere/docker"
+    (root / "containers" / cid).mkdir(parents=True)
+    (root / "containers" / cid / "config.v2.json").write_text(json.dumps({"Name": "/web"}))
+    host.add_proc(200, pidns=4026532002, cgroup=f"/docker/{cid}")
+    spec = {"mounts": [{"destination": "/etc/resolv.conf", "source": "/x/resolv.conf"},
+                       {"destination": "/etc/hostname",
+                        "source": f"{root}/containers/{cid}/hostname"}]}
+    host.add_task("moby", cid, 200, config=json.dumps(spec))
+    (c,) = host.discover()
+    assert (c.runtime, c.name) == ("docker", "web")
+    # a mount that does not name this container's own dir is not taken
+    spec["mounts"][1]["source"] = f"{root}/containers/{IDS['f']}/hostname"
+    (host.state / "moby" / cid / "config.json").write_text(json.dumps(spec))
+    assert host.discover()[0].name is None
+
+
+# ------------------------------------------------------- hostile metadata
+
+
+def test_label_values_are_cleaned_and_bounded():
+    assert ct.clean_label("web-0") == "web-0"
+    assert ct.clean_label("") is None and ct.clean_label(None) is None and ct.clean_label(7) is None
+    assert ct.clean_label("a\nb\x1b[31mc\u2028") == "a\ufffdb\ufffd[31mc\ufffd"
+    assert ct.clean_label("x\ud800y") == "x\ufffdy"  # a lone surrogate
+    long = ct.clean_label("n" * 100_000)
+    assert len(long) == ct.MAX_LABEL_LEN and long.endswith("\u2026")
+    assert ct.clean_label("é" * 300).encode()  # still encodable
+
+
+def test_hostile_annotations_become_clean_fields(host):
+    host.add_proc(310, pidns=4026532003)
+    # JSON escapes can carry lone surrogates and control characters
+    config = ('{"annotations": {"io.kubernetes.cri.container-type": "container", '
+              '"io.kubernetes.cri.container-name": "app\\ud800\\n\\u001b[2J", '
+              '"io.kubernetes.cri.sandbox-name": "' + "p" * 5000 + '", '
+              '"io.kubernetes.cri.sandbox-namespace": ["not", "a", "string"]}}')
+    host.add_task("k8s.io", IDS["c"], 310, config=config)
+    problems = []
+    (c,) = host.discover(problems=problems)
+    assert c.name == "app\ufffd\ufffd\ufffd[2J"
+    assert len(c.pod) == ct.MAX_LABEL_LEN
+    assert c.pod_namespace is None
+    json.dumps(c.__dict__).encode("utf-8")
+    (c.name + c.pod).encode("utf-8")  # no lone surrogate left
+
+
+def test_malformed_state_is_reported_not_raised(host):
+    host.add_proc(100, pidns=4026532001)
+    host.add_task("default", "badpid", "12\x00garbage")
+    host.add_task("default", "badjson", 100, config="{oops")
+    host.add_task("default", "deep", 100, config="[" * 100_000 + "]" * 100_000)
+    host.add_task("default", "annlist", 100, config=json.dumps({"annotations": ["x"]}))
+    big = host.add_task("default", "huge", 100)
+    with open(big / "config.json", "w") as f:
+        f.write('{"annotations": {"nerdctl/name": "')
+        f.write("x" * (ct.MAX_FILE_BYTES + 10))
+        f.write('"}}')
+    host.add_task("moby", IDS["a"], 100)
+    d = host.docker / "containers" / IDS["a"]
+    d.mkdir(parents=True)
+    (d / "config.v2.json").write_bytes(b'{"Name": 5}')
+    oc = host.storage / "overlay-containers"
+    oc.mkdir(parents=True)
+    (oc / "containers.json").write_bytes(b"\xff\xfe garbage")
+    host.add_proc(600, pidns=4026532006, cgroup=f"/libpod_parent/libpod-{IDS['b']}")
+    problems: list[str] = []
+    found = host.by_id(problems=problems)
+    assert set(found) == {"badjson", "deep", "annlist", "huge", IDS["a"], IDS["b"]}
+    assert found["huge"].name == "huge"  # the too-big spec was not read
+    text = "\n".join(problems)
+    for what in ("badpid/init.pid does not hold a PID", "badjson/config.json is not valid JSON",
+                 "deep/config.json is not valid JSON", "annlist/config.json: annotations is not",
+                 "huge/config.json is larger than", "config.v2.json has no container name",
+                 "containers.json is not valid JSON"):
+        assert what in text, (what, problems)
+    assert "xxxx" not in text and "oops" not in text  # never a file's contents
+    assert all("\n" not in p for p in problems)
+    assert len(problems) == len(set(problems))
 
 
 def test_cgroup_scan_skips_crio_sandbox_and_pause(host):

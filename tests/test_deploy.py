@@ -25,13 +25,15 @@ from helpers import unavailable
 from unit_file import DROPINS, allowed_syscalls, capabilities, parse_unit, syscall_groups
 from runqlat import cli
 from runqlat.metrics import Collector, parse_addr, parse_buckets
-from runqlat.model import Mode, Snapshot
+from runqlat.model import Mode, Snapshot, context_of, label_names
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "runqlat-core.service"
 CONFIG = DEPLOY / "config.toml"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
 PROMETHEUS = DEPLOY / "prometheus.yml"
+RULES = DEPLOY / "prometheus-rules.yml"
+RULES_TEST = DEPLOY / "prometheus-rules.test.yml"
 DAEMONSET = DEPLOY / "kubernetes" / "daemonset.yaml"
 CONTAINERFILE = DEPLOY / "Containerfile"
 MANPAGE = ROOT / "packaging" / "runqlat-core.1"
@@ -77,16 +79,18 @@ def dashboard_targets(dash: dict):
 
 
 def exported_series_names() -> set[str]:
-    """Every sample name the Prometheus collector can emit, from its families' types."""
-    snap = Snapshot(
-        ts=0.0, mode=Mode.PID, hists={}, tracked_processes=0, tracked_containers=0,
-        drops={}, maps={}, progs={}, features={})
+    """Every sample name the Prometheus collector can emit, from its families' types
+    (in every mode: some families exist only for containers and pods)."""
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",),
                 "gauge": ("",), "info": ("_info",)}
     names = set()
-    for family in Collector(lambda: snap, bpf_stats=lambda: True).collect():
-        for suffix in suffixes[family.type]:
-            names.add(family.name + suffix)
+    for mode in Mode:
+        snap = Snapshot(
+            ts=0.0, mode=mode, hists={}, tracked_processes=0, tracked_containers=0,
+            drops={}, maps={}, progs={}, features={})
+        for family in Collector(lambda: snap, bpf_stats=lambda: True).collect():
+            for suffix in suffixes[family.type]:
+                names.add(family.name + suffix)
     return names
 
 
@@ -228,18 +232,45 @@ def test_config_reload_keys_are_documented():
 
 # -- Grafana -----------------------------------------------------------------------
 
+RECORDED_RE = r"\b[a-z]+:runqlat_[a-z_]+:[a-z0-9_]+"
+
+
+def recorded_names() -> set[str]:
+    return set(re.findall(r"^\s+- record: (\S+)$", RULES.read_text(), re.M))
+
+
 def test_dashboard_queries_use_exported_metrics():
     dash = json.loads(DASHBOARD.read_text())
     exported = exported_series_names()
     exprs = [t["expr"] for _, t in dashboard_targets(dash)]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if v.get("definition")]
     assert exprs
-    used = set()
+    used, recorded = set(), set()
     for expr in exprs:
-        names = set(re.findall(r"\brunqlat_[a-z_]+", expr))
-        assert names, f"query uses no runqlat metric: {expr}"
+        rec = set(re.findall(RECORDED_RE, expr))
+        names = set(re.findall(r"\brunqlat_[a-z_]+", re.sub(RECORDED_RE, "", expr)))
+        assert names or rec, f"query uses no runqlat metric: {expr}"
         used |= names
+        recorded |= rec
     assert used <= exported, f"dashboard queries metrics that are not exported: {sorted(used - exported)}"
+    # series of recording rules: ones deploy/prometheus-rules.yml records
+    assert recorded <= recorded_names(), sorted(recorded - recorded_names())
     assert any(HIST in e for e in exprs)
+
+
+def test_dashboard_queries_parse(tmp_path):
+    """Every query is valid PromQL (promtool parses it as a rule), variables filled in."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for _, t in dashboard_targets(dash)]
+    lines = ["groups:", "  - name: dashboard", "    rules:"]
+    for i, e in enumerate(exprs):
+        e = e.replace("$__rate_interval", "5m")
+        e = re.sub(r"\$\{?\w+\}?", ".*", e)
+        lines += [f"      - record: dashboard:query:{i}", f"        expr: {json.dumps(e)}"]
+    f = tmp_path / "dashboard-rules.yml"
+    f.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([_promtool(), "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_dashboard_has_the_promised_panels():
@@ -248,13 +279,13 @@ def test_dashboard_has_the_promised_panels():
     heat = [(p, t) for p, t in targets if p["type"] == "heatmap"]
     assert heat and all(f"{HIST}_bucket" in t["expr"] and t.get("format") == "heatmap" for _, t in heat)
 
-    def quantiles_by(label):
-        return [t["expr"] for _, t in targets
-                if t["expr"].startswith("histogram_quantile(") and f", {label}" in t["expr"]]
-    for label in ("pid", "container_id"):
-        qs = quantiles_by(label)
-        assert any(q.startswith("histogram_quantile(0.99,") for q in qs), f"no p99 by {label}"
-        assert any(q.startswith("histogram_quantile(0.5,") for q in qs), f"no p50 by {label}"
+    # p50 and p99 per process, container and pod come from the recording rules
+    exprs = [t["expr"] for _, t in targets]
+    for level in ("process", "container", "pod"):
+        for q in ("p50", "p99"):
+            assert any(e.startswith(f"{level}:{HIST}:{q}_") for e in exprs), f"no {q} per {level}"
+    assert any("runqlat_cpu_throttled_periods" in e for e in exprs)
+    assert any("runqlat_cpu_pressure_some_seconds_total" in e for e in exprs)
     exprs = " ".join(t["expr"] for _, t in targets)
     assert "runqlat_tracked_processes" in exprs
     assert "runqlat_dropped_events_total" in exprs
@@ -263,6 +294,7 @@ def test_dashboard_has_the_promised_panels():
 def test_dashboard_layout_and_variables():
     dash = json.loads(DASHBOARD.read_text())
     variables = {v["name"] for v in dash["templating"]["list"]}
+    assert {"namespace", "pod"} <= variables
     text = DASHBOARD.read_text()
     grafana_builtin = {"__rate_interval", "__interval", "__range"}
     for ref in set(re.findall(r"\$\{?(\w+)", text)):
@@ -305,6 +337,55 @@ def test_prometheus_scrape_config():
     assert "\t" not in text
 
 
+def _promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        unavailable("promtool is not installed (apt-get install prometheus)")
+    return found
+
+
+def test_rules_pass_promtool_check():
+    r = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout
+
+
+def test_rules_unit_tests_pass():
+    """Recording rules give the quantiles the synthetic series imply; the alerts fire
+    (and stay quiet) as the test file says: deploy/prometheus-rules.test.yml."""
+    r = subprocess.run([_promtool(), "test", "rules", RULES_TEST.name], capture_output=True, text=True,
+                       timeout=120, cwd=DEPLOY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout
+
+
+def test_rules_use_exported_metrics_and_labels():
+    text = RULES.read_text()
+    used = set(re.findall(r"\brunqlat_[a-z_]+", text)) - set(re.findall(r"(?<=:)runqlat_[a-z_]+(?=:)", text))
+    exported = exported_series_names()
+    assert used and used <= exported, sorted(used - exported)
+    # label names the rules group by are ones the exporter uses
+    known = {n for m in Mode for n in label_names(m, context_of(m))} | {"instance", "job", "le", "reason"}
+    for group in re.findall(r"by \(([^)]*)\)", text):
+        labels = {x.strip() for x in group.split(",")}
+        assert labels <= known, labels - known
+
+
+def test_rules_cover_every_level_and_window():
+    text = RULES.read_text()
+    recorded = set(re.findall(r"^\s+- record: (\S+)$", text, re.M))
+    for level in ("container", "pod", "process"):
+        for q in ("p50", "p99"):
+            for w in ("1m", "5m"):
+                assert f"{level}:{HIST}:{q}_{w}" in recorded
+    alerts = set(re.findall(r"^\s+- alert: (\S+)$", text, re.M))
+    assert {"RunqlatPodRunQueueLatencyHigh", "RunqlatPodLatencyWithThrottling", "RunqlatDroppingEvents",
+            "RunqlatExporterDown"} <= alerts
+    # every alert has a unit test
+    tested = set(re.findall(r"alertname: (\S+)", RULES_TEST.read_text()))
+    assert alerts <= tested, alerts - tested
+
+
 def test_daemonset_mounts_and_args():
     text = DAEMONSET.read_text()
     assert "\t" not in text
@@ -320,10 +401,12 @@ def test_daemonset_mounts_and_args():
         mounts = {m["mountPath"]: m for m in ctr["volumeMounts"]}
         vols = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
         for path in ("/sys/fs/cgroup", "/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/bpf",
-                     "/run/containerd"):
+                     "/run/containerd", "/run/containers/storage"):
             assert path in mounts, f"{path} is not mounted"
             assert vols[mounts[path]["name"]] == path
-        assert mounts["/run/containerd"]["readOnly"] is True
+        # the runtimes' state (pod names come from it) is only read
+        for path in ("/run/containerd", "/run/containers/storage"):
+            assert mounts[path]["readOnly"] is True
         args = ctr["args"]
         assert ctr["command"] == ["/usr/bin/runqlat-core"]
         port = ctr["ports"][0]["containerPort"]
@@ -333,7 +416,7 @@ def test_daemonset_mounts_and_args():
         assert re.search(r"^\s+hostPID: true$", text, re.M)
         assert re.search(r"^\s+privileged: true$", text, re.M)
         for path in ("/sys/fs/cgroup", "/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/bpf",
-                     "/run/containerd"):
+                     "/run/containerd", "/run/containers/storage"):
             assert re.search(rf"^\s+mountPath: {path}$", text, re.M), f"{path} is not mounted"
             assert re.search(rf"^\s+path: {path}$", text, re.M), f"{path} is not a hostPath volume"
         m = re.search(r"^\s+args:\n((?:\s+- .+\n)+)", text, re.M)

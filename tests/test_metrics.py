@@ -36,7 +36,7 @@ from runqlat.hist import (
     slot_upper_ns,
 )
 from runqlat.metrics import HIST_NAME, Collector, MetricsServer, parse_addr, parse_buckets
-from runqlat.model import Mode, Snapshot
+from runqlat.model import Mode, Snapshot, context_of, label_names
 
 US = 1000
 MS = 1_000_000
@@ -74,7 +74,11 @@ LABELS = {
     Mode.PID: [("1234", "postgres"), ("99", "my worker")],
     Mode.TID: [("1235", "postgres")],
     Mode.PIDNS: [("4026531836",)],
-    Mode.CONTAINER: [("0123456789abcdef" * 4, "web"), ("", "")],
+    Mode.CONTAINER: [("0123456789abcdef" * 4, "web", "", "", ""), ("", "", "", "", ""),
+                     ("fedcba9876543210" * 4, "app", "shop", "web-0", "app"),
+                     # a pod name as a hostile runtime could make it, after containers.clean_label
+                     ("ab" * 32, "x\ufffd\"y\\", "n\ufffds", "p" * 252 + "\u2026", "x\ufffd\"y\\")],
+    Mode.POD: [("shop", "web-0"), ("", ""), ("kube-system", "coredns-5d78c9869d-abcde")],
     # label values with characters the exposition must escape (a newline never gets
     # there: names are escaped first, see test_hostile_names.py)
     Mode.CGROUP: [("/system.slice/a\"b\\c.service",), ("/kubepods/burstable/pod1/ctr nl",)],
@@ -83,13 +87,18 @@ LABELS = {
 PROGS = {"switch_ts": (17, 2_500_000_000, 123_456), "wakeup_ts": (18, 1_000, 7)}
 
 
+def names_of(mode: Mode) -> tuple[str, ...]:
+    """A mode's label names, its context (Kubernetes, for containers) included."""
+    return label_names(mode, context_of(mode))
+
+
 def snapshot(mode: Mode, hists: dict | None = None) -> Snapshot:
     if hists is None:
         hists = {}
         for i, labels in enumerate(LABELS[mode]):
             slots = dict(EDGE_SLOTS)
             slots[slot_of((i + 1) * 7 * US)] = i + 1  # make the histograms differ
-            hists[labels] = hist_of_slots(slots, labels=dict(zip(mode.labels, labels)))
+            hists[labels] = hist_of_slots(slots, labels=dict(zip(names_of(mode), labels)))
     return Snapshot(
         ts=1_700_000_000.0, mode=mode, hists=hists, tracked_processes=42, tracked_containers=3,
         drops={"tracked_full": 5, "hist_full": 0, "task_ctx": 11},
@@ -171,7 +180,7 @@ def test_histogram_per_mode(mode, fmt):
     fams = families(snap, fmt)
     fam = fams[HIST_NAME]
     assert fam.type == "histogram"
-    series = by_series(fam, mode.labels)
+    series = by_series(fam, names_of(mode))
     assert set(series) == set(snap.hists)
     bounds = power_of_two_bounds_ns()
     for labels, d in series.items():
@@ -181,12 +190,44 @@ def test_histogram_per_mode(mode, fmt):
 
 def test_label_names_per_mode():
     expected = {Mode.GLOBAL: set(), Mode.PID: {"pid", "comm"}, Mode.TID: {"tid", "comm"},
-                Mode.PIDNS: {"pidns"}, Mode.CONTAINER: {"container_id", "container_name"},
-                Mode.CGROUP: {"cgroup"}}
+                Mode.PIDNS: {"pidns"},
+                Mode.CONTAINER: {"container_id", "container_name", "namespace", "pod", "container"},
+                Mode.POD: {"namespace", "pod"}, Mode.CGROUP: {"cgroup"}}
     for mode, names in expected.items():
         fam = families(snapshot(mode))[HIST_NAME]
         for smp in fam.samples:
             assert set(smp.labels) - {"le"} == names, (mode, smp)
+
+
+@pytest.mark.parametrize("fmt", ["text", "openmetrics"])
+@pytest.mark.parametrize("mode", [Mode.CONTAINER, Mode.POD], ids=["container", "pod"])
+def test_cpu_context_counters(mode, fmt):
+    from runqlat.cpuctx import CpuContext
+    snap = snapshot(mode)
+    labs = LABELS[mode]
+    snap.cpu = {labs[0]: CpuContext(120, 30, 2.5, 3.0, 0.25, "cgroup2"),
+                # hybrid host without PSI: throttling only
+                labs[-1]: CpuContext(50, 10, 1.5, None, None, "cgroup1", ("no PSI",))}
+    fams = families(snap, fmt)
+    names = {"runqlat_cpu_periods": ("periods", 120, 50),
+             "runqlat_cpu_throttled_periods": ("throttled_periods", 30, 10),
+             "runqlat_cpu_throttled_seconds": ("throttled_seconds", 2.5, 1.5),
+             "runqlat_cpu_pressure_some_seconds": ("pressure_some_seconds", 3.0, None),
+             "runqlat_cpu_pressure_full_seconds": ("pressure_full_seconds", 0.25, None)}
+    for name, (_attr, first, last) in names.items():
+        fam = fams[name]
+        assert fam.type == "counter"
+        got = {tuple(smp.labels[n] for n in names_of(mode)): smp.value
+               for smp in fam.samples if smp.name == name + "_total"}
+        want = {labs[0]: first} | ({labs[-1]: last} if last is not None else {})
+        assert got == want, name
+        # the same label names as the histogram: they join in PromQL without relabelling
+        assert all(set(smp.labels) == set(names_of(mode)) for smp in fam.samples if smp.name.endswith("_total"))
+
+
+def test_no_cpu_families_outside_container_modes():
+    fams = families(snapshot(Mode.PID))
+    assert not [n for n in fams if n.startswith("runqlat_cpu_")]
 
 
 def test_default_bounds_are_powers_of_two_from_1us_to_about_16s():
@@ -440,7 +481,7 @@ def test_server_serves_metrics_on_loopback():
         assert status == 200
         assert ctype.startswith("text/plain")
         fams = {f.name: f for f in parse_text(body)}
-        assert set(by_series(fams[HIST_NAME], Mode.CONTAINER.labels)) == set(LABELS[Mode.CONTAINER])
+        assert set(by_series(fams[HIST_NAME], names_of(Mode.CONTAINER))) == set(LABELS[Mode.CONTAINER])
         # what Prometheus asks for
         status, ctype, body = fetch(f"http://127.0.0.1:{port}/metrics",
                                     "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
@@ -510,7 +551,7 @@ def test_concurrent_scrapes():
         try:
             status, _, body = fetch(f"http://127.0.0.1:{port}/metrics")
             fams = {f.name: f for f in parse_text(body)}
-            ok = status == 200 and len(by_series(fams[HIST_NAME], Mode.CONTAINER.labels)) == 2
+            ok = status == 200 and len(by_series(fams[HIST_NAME], names_of(Mode.CONTAINER))) == len(LABELS[Mode.CONTAINER])
         except Exception as exc:  # noqa: BLE001 - reported below
             ok = exc
         with lock:

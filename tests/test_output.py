@@ -77,7 +77,7 @@ class ReferencePrinter:
         if self.timestamp:
             parts.append(time.strftime("%H:%M:%S", time.localtime(snap.ts)) + "\n")
         for labels, d in deltas:
-            head = mode_header(snap.mode, dict(zip(snap.mode.labels, labels)))
+            head = mode_header(snap.mode, dict(zip(snap.label_names, labels)))
             if head:
                 parts.append("\n" + head + "\n")
             parts.append(render_log2(trim(log2_matrix(d.slots, self.unit_ns)[0]), unit) + "\n")
@@ -87,7 +87,7 @@ class ReferencePrinter:
     def _json(self, snap, deltas, interval_s):
         for labels, d in deltas:
             rec = {"ts": round(snap.ts, 3), "interval_s": interval_s, "mode": snap.mode.value}
-            for k, v in zip(snap.mode.labels, labels):
+            for k, v in zip(snap.label_names, labels):
                 rec[k] = int(v) if k in ("pid", "tid", "pidns") else v
             p50, p90, p99 = np.round(percentiles_ns(d.slots, (0.5, 0.9, 0.99)), 1)[0].tolist()
             nz = np.flatnonzero(d.slots)
@@ -101,8 +101,10 @@ LABELS = {
     Mode.PID: lambda r, i: (str(i), r.choice(["app", "db", "a b", 'q"uote', "ünï", ""])),
     Mode.TID: lambda r, i: (str(i), r.choice(["worker", "main"])),
     Mode.PIDNS: lambda r, i: (str(4026531836 + i),),
-    Mode.CONTAINER: lambda r, i: r.choice([("", ""), (f"{i:064x}", f"web-{i}"), (f"{i:064x}", f"{i:064x}"),
-                                           (f"{i:064x}", "")]),
+    Mode.CONTAINER: lambda r, i: r.choice([("", "", "", "", ""), (f"{i:064x}", f"web-{i}", "", "", ""),
+                                           (f"{i:064x}", f"{i:064x}", "", "", ""), (f"{i:064x}", "", "", "", ""),
+                                           (f"{i:064x}", "app", "shop", f"web-{i}", "app")]),
+    Mode.POD: lambda r, i: r.choice([("", ""), ("shop", f"web-{i}"), ("kube-system", f"dns-{i}")]),
     Mode.CGROUP: lambda r, i: (r.choice(["/sys.slice/a", "/k8s/pod-9", "/x"]) + f"/{i}",),
 }
 
@@ -201,3 +203,33 @@ def test_string_cache_formats_each_code_once_and_fills_what_it_misses():
     assert cache([2, 1]) == ["<2>", "<1>"]  # all known
     assert cache([2, 3, 1, 3]) == ["<2>", "<3>", "<1>", "<3>"]  # one new among known ones
     assert sorted(made) == [1, 2, 3]
+
+
+def _one(mode: Mode, lab: tuple, cpu: dict | None = None, fmt: str = "json") -> str:
+    from runqlat.hist import Histogram
+    slots = np.zeros(HIST_SLOTS, dtype=np.uint64)
+    slots[40] = 3
+    h = Histogram(slots, 3, 3000)
+    out = io.StringIO()
+    Printer(out, fmt, 1000, False).emit(
+        Snapshot(ts=1_700_000_000.0, mode=mode, hists={lab: h}, tracked_processes=0, tracked_containers=1,
+                 drops={}, maps={}, progs={}, features={}, cpu=cpu or {}), 1.0)
+    return out.getvalue()
+
+
+def test_json_carries_kubernetes_labels_and_cpu_context():
+    from runqlat.cpuctx import CpuContext
+    lab = ("ab" * 32, "app", "shop", "web-0", "app")
+    rec = json.loads(_one(Mode.CONTAINER, lab, {lab: CpuContext(120, 30, 2.5, None, None, "cgroup1")}))
+    assert (rec["container_id"], rec["namespace"], rec["pod"], rec["container"]) == (lab[0], "shop", "web-0", "app")
+    assert rec["cpu"] == {"periods_total": 120, "throttled_periods_total": 30, "throttled_seconds_total": 2.5,
+                          "pressure_some_seconds_total": None, "pressure_full_seconds_total": None}
+    rec = json.loads(_one(Mode.POD, ("shop", "web-0")))
+    assert (rec["mode"], rec["namespace"], rec["pod"]) == ("pod", "shop", "web-0") and "cpu" not in rec
+
+
+def test_text_headers_name_pods():
+    assert "container = abababababab (shop/web-0/app)" in _one(Mode.CONTAINER, ("ab" * 32, "app", "shop", "web-0",
+                                                                               "app"), fmt="text")
+    assert "pod = shop/web-0" in _one(Mode.POD, ("shop", "web-0"), fmt="text")
+    assert "pod = (none: containers outside Kubernetes)" in _one(Mode.POD, ("", ""), fmt="text")

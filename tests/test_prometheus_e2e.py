@@ -85,6 +85,19 @@ def count_of(fams: dict, pid: int) -> float:
     return next(s.value for s in fams[HIST].samples if s.name == HIST + "_count" and s.labels["pid"] == str(pid))
 
 
+def check_metrics(url: str) -> None:
+    """`promtool check metrics` on a real scrape (text format): no lint problem."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        _unavailable("promtool is not installed (apt-get install prometheus)")
+    status, _, body = http_get(url)
+    assert status == 200, body
+    assert HIST + "_bucket" in body
+    r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), \
+        f"promtool check metrics: rc={r.returncode}\n{r.stdout}{r.stderr}"
+
+
 def our_programs() -> set[int]:
     return set(loaded_programs())
 
@@ -406,6 +419,8 @@ def test_prometheus_sees_run_queue_latency_of_the_tracked_process(prerequisites,
             # the health metrics reach Prometheus too
             assert prom.scalar('runqlat_tracked_processes{job="runqlat"}') == 1
             assert prom.query('runqlat_build_info{job="runqlat"}')
+            # and the exposition itself passes Prometheus' own linter
+            check_metrics(tracer.metrics_url)
             assert tracer.proc.poll() is None, tracer.stderr()
         finally:
             if prom is not None:

@@ -73,7 +73,12 @@ class RunConfig:
     per_process: bool = _option(False, "-P", "--pids", help="One histogram per process (pid, comm).")
     per_thread: bool = _option(False, "-L", "--tids", help="One histogram per thread (tid, comm).")
     pidnss: bool = _option(False, "--pidnss", help="One histogram per PID namespace.")
-    per_container: bool = _option(False, "--per-container", help="One histogram per container (id and name).")
+    per_container: bool = _option(
+        False, "--per-container", help="One histogram per container (id and name; Kubernetes namespace, "
+                                       "pod and container name), with its CPU throttling and pressure.")
+    per_pod: bool = _option(
+        False, "--per-pod", help="One histogram per Kubernetes pod (namespace, pod): its containers "
+                                 "together, with the pod's CPU throttling and pressure.")
     per_cgroup: bool = _option(False, "--per-cgroup", help="One histogram per cgroup v2 (its path).")
     pids: List[int] = _option([], "-p", "--pid", help="Track this process and its threads (repeatable).",
                               reload=True)
@@ -88,7 +93,7 @@ class RunConfig:
     containers: List[str] = _option(
         [], "--container", metavar="ID", reload=True,
         help="Track a container by id, unique id prefix or name (repeatable; containerd, docker, "
-             "CRI-O/Kubernetes, podman).")
+             "CRI-O/Kubernetes, podman); a Kubernetes one also as pod/name or namespace/pod/name.")
     all_containers: bool = _option(
         False, "--all-containers", reload=True, help="Track every container, picking up new ones as they start.")
     output: str = _option("text", "-o", "--output", help="text (runqlat-style) or json (one object "
@@ -331,10 +336,11 @@ def _pick_mode(cfg: RunConfig):
     from .model import Mode
     chosen = [m for flag, m in ((cfg.per_process, Mode.PID), (cfg.per_thread, Mode.TID),
                                 (cfg.pidnss, Mode.PIDNS), (cfg.per_container, Mode.CONTAINER),
-                                (cfg.per_cgroup, Mode.CGROUP)) if flag]
+                                (cfg.per_pod, Mode.POD), (cfg.per_cgroup, Mode.CGROUP)) if flag]
     if len(chosen) > 1:
         names = {Mode.PID: _flag("per_process"), Mode.TID: _flag("per_thread"), Mode.PIDNS: _flag("pidnss"),
-                 Mode.CONTAINER: _flag("per_container"), Mode.CGROUP: _flag("per_cgroup")}
+                 Mode.CONTAINER: _flag("per_container"), Mode.POD: _flag("per_pod"),
+                 Mode.CGROUP: _flag("per_cgroup")}
         raise UsageError(f"choose one of {', '.join(names[m] for m in chosen)}: one histogram key at a time")
     return chosen[0] if chosen else Mode.GLOBAL
 
@@ -504,7 +510,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                     cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds), start=False))
             tracer = stack.enter_context(Tracer(opts, policy))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
-            monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs)
+            monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs,
+                              docker_roots=policy.docker_roots, storage_roots=policy.storage_roots)
             printing = not cfg.quiet
             if printing:
                 monitor.register("print")
@@ -716,8 +723,14 @@ def list_containers(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """List the containers found on this host (what --container and --all-containers see)."""
-    from .containers import discover
-    found = discover(containerd_state_dirs=_policy().containerd_state_dirs)
+    from .containers import discover, pod_path
+    _setup_logging(False)
+    problems: list[str] = []
+    policy = _policy()
+    found = discover(containerd_state_dirs=policy.containerd_state_dirs, docker_roots=policy.docker_roots,
+                     storage_roots=policy.storage_roots, problems=problems)
+    for p in problems:
+        log.warning("%s", p)
     # ids, names and cgroup paths come from the containers' owners: escaped (escape.py)
     if as_json:
         typer.echo(json.dumps([{k: escape.name(v) if isinstance(v, str) else v for k, v in c.__dict__.items()}
@@ -726,11 +739,12 @@ def list_containers(
     if not found:
         typer.echo("no containers found (looked at containerd state dirs and /proc/*/cgroup)")
         return
-    typer.echo(f"{'ID':<14}{'NAME':<24}{'RUNTIME':<12}{'PID':>8}  CGROUP")
+    typer.echo(f"{'ID':<14}{'NAME':<24}{'POD':<32}{'RUNTIME':<12}{'PID':>8}  CGROUP")
     for c in found:
         name = escape.name(c.name or "-", 23)
-        typer.echo(f"{escape.name(c.id[:12]):<14}{name:<24}{c.runtime:<12}{c.init_pid:>8}  "
-                   f"{escape.name(c.cgroup or '-')}")
+        pod = escape.name(pod_path(c) or "-", 31)
+        typer.echo(f"{escape.name(c.id[:12]):<14}{name:<24}{pod:<32}{c.runtime:<12}{c.init_pid:>8}"
+                   f"  {escape.name(c.cgroup or '-')}")
 
 
 @app.command()

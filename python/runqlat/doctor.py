@@ -121,6 +121,17 @@ def run_checks(policy: LoadPolicy) -> list[Check]:
         hybrid = mnt != Path("/sys/fs/cgroup")
         add("cgroup v2", "ok", f"{mnt}" + (" (hybrid: v1 controllers beside it)" if hybrid else ""))
 
+    from .cpuctx import CpuContextReader
+    cpu = CpuContextReader()
+    missing = cpu.host_notes()
+    where = []
+    if not any("throttling" in n for n in missing):
+        where.append("throttling from " + ("cgroup v1 cpu.stat" if cpu.v1_cpu is not None else "cgroup2 cpu.stat"))
+    if cpu.psi_available:
+        where.append("pressure from cgroup2 cpu.pressure")
+    add("cpu context", "ok" if not missing else "info",
+        "; ".join(where + missing) + " (--per-container, --per-pod)")
+
     dirs = [d for d in policy.containerd_state_dirs if _is_dir(d)]
     add("containerd", "info", ", ".join(dirs) if dirs else "no containerd state dir (fine without containers)")
 

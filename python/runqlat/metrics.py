@@ -27,11 +27,26 @@ from prometheus_client.registry import CollectorRegistry
 from . import __version__, escape
 from .errors import InputError, RunqlatError
 from .hist import is_slot_boundary, power_of_two_bounds_ns
-from .model import Snapshot
+from .model import CONTAINER_MODES, Snapshot
 
 log = logging.getLogger("runqlat")
 
 HIST_NAME = "runqlat_run_queue_latency_seconds"
+
+# Context next to the histograms of containers and pods, from their cgroups'
+# own files (cpuctx): (family name, CpuContext field, help)
+CPU_FAMILIES = (
+    ("runqlat_cpu_periods", "periods",
+     "CFS bandwidth periods that elapsed with a CPU quota set (cpu.stat nr_periods)"),
+    ("runqlat_cpu_throttled_periods", "throttled_periods",
+     "CFS bandwidth periods in which the CPU quota ran out (cpu.stat nr_throttled)"),
+    ("runqlat_cpu_throttled_seconds", "throttled_seconds",
+     "Time throttled for lack of CPU quota (cpu.stat throttled_usec, or v1 throttled_time)"),
+    ("runqlat_cpu_pressure_some_seconds", "pressure_some_seconds",
+     "Time in which some task waited for a CPU (cpu.pressure some total; absent without PSI)"),
+    ("runqlat_cpu_pressure_full_seconds", "pressure_full_seconds",
+     "Time in which all non-idle tasks waited for a CPU (cpu.pressure full total; absent without PSI)"),
+)
 
 
 def parse_buckets(text: str) -> list[int]:
@@ -95,6 +110,15 @@ class Collector:
             buckets.append(("+Inf", count))
             h.add_metric(list(labels), buckets, sum_value=hist.sum_ns / 1e9)
         yield h
+        if snap.mode in CONTAINER_MODES:
+            cpu = getattr(snap, "cpu", None) or {}
+            for name, attr, doc in CPU_FAMILIES:
+                c = CounterMetricFamily(name, doc, labels=label_names)
+                for labels, ctx in sorted(cpu.items()):
+                    v = getattr(ctx, attr)
+                    if v is not None:
+                        c.add_metric(list(labels), v)
+                yield c
 
         g = GaugeMetricFamily("runqlat_tracked_processes", "Processes in the tracked set (all when no filter)")
         g.add_metric([], snap.tracked_processes)

@@ -45,6 +45,7 @@ class Mode(str, enum.Enum):
     TID = "tid"
     PIDNS = "pidns"
     CONTAINER = "container"
+    POD = "pod"
     CGROUP = "cgroup"
 
     @property
@@ -55,7 +56,18 @@ class Mode(str, enum.Enum):
 
 _MODE_LABELS = {Mode.GLOBAL: (), Mode.PID: ("pid", "comm"), Mode.TID: ("tid", "comm"),
                 Mode.PIDNS: ("pidns",), Mode.CONTAINER: ("container_id", "container_name"),
-                Mode.CGROUP: ("cgroup",)}
+                Mode.POD: ("namespace", "pod"), Mode.CGROUP: ("cgroup",)}
+
+# Modes whose keys are the cgroups of containers (a pod: its containers' cgroups)
+CONTAINER_MODES = (Mode.CONTAINER, Mode.POD)
+# The Kubernetes context of a container (from the CRI annotations its runtime
+# keeps): empty values for containers outside Kubernetes.
+K8S_CONTEXT = ("namespace", "pod", "container")
+
+
+def context_of(mode: Mode) -> tuple[str, ...]:
+    """The context labels a mode's owners carry (after mode.labels)."""
+    return K8S_CONTEXT if mode == Mode.CONTAINER else ()
 
 Labels = tuple  # label values (str), in the order of Snapshot.label_names
 
@@ -118,8 +130,11 @@ class Snapshot:
     features: dict[str, str]
     gone: set = field(default_factory=set)  # labels shown for the last time
     retired_dropped: int = 0  # final values of exited owners no consumer could be handed
-    label_names: tuple[str, ...] | None = None  # None: mode.labels (no context or dimensions)
+    label_names: tuple[str, ...] | None = None  # None: the mode's labels and context (no dimensions)
+    # CPU throttling and pressure of each container's (or pod's) cgroup, cumulative:
+    # Labels -> cpuctx.CpuContext (container and pod modes only)
+    cpu: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.label_names is None:
-            self.label_names = self.mode.labels
+            self.label_names = label_names(self.mode, context_of(self.mode))

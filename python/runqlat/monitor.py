@@ -5,23 +5,29 @@ the exporter's thread scrapes. No printing, no exiting.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
+from .cpuctx import CpuContextReader
 from .ledger import Ledger
-from .model import Labels, Mode, Snapshot, Sources
-from .tracking import Tracking
+from .model import CONTAINER_MODES, Labels, Mode, Snapshot, Sources, context_of, label_names
+from .tracking import Tracking, container_labels, pod_labels
+
+log = logging.getLogger("runqlat")
 
 
 class Monitor:
     def __init__(self, tracer, mode: Mode, sources: Sources, proc: str = "/proc",
-                 containerd_state_dirs=None):
+                 containerd_state_dirs=None, docker_roots=None, storage_roots=None):
         self.tracer = tracer
         self.mode = mode
         self.lock = threading.RLock()
         self.last_collect = 0.0  # monotonic time of the last collection
-        self.ledger = Ledger(mode.labels)
-        self.tracking = Tracking(tracer, mode, sources, proc, containerd_state_dirs)
+        self.ledger = Ledger(label_names(mode, context_of(mode)))
+        self.tracking = Tracking(tracer, mode, sources, proc, containerd_state_dirs,
+                                 docker_roots=docker_roots, storage_roots=storage_roots)
+        self._cpu_reader: CpuContextReader | None = None
 
     @property
     def sources(self) -> Sources:
@@ -64,7 +70,27 @@ class Monitor:
                 drops=t.drops(), maps=t.map_fill(tracked_pids_used=len(self.tracking.tracked_pids)),
                 progs=t.prog_stats(), features=dict(t.features), gone=gone,
                 retired_dropped=self.ledger.retired_dropped, label_names=self.ledger.label_names,
+                cpu=self._cpu_context(hists),
             )
+
+    def _cpu_context(self, hists: dict) -> dict:
+        """Throttling and pressure of the containers (or pods) that have a histogram."""
+        if self.mode not in CONTAINER_MODES:
+            return {}
+        if self._cpu_reader is None:
+            self._cpu_reader = CpuContextReader(self.tracking.proc)
+            for note in self._cpu_reader.host_notes():
+                log.info("%s", note)
+        groups: dict[Labels, list] = {}
+        pods = self.mode == Mode.POD
+        for c in self.tracking.containers:
+            if pods and not c.pod:
+                continue  # containers outside Kubernetes share a series, not a cgroup
+            lab = pod_labels(c) if pods else container_labels(c)
+            if lab in hists and c.cgroup:
+                groups.setdefault(lab, []).append(c)
+        return {lab: self._cpu_reader.for_group([(c.cgroup, c.init_pid) for c in cs], parent=pods)
+                for lab, cs in groups.items()}
 
     def maintain(self) -> None:
         """Retire what is gone even when nobody reads (e.g. --quiet between scrapes),

@@ -41,7 +41,13 @@ def mode_header(mode: Mode, labels: dict) -> str:
         if not cid:
             return "container = (none: tracked outside any container)"
         name = labels["container_name"]
+        if labels.get("pod"):
+            name = f"{labels['namespace']}/{labels['pod']}/{name}"
         return f"container = {cid[:12]}" + (f" ({name})" if name and name != cid else "")
+    if mode == Mode.POD:
+        if not labels["pod"]:
+            return "pod = (none: containers outside Kubernetes)"
+        return f"pod = {labels['namespace']}/{labels['pod']}"
     if mode == Mode.CGROUP:
         return f"cgroup = {labels['cgroup']}"
     return ""
@@ -200,6 +206,7 @@ class Printer:
         self._meta: dict = {}    # labels -> (sort key, header or JSON labels), while they live
         self._lines = _Strings(_table_line)
         self._buckets = _Strings(_json_bucket)
+        self._cpu: dict = {}  # the interval's CPU context per label (containers, pods)
 
     def _interval(self, snap) -> _Interval:
         keyed = snap.mode != Mode.GLOBAL
@@ -243,6 +250,7 @@ class Printer:
         string, then its encoded copy, mapped and faulted in every second)."""
         iv = self._interval(snap)
         write = self.out.write
+        self._cpu = getattr(snap, "cpu", None) or {}
         if self.fmt == "json":
             head = (f'{{"ts": {json.dumps(round(snap.ts, 3))}, "interval_s": {json.dumps(interval_s)}, '
                     f'"mode": "{snap.mode.value}"')
@@ -296,17 +304,29 @@ class Printer:
             buckets = self._buckets((((values.astype(np.int64) << _SLOT_BITS | cols) << 1) | first).tolist())
         ends = np.searchsorted(rows, np.arange(1, part.stop - part.start + 1)).tolist()
         parts, start = [], 0
-        for fields, c, s, (p50, p90, p99), end in zip(iv.heads[part], iv.counts[part], iv.sums[part], pcts, ends):
+        cpu = self._cpu
+        for lab, fields, c, s, (p50, p90, p99), end in zip(iv.labels[part], iv.heads[part], iv.counts[part],
+                                                           iv.sums[part], pcts, ends):
             mean = round(s / c if c else 0.0, 1)
             parts.append(f'{head}{fields}, "count": {c}, "sum_ns": {s}, "mean_ns": {mean!r}, '
                          f'"p50_ns": {p50!r}, "p90_ns": {p90!r}, "p99_ns": {p99!r}, "buckets": [')
             parts += buckets[start:end]
-            parts.append("]}\n")
+            ctx = cpu.get(lab) if cpu else None
+            parts.append("]}\n" if ctx is None else f'], "cpu": {_cpu_json(ctx)}}}\n')
             start = end
         return "".join(parts)
 
 
 _LE_NS = UPPER_NS_INT.tolist()
+
+
+def _cpu_json(ctx) -> str:
+    """A container's (or pod's) CPU throttling and pressure, cumulative since its
+    cgroup was made (null: not available here, e.g. no PSI)."""
+    return json.dumps({"periods_total": ctx.periods, "throttled_periods_total": ctx.throttled_periods,
+                       "throttled_seconds_total": ctx.throttled_seconds,
+                       "pressure_some_seconds_total": ctx.pressure_some_seconds,
+                       "pressure_full_seconds_total": ctx.pressure_full_seconds})
 
 
 def _json_bucket_of(col: int, count: int, first: int) -> str:

@@ -2,9 +2,13 @@
 CLI, from the environment), and passed down. No library module reads the
 environment.
 
-One variable is for users:
+Three variables are for users:
 - RUNQLAT_CONTAINERD_STATE=dir:dir: containerd task state directories to look
   in besides the usual ones (a private containerd, a distribution's own path).
+- RUNQLAT_DOCKER_ROOT=dir:dir: docker data roots besides /var/lib/docker (for
+  names; a dockerd's own --data-root is also found from its tasks' specs).
+- RUNQLAT_CONTAINERS_STORAGE=dir:dir: containers/storage graph or run roots
+  besides the usual ones (podman --root/--runroot, CRI-O), for names and pods.
 
 The others are switches for developers and the test suite (tests/README.md),
 not a supported interface:
@@ -26,6 +30,8 @@ from typing import Mapping
 from . import containers
 
 STATE_ENV = "RUNQLAT_CONTAINERD_STATE"
+DOCKER_ROOT_ENV = "RUNQLAT_DOCKER_ROOT"
+STORAGE_ENV = "RUNQLAT_CONTAINERS_STORAGE"
 OBJECT_ENV = "RUNQLAT_BPF_OBJECT"
 CORE_BTF_ENV = "RUNQLAT_CORE_BTF"
 # environment variable -> LoadPolicy field, each on with "1"
@@ -43,6 +49,8 @@ class LoadPolicy:
     object_path: Path | None = None  # None: the installed object (elf.default_object_path)
     core_btf: str | None = None      # BTF for CO-RE relocations instead of the kernel's
     containerd_state_dirs: tuple[str, ...] = field(default_factory=lambda: containers.DEFAULT_CONTAINERD_STATE_DIRS)
+    docker_roots: tuple[str, ...] = (containers.DEFAULT_DOCKER_ROOT,)
+    storage_roots: tuple[str, ...] = containers.DEFAULT_STORAGE_ROOTS
     # the fallbacks, forced (tests): task state in a hash instead of task storage;
     # raw_tp instead of tp_btf; map walks instead of batch operations; every key's
     # histogram in the hists hash instead of hist_arr rows; no task_slots array
@@ -54,9 +62,12 @@ class LoadPolicy:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "LoadPolicy":
-        extra = [d for d in env.get(STATE_ENV, "").split(":") if d]
+        def extra(var: str) -> tuple[str, ...]:
+            return tuple(d for d in env.get(var, "").split(":") if d)
         return cls(object_path=Path(env[OBJECT_ENV]) if env.get(OBJECT_ENV) else None,
                    core_btf=env.get(CORE_BTF_ENV) or None,
-                   containerd_state_dirs=containers.DEFAULT_CONTAINERD_STATE_DIRS + tuple(extra),
+                   containerd_state_dirs=containers.DEFAULT_CONTAINERD_STATE_DIRS + extra(STATE_ENV),
+                   docker_roots=(containers.DEFAULT_DOCKER_ROOT,) + extra(DOCKER_ROOT_ENV),
+                   storage_roots=containers.DEFAULT_STORAGE_ROOTS + extra(STORAGE_ENV),
                    **{name: env.get(var) == "1" for var, name in FORCE_ENV.items()})
 

@@ -26,7 +26,7 @@ from .abi import AggMode, Filter
 from .cgroups import CgroupTree
 from .errors import InputError
 from .hist import Histogram
-from .model import Labels, Mode, Sources
+from .model import CONTAINER_MODES, Labels, Mode, Sources, context_of, label_names
 from .targets import FileWatch, Identity, read_pids_file, start_time
 
 log = logging.getLogger("runqlat")
@@ -44,7 +44,8 @@ EXIT_SYNC_S = 2.0
 COMM_RECHECK_S = 10.0
 
 _MODE_AGG = {Mode.GLOBAL: AggMode.GLOBAL, Mode.PID: AggMode.PID, Mode.TID: AggMode.TID,
-             Mode.PIDNS: AggMode.PIDNS, Mode.CONTAINER: AggMode.CGROUP, Mode.CGROUP: AggMode.CGROUP}
+             Mode.PIDNS: AggMode.PIDNS, Mode.CONTAINER: AggMode.CGROUP, Mode.POD: AggMode.CGROUP,
+             Mode.CGROUP: AggMode.CGROUP}
 
 
 def agg_mode(mode: Mode) -> AggMode:
@@ -64,7 +65,7 @@ def kernel_filter(sources: Sources) -> Filter:
 
 def uses_cgroup_tree(mode: Mode, sources: Sources) -> bool:
     """Whether cgroup paths and ids matter (the kernel then watches cgroup moves)."""
-    return sources.uses_groups or mode in (Mode.CGROUP, Mode.CONTAINER)
+    return sources.uses_groups or mode in (Mode.CGROUP, *CONTAINER_MODES)
 
 
 def expected_keys(mode: Mode, sources: Sources, proc: str = "/proc") -> int:
@@ -122,6 +123,22 @@ class Warner:
     def clear(self, prefix: str) -> None:
         self._seen = {k for k in self._seen if not k.startswith(prefix)}
 
+    def keep(self, prefix: str, current: set[str]) -> None:
+        """Forget the problems under prefix that are not current (fixed, or gone)."""
+        self._seen = {k for k in self._seen if not k.startswith(prefix) or k in current}
+
+
+def container_labels(c: ctr.Container) -> Labels:
+    """A container's labels in Mode.CONTAINER: its own, then its Kubernetes context."""
+    in_pod = c.pod is not None
+    return (c.id, c.name or "", (c.pod_namespace or "") if in_pod else "", c.pod or "",
+            (c.name or "") if in_pod else "")
+
+
+def pod_labels(c: ctr.Container) -> Labels:
+    """Labels of a container's pod in Mode.POD; ("", "") outside Kubernetes."""
+    return ((c.pod_namespace or "") if c.pod else "", c.pod or "")
+
 
 class Tracking:
     """The user's sources, the kernel's tracked sets, and the owners of keys.
@@ -131,7 +148,7 @@ class Tracking:
     """
 
     def __init__(self, tracer, mode: Mode, sources: Sources, proc: str = "/proc",
-                 containerd_state_dirs=None):
+                 containerd_state_dirs=None, docker_roots=None, storage_roots=None):
         self.tracer = tracer
         self.mode = mode
         self.proc = proc
@@ -142,6 +159,7 @@ class Tracking:
         self.listed_pids: set[int] = set()
         self.tracked_pids: dict[int, int] = {}
         self._state_dirs = containerd_state_dirs
+        self._roots = {"docker_roots": docker_roots, "storage_roots": storage_roots}
         self._identity = Identity(proc)
         self._cli_pids: set[int] = set()
         self._file_pids: set[int] = set()
@@ -160,7 +178,10 @@ class Tracking:
         self._comm_checked = 0.0
         self.labels_of = {Mode.GLOBAL: self._global_labels, Mode.PID: self._pid_labels,
                           Mode.TID: self._tid_labels, Mode.PIDNS: self._pidns_labels,
-                          Mode.CONTAINER: self._container_labels, Mode.CGROUP: self._cgroup_labels}[mode]
+                          Mode.CONTAINER: self._container_labels, Mode.POD: self._container_labels,
+                          Mode.CGROUP: self._cgroup_labels}[mode]
+        # the labels of what is tracked outside any container (e.g. -p with --per-container)
+        self._no_container: Labels = ("",) * len(label_names(mode, context_of(mode)))
         self.set_sources(sources, initial=True)
 
     # -- what to track --
@@ -233,7 +254,12 @@ class Tracking:
         now = time.monotonic()
         if now >= self._next_container_scan:
             self._next_container_scan = now + CONTAINER_SCAN_S
-            self._select_containers(ctr.discover(self.proc, self._state_dirs))
+            problems: list[str] = []
+            found = ctr.discover(self.proc, self._state_dirs, problems=problems, **self._roots)
+            for msg in problems:  # once each while it lasts: discovery runs every 2 s
+                self.warn.once("state:" + msg, "%s", msg)
+            self.warn.keep("state:", {"state:" + m for m in problems})
+            self._select_containers(found)
         cg_ids, pidns = set(), set()
         for c in self.containers:
             if c.cgroup:
@@ -353,7 +379,7 @@ class Tracking:
             self._recheck_comms(keys, now)
         if m == Mode.PIDNS:
             self._scan_pidns()
-        if m in (Mode.CGROUP, Mode.CONTAINER) and keys:
+        if m in (Mode.CGROUP, *CONTAINER_MODES) and keys:
             if not all(self.cgroups.knows(k) for k in keys):
                 self.cgroups.scan(min_age=1.0)
 
@@ -412,18 +438,18 @@ class Tracking:
             return None
         for c in self.containers:
             if c.cgroup and (path == c.cgroup or path.startswith(c.cgroup.rstrip("/") + "/")):
-                return (c.id, c.name or "")
+                return container_labels(c) if self.mode == Mode.CONTAINER else pod_labels(c)
         if self.sources.uses_containers and not (self.sources.uses_pids or self.sources.cgroups):
             return None  # a cgroup of a container that stopped
-        return ("", "")
+        return self._no_container
 
     def fallback_labels(self, key: int, h: Histogram) -> Labels:
         """Labels of a key whose owner was gone before it was first labelled."""
         m = self.mode
         if m in (Mode.PID, Mode.TID):
             return (str(key), h.labels.get("comm", ""))
-        if m == Mode.CONTAINER:
-            return ("", "")
+        if m in CONTAINER_MODES:
+            return self._no_container
         if m == Mode.CGROUP:
             return (f"(removed cgroup {key})",)
         return (str(key),) * len(m.labels)

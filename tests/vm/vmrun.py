@@ -24,9 +24,10 @@ Kernels are fetched by package name from the host's configured apt sources
   On bookworm this meta package is published in bookworm-security (and in
   bookworm-backports).  If the configured sources lack it, the harness
   retries with a private apt configuration that adds
-  ``deb http://deb.debian.org/debian bookworm-backports main`` (private
-  lists directory under build/vm/apt, the host's apt configuration is not
-  modified).
+  ``deb <archive> <codename>-backports main``, where <archive> is the
+  Debian archive the machine's own apt sources already use (one-line or
+  deb822 format), so any mirror works (private lists directory under
+  build/vm/apt, the host's apt configuration is not modified).
 
 Everything is cached under ``<repo>/build/vm/`` (gitignored); a second
 ``fetch_kernel`` for the same package is a no-op.
@@ -73,7 +74,8 @@ SERIES_META = {
     "6.1": "linux-image-amd64",
     "6.12": "linux-image-6.12-amd64",
 }
-BACKPORTS_LINE = "deb http://deb.debian.org/debian bookworm-backports main"
+APT_SOURCES = Path("/etc/apt/sources.list")
+APT_SOURCES_D = Path("/etc/apt/sources.list.d")
 
 # Modules the initramfs needs (plus their dependencies from .modinfo).
 WANTED_MODULES = ["virtio_pci", "9pnet_virtio", "9p"]
@@ -192,19 +194,83 @@ def ensure_host_tools() -> None:
     _ensure_tool(QEMU, "qemu-system-x86")
 
 
+def _codename(os_release: Path = Path("/etc/os-release")) -> str:
+    try:
+        for line in os_release.read_text().splitlines():
+            if line.startswith("VERSION_CODENAME="):
+                name = line.split("=", 1)[1].strip().strip('"')
+                if name:
+                    return name
+    except OSError:
+        pass
+    return "bookworm"
+
+
+def _source_entries(sources: Path = APT_SOURCES, parts: Path = APT_SOURCES_D):
+    """(uri, suite) of every enabled 'deb' entry of the apt sources, both formats."""
+    files = [sources] if sources.exists() else []
+    if parts.is_dir():
+        files += sorted(f for f in parts.iterdir() if f.suffix in (".list", ".sources"))
+    for f in files:
+        try:
+            text = f.read_text(errors="replace")
+        except OSError:
+            continue
+        if f.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields: dict[str, str] = {}
+                key = None
+                for line in stanza.splitlines():
+                    if line.startswith("#") or not line.strip():
+                        continue
+                    if line[0].isspace() and key:  # continuation line
+                        fields[key] += " " + line.strip()
+                        continue
+                    key, _, val = line.partition(":")
+                    key = key.strip().lower()
+                    fields[key] = val.strip()
+                if "deb" not in fields.get("types", "").split():
+                    continue
+                if fields.get("enabled", "yes").lower() == "no":
+                    continue
+                for uri in fields.get("uris", "").split():
+                    for suite in fields.get("suites", "").split():
+                        yield uri, suite
+        else:
+            for line in text.splitlines():
+                line = line.split("#", 1)[0].strip()
+                m = re.match(r"deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
+                if m:
+                    yield m.group(1), m.group(2)
+
+
+def backports_line(codename: str | None = None, entries=None) -> str:
+    """`deb <archive> <codename>-backports main`, the archive being the one the
+    machine's apt sources use for the release itself (not -security, whose
+    archive has no backports)."""
+    codename = codename or _codename()
+    entries = list(_source_entries() if entries is None else entries)
+    for uri, suite in entries:
+        if suite in (codename, f"{codename}-updates", f"{codename}-backports"):
+            return f"deb {uri.rstrip('/')} {codename}-backports main"
+    raise VMError(f"no apt source for {codename} is configured (looked at {APT_SOURCES} and "
+                  f"{APT_SOURCES_D}); add the Debian archive you use, then retry")
+
+
 def _backports_opts() -> list[str]:
-    """apt options for a private config = host sources + bookworm-backports."""
+    """apt options for a private config = host sources + <codename>-backports."""
+    line = backports_line()
     d = BUILD / "apt"
     (d / "lists" / "partial").mkdir(parents=True, exist_ok=True)
     (d / "sources.list.d").mkdir(parents=True, exist_ok=True)
     for f in (d / "sources.list.d").iterdir():
         f.unlink()
-    for f in Path("/etc/apt/sources.list.d").glob("*"):
-        if f.suffix in (".list", ".sources"):
-            shutil.copy(f, d / "sources.list.d" / f.name)
-    src = Path("/etc/apt/sources.list")
-    text = src.read_text() if src.exists() else ""
-    (d / "sources.list").write_text(text + "\n" + BACKPORTS_LINE + "\n")
+    if APT_SOURCES_D.is_dir():
+        for f in APT_SOURCES_D.glob("*"):
+            if f.suffix in (".list", ".sources"):
+                shutil.copy(f, d / "sources.list.d" / f.name)
+    text = APT_SOURCES.read_text() if APT_SOURCES.exists() else ""
+    (d / "sources.list").write_text(text + "\n" + line + "\n")
     return ["-o", f"Dir::Etc::SourceList={d / 'sources.list'}",
             "-o", f"Dir::Etc::SourceParts={d / 'sources.list.d'}",
             "-o", f"Dir::State::Lists={d / 'lists'}"]
@@ -233,7 +299,7 @@ def resolve_package(series: str) -> tuple[str, list[str]]:
         pkg = _depends_of(meta)
     if pkg is not None:
         return pkg, []
-    # Not in the configured sources: try bookworm-backports privately.
+    # Not in the configured sources: try the release's backports privately.
     opts = _backports_opts()
     _apt_update(opts)
     pkg = _depends_of(meta, opts)
