@@ -133,9 +133,9 @@ def test_config_missing(tmp_path):
 
 
 @pytest.mark.parametrize("body,fragment", [('quiet = "yes"', "quiet must be true or false"),
-                                           ('pids = ["12"]', "pids must be a list of int"),
+                                           ('pids = ["12"]', "pids must be an array of integers (PIDs), not an array of strings"),
                                            ("max_tracked = 1.5", "max_tracked must be an integer"),
-                                           ("buckets = 5", "buckets must be a list of seconds or a string"),
+                                           ("buckets = 5", "buckets must be an array of numbers of seconds or a string"),
                                            ('pids_file = "a\\u0000b"', "pids_file contains a NUL character"),
                                            ('cgroups = ["/a\\u0000"]', "cgroups contains a NUL character")])
 def test_config_types(tmp_path, body, fragment):

@@ -48,7 +48,7 @@ def test_hostile_names_are_escaped_in_text_and_json():
     ev = decode_slow_wait(_record(comm=b"a\x1b[2Jb\n", culprit_comm=b"\\x\x07"), 1_700_000_000.0)
     line = events.text_line(ev, container="c\x1bd")
     assert "\x1b" not in line and "\n" not in line and "\x07" not in line
-    assert "a\\x1b[2Jb\\x0a" in line and "\\x5cx\\x07" in line and "c\\x1bd" in line
+    assert "a\\x1b[2Jb\\x0a" in line and "(\\x\\x07)" in line and "c\\x1bd" in line
     rec = json.loads(events.json_line(ev))
     assert rec["comm"] == "a\x1b[2Jb\n" and rec["culprit"]["comm"] == "\\x\x07"  # JSON escapes them itself
     assert rec["type"] == "slow_wait" and rec["kind"] == "preempt" and rec["cause"] == "contention"

@@ -37,7 +37,7 @@ def test_parse_pids_bad_lines_reported_with_line_numbers_and_skipped():
         "pids.txt:2: 'abc' is not a PID (one decimal PID per line expected)",
         "pids.txt:4: '0x10' is not a PID (one decimal PID per line expected)",
         "pids.txt:5: '3 4' is not a PID (one decimal PID per line expected)",
-        "pids.txt:6: -5 is out of range for a PID",
+        "pids.txt:6: '-5' is not a PID (one decimal PID per line expected)",
         "pids.txt:7: 0 is out of range for a PID",
     ]
 
@@ -99,9 +99,13 @@ def test_read_pids_file_unreadable(tmp_path, monkeypatch):
     if os.geteuid() != 0:
         f.chmod(0)
     else:  # root reads anything: make the read itself fail as it would for a user
-        def deny(self):
-            raise PermissionError(13, "Permission denied", str(self))
-        monkeypatch.setattr(Path, "read_bytes", deny)
+        real_open = os.open
+
+        def deny(path, *args, **kw):
+            if str(path) == str(f):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kw)
+        monkeypatch.setattr(os, "open", deny)
     with pytest.raises(InputError) as ei:
         read_pids_file(f)
     assert str(ei.value) == f"cannot read pids file {f}: Permission denied"
@@ -265,8 +269,8 @@ def test_filewatch_settled_file_is_not_read_again_but_changes_are_seen(tmp_path,
     assert w.changed()
     assert not w.changed()
     reads = []
-    real_open = open
-    monkeypatch.setattr(targets, "open", lambda *a, **kw: reads.append(a) or real_open(*a, **kw), raising=False)
+    real_open = os.open
+    monkeypatch.setattr(targets.os, "open", lambda *a, **kw: reads.append(a) or real_open(*a, **kw))
     assert not w.changed()
     assert not w.changed()
     assert reads == []  # settled: stat only
@@ -287,8 +291,8 @@ def test_filewatch_reads_when_the_clock_went_back(tmp_path, monkeypatch):
     w.changed()
     clock[0] -= 10 * FileWatch.SETTLED_NS
     reads = []
-    real_open = open
-    monkeypatch.setattr(targets, "open", lambda *a, **kw: reads.append(a) or real_open(*a, **kw), raising=False)
+    real_open = os.open
+    monkeypatch.setattr(targets.os, "open", lambda *a, **kw: reads.append(a) or real_open(*a, **kw))
     assert not w.changed()
     assert reads  # no trusting ctime against a clock that was set back
 

@@ -44,6 +44,16 @@ DUTY = [sys.executable, "-c",
         "    t = time.perf_counter()\n"
         "    while time.perf_counter() - t < 0.01: pass\n"
         "    time.sleep(0.001)\n"]
+# two threads waking each other through pipes: thousands of wakeup waits a second
+PINGPONG = [sys.executable, "-c",
+            "import os, threading\n"
+            "a, b = os.pipe(); c, d = os.pipe()\n"
+            "def echo():\n"
+            "    while True:\n"
+            "        os.read(a, 1); os.write(d, b'x')\n"
+            "threading.Thread(target=echo, daemon=True).start()\n"
+            "while True:\n"
+            "    os.write(b, b'x'); os.read(c, 1)\n"]
 
 
 @pytest.fixture(scope="module")
@@ -355,9 +365,11 @@ def test_kinds_sum_to_the_combined_histogram(tracers, cpu, delayacct):
 
 
 def test_global_mode_kinds(tracers, cpu):
-    tr = tracers(Options(by_kind=True, attribute=True))
-    time.sleep(0.5)
-    h = tr.read_hists()
+    # a hog next to a duty-cycled task: preemption waits even on an idle machine
+    with Busy(cpu), Busy(cpu, DUTY):
+        tr = tracers(Options(by_kind=True, attribute=True))
+        time.sleep(0.5)
+        h = tr.read_hists()
     w, p = tr.kinds[0]
     assert h[0].count == w.count + p.count and w.count > 0 and p.count > 0
     assert tr.obj.map("hist_global").max_entries == 2
@@ -433,7 +445,8 @@ def test_slow_wait_flood_is_limited_counted_and_never_stalls(tracers, cpu, monke
         got.append(ev)
         time.sleep(0.05)
     tr.start_slow_waits(slow_consumer)
-    time.sleep(2.0)
+    with Busy(cpu, PINGPONG):  # the flood, even on an idle machine
+        time.sleep(2.0)
     h = tr.read_hists()[0]
     counts = tr.why_counts()
     t0 = time.monotonic()

@@ -105,7 +105,8 @@ def test_prometheus_kind_label_culprits_and_causes():
     assert counts == {"wakeup": 3, "preempt": 2}
     cul = {(s.labels["kind"], s.labels["culprit"]): s.value
            for s in fams["runqlat_culprit_wait_seconds"].samples if s.name.endswith("_total")}
-    assert cul == {("wakeup", "pid 1"): 0.003, ("preempt", "pid \"7\"\n"): 0.012}
+    # a culprit's name is escaped like every name others chose (escape.name)
+    assert cul == {("wakeup", "pid 1"): 0.003, ("preempt", "pid \"7\"\\x0a"): 0.012}
     cause = {(s.labels["kind"], s.labels["cause"]): s.value
              for s in fams["runqlat_wait_cause_seconds"].samples if s.name.endswith("_total")}
     assert cause == {("wakeup", "throttled"): 0, ("wakeup", "contention"): 0.003,

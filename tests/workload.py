@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -238,7 +239,7 @@ class TracerRun:
     # the tests look for (a lost interval, a late update) behind unrelated load.
     NICE = -10
 
-    def __init__(self, args, env: dict | None = None):
+    def __init__(self, args, env: dict | None = None, nofile: int | None = None):
         self.args = [str(a) for a in args]
         self.records: list[dict] = []
         self.stderr: list[str] = []
@@ -247,9 +248,11 @@ class TracerRun:
         self._prog_ids: set[int] = set()
         self.returncode: int | None = None
         full_env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), **(env or {}))
+        limit = None if nofile is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
         self.proc = subprocess.Popen([sys.executable, "-m", "runqlat", "run", *self.args],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, bufsize=1, env=full_env, cwd=str(ROOT))
+                                     text=True, bufsize=1, env=full_env, cwd=str(ROOT), preexec_fn=limit)
         try:  # still one thread now; the threads it starts inherit the priority
             os.setpriority(os.PRIO_PROCESS, self.proc.pid, self.NICE)
         except OSError:
@@ -370,8 +373,8 @@ def tracer_cli(root_bpf):
     need_tool("bpftool", "bpftool")  # lists the programs the tracer holds
     started: list[TracerRun] = []
 
-    def start(*args, env: dict | None = None) -> TracerRun:
-        t = TracerRun(args, env)
+    def start(*args, env: dict | None = None, nofile: int | None = None) -> TracerRun:
+        t = TracerRun(args, env, nofile)
         started.append(t)
         return t
 

@@ -8,11 +8,29 @@ starting with '/', as in /proc/PID/cgroup's '0::' line.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 import time
 from pathlib import Path
 
+from . import escape
 from .errors import InputError
+
+CGROUP2_SUPER_MAGIC = 0x63677270  # include/uapi/linux/magic.h
+
+_libc = None
+
+
+def fs_magic(path: Path) -> int | None:
+    """statfs(2)'s f_type of the file system holding path, None if it cannot be asked."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit
+    if _libc.statfs(os.fsencode(str(path)), buf) != 0:
+        return None
+    return struct.unpack_from("l", buf.raw)[0]  # f_type (a long) comes first
 
 
 def cgroup2_mount(mounts: str = "/proc/self/mounts") -> Path | None:
@@ -58,17 +76,34 @@ class CgroupTree:
         except ValueError:
             return mount / path.lstrip("/")
 
-    def id_of(self, path: str) -> int:
-        d = self.dir_of(path)
+    def resolve(self, path: str) -> Path:
+        """The real directory a user's path names, accepted only on a cgroup v2 file system.
+
+        '..' and symlinks are resolved first: /sys/fs/cgroup/unified/../cpu is a
+        cgroup v1 directory whose inode (1) is also the id of the v2 root, so
+        taking its inode as is would trace the whole host."""
+        shown = escape.name(path)
+        d = Path(os.path.realpath(self.dir_of(path)))
         try:
             st = os.stat(d)
         except FileNotFoundError:
-            raise InputError(f"cgroup {path} does not exist under {self.mount}") from None
+            raise InputError(f"cgroup {shown} does not exist under {self.mount}") from None
         except OSError as exc:
-            raise InputError(f"cannot read cgroup {path}: {exc.strerror}") from None
-        if not (d / "cgroup.procs").exists():
-            raise InputError(f"{d} is not a cgroup v2 directory (no cgroup.procs)")
-        return st.st_ino
+            raise InputError(f"cannot read cgroup {shown}: {exc.strerror}") from None
+        where = f"{shown}" + (f" (that is {escape.name(str(d))})" if str(d) != path else "")
+        if not os.path.isdir(d):
+            raise InputError(f"cgroup {where} is not a directory; give a cgroup v2 directory under {self.mount}")
+        if fs_magic(d) != CGROUP2_SUPER_MAGIC:
+            raise InputError(f"cgroup {where} is not on a cgroup v2 (cgroup2) file system; "
+                             f"give a cgroup v2 directory under {self.mount}")
+        return d
+
+    def id_of(self, path: str) -> int:
+        d = self.resolve(path)
+        try:
+            return os.stat(d).st_ino
+        except OSError as exc:
+            raise InputError(f"cannot read cgroup {escape.name(path)}: {exc.strerror}") from None
 
     def rel(self, d: Path) -> str:
         r = str(d.relative_to(self.mount))

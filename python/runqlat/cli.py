@@ -6,6 +6,7 @@ Written for typer 0.7 (Debian 12): option defaults, no Annotated.
 """
 from __future__ import annotations
 
+import errno as _errno
 import gc
 import inspect
 import json
@@ -23,7 +24,7 @@ from typing import List, Optional, Union, get_args, get_origin, get_type_hints
 
 import typer
 
-from . import __version__
+from . import __version__, escape
 from .errors import InputError, RunqlatError
 
 log = logging.getLogger("runqlat")
@@ -148,29 +149,51 @@ def _base_type(typ):
     return args[0] if get_origin(typ) is Union and len(args) == 1 else typ
 
 
-def _config_value(path: Path, key: str, val):
-    """A config file's value for key, checked against RunConfig's type for it."""
-    typ = _base_type(_TYPES[key])
-    bad = f"config file {path}: {key}"
-    if get_origin(typ) is list:
-        elem = get_args(typ)[0]
-        if isinstance(val, (str, int)):
-            val = [val]
-        if not isinstance(val, list) or not all(isinstance(v, elem) for v in val):
-            raise InputError(f"{bad} must be a list of {elem.__name__}")
-    elif key == "buckets" and isinstance(val, list):
-        val = ",".join(str(v) for v in val)
-    if typ is float and (not isinstance(val, (int, float)) or isinstance(val, bool)):
-        raise InputError(f"{bad} must be a number of seconds")
-    if typ is bool and not isinstance(val, bool):
-        raise InputError(f"{bad} must be true or false")
-    if typ is int and (not isinstance(val, int) or isinstance(val, bool)):
-        raise InputError(f"{bad} must be an integer")
-    if typ is str and not isinstance(val, str):
-        raise InputError(f"{bad} must be " + ("a list of seconds or a string" if key == "buckets" else "a string"))
-    if any(isinstance(v, str) and "\0" in v for v in (val if isinstance(val, list) else [val])):
-        raise InputError(f"{bad} contains a NUL character")
-    return val
+def _toml_type(val) -> str:
+    """What a TOML value is, in TOML's words (for 'expected X, not Y')."""
+    if isinstance(val, bool):
+        return "a boolean"
+    if isinstance(val, int):
+        return "an integer"
+    if isinstance(val, float):
+        return "a float"
+    if isinstance(val, str):
+        return "a string"
+    if isinstance(val, list):
+        kinds = sorted({"arrays" if isinstance(v, list) else _PLURAL[_toml_type(v)] for v in val})
+        return "an empty array" if not kinds else f"an array of {' and '.join(kinds)}"
+    if isinstance(val, dict):
+        return "a table"
+    return "a date or time"
+
+
+_PLURAL = {"a boolean": "booleans", "an integer": "integers", "a float": "floats", "a string": "strings",
+           "a table": "tables", "a date or time": "dates or times"}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Each key's accepted TOML values: a test of the value and the words for it.
+_CONFIG_TYPES = {
+    "interval": (_number, "a number of seconds"),
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "max_tracked": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "pids": (lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+             "an array of integers (PIDs)"),
+    "cgroups": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
+    "containers": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
+    "buckets": (lambda v: isinstance(v, str) or (isinstance(v, list) and v and all(_number(x) for x in v)),
+                'an array of numbers of seconds or a string ("0.001,0.01,0.1")'),
+}
+# every other option that takes text (from the one table of options: a new one is checked too)
+_CONFIG_TYPES.update({k: (lambda v: isinstance(v, str), "a string") for k in sorted(CONFIG_KEYS)
+                      if k not in _CONFIG_TYPES and _base_type(_TYPES[k]) is str})
+
+_FLAG = (lambda v: isinstance(v, bool), "true or false")  # every other key
+# keys whose one value stands for a list of one
+_LISTS = frozenset(k for k in CONFIG_KEYS if get_origin(_base_type(_TYPES[k])) is list)
 
 
 def load_config(path: Path) -> dict:
@@ -181,12 +204,22 @@ def load_config(path: Path) -> dict:
     except OSError as exc:
         raise InputError(f"cannot read config file {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"config file {path} is not valid TOML: {exc}") from None
+        raise InputError(f"config file {path} is not valid TOML: {escape.name(str(exc), 300)}") from None
     unknown = sorted(set(data) - CONFIG_KEYS)
     if unknown:
-        raise InputError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+        raise InputError(f"config file {path}: unknown key(s) {escape.name(', '.join(unknown), 200)}; "
                          f"known: {', '.join(sorted(CONFIG_KEYS))}")
-    return {key: _config_value(path, key, val) for key, val in data.items()}
+    for key, val in data.items():
+        if key in _LISTS and isinstance(val, (str, int)) and not isinstance(val, bool):
+            val = data[key] = [val]  # one value for a list
+        ok, want = _CONFIG_TYPES.get(key, _FLAG)
+        if not ok(val):
+            raise InputError(f"config file {path}: {key} must be {want}, not {_toml_type(val)}")
+        if any(isinstance(v, str) and "\0" in v for v in (val if isinstance(val, list) else [val])):
+            raise InputError(f"config file {path}: {key} contains a NUL character")
+        if key == "buckets" and isinstance(val, list):
+            data[key] = ",".join(repr(float(v)) for v in val)
+    return data
 
 
 def merge(cli: RunConfig, file: dict) -> RunConfig:
@@ -201,11 +234,15 @@ def merge(cli: RunConfig, file: dict) -> RunConfig:
 
 # -- helpers -------------------------------------------------------------------
 
+# A log line quotes names and files others control; it stays one line of printable text.
+MAX_LOG_LINE = 1000
+
+
 class _Formatter(logging.Formatter):
     def format(self, record):
         level = {logging.WARNING: "warning", logging.ERROR: "error", logging.INFO: "info",
                  logging.DEBUG: "debug"}.get(record.levelno, record.levelname.lower())
-        return f"{PROG}: {level}: {record.getMessage()}"
+        return f"{PROG}: {level}: {escape.name(record.getMessage(), MAX_LOG_LINE)}"
 
 
 _libc = None
@@ -335,18 +372,28 @@ def _sources(cfg: RunConfig):
                    all_containers=cfg.all_containers)
 
 
+MAX_INTERVAL_S = 86_400
+
+
 def _validate(cfg: RunConfig) -> None:
     if cfg.interval is not None and not cfg.interval > 0:
         raise UsageError("INTERVAL must be a positive number of seconds")
+    if cfg.interval is not None and not cfg.interval <= MAX_INTERVAL_S:  # inf, 1e308: nothing would print
+        raise UsageError(f"INTERVAL must be at most {MAX_INTERVAL_S} seconds (one day)")
     if cfg.count is not None and cfg.count < 1:
         raise UsageError("COUNT must be at least 1")
     if cfg.count is not None and cfg.interval is None:
         raise UsageError("COUNT needs an INTERVAL before it")
     if cfg.output not in ("text", "json"):
         raise UsageError(f"--output must be text or json, not {cfg.output!r}")
+    from .targets import tgid_of
     for p in cfg.pids:
         if not 0 < p <= 4 * 1024 * 1024:
             raise UsageError(f"--pid {p} is not a valid PID")
+        tgid = tgid_of(p)
+        if tgid is not None and tgid != p:  # /proc/TID exists for threads too, but is not listed
+            raise UsageError(f"--pid {p} is a thread of process {tgid}, not a process; "
+                             f"give -p {tgid} to track that process (all its threads)")
     if cfg.max_tracked is not None and not 1 <= cfg.max_tracked <= 4 * 1024 * 1024:
         raise UsageError("--max-tracked must be between 1 and 4194304")
     if cfg.slower_than is not None:
@@ -359,12 +406,24 @@ def _validate(cfg: RunConfig) -> None:
         log.warning("--follow-children has no effect without -p or --pids-file")
 
 
+def _pid_arg(text: str) -> int:
+    """-p's value: ASCII decimal digits only (int() also takes '+5', '1_2' and
+    other scripts' digits, none of which is how a PID is written)."""
+    if not (text.isascii() and text.isdigit()):
+        raise UsageError(f"-p {escape.excerpt(text, 24)!r} is not a PID (a decimal number, e.g. -p 1234)")
+    return int(text)
+
+
 # -- commands ------------------------------------------------------------------
 
 def run(config: Optional[Path] = None, verbose: bool = False, **options):
     """Trace run-queue latency and print histograms (and serve metrics)."""
     _setup_logging(verbose)
     _steady_memory()
+    try:  # -p is read as text: int() would take '+5', '1_2' and other scripts' digits
+        options["pids"] = [_pid_arg(p) for p in options.get("pids") or []]
+    except UsageError as exc:
+        _fail(str(exc), 2)
     cli_cfg = RunConfig(**{name: list(v or []) if get_origin(_base_type(_TYPES[name])) is list else v
                            for name, v in options.items()})
     try:
@@ -387,7 +446,7 @@ def _run_parameters() -> list[inspect.Parameter]:
         if m["flags"] is None:
             default = typer.Argument(None, help=m["help"])
         elif get_origin(typ) is list:  # repeatable: typer gives None or a tuple
-            typ = Optional[typ]
+            typ = Optional[List[str]] if f.name == "pids" else Optional[typ]  # -p: see run()
             default = typer.Option(None, *m["flags"], help=m["help"], metavar=m["metavar"])
         else:
             default = typer.Option(f.default, *m["flags"], help=m["help"], metavar=m["metavar"])
@@ -425,7 +484,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
     sources = _sources(cfg)
     bounds = key_filter = None
     if cfg.buckets or cfg.metrics_addr:  # prometheus_client is loaded only for the exporter
-        from .metrics import Collector, KeyFilter, MetricsServer, parse_addr, parse_buckets
+        from .metrics import Collector, KeyFilter, MetricsServer, filtered_scrape, parse_addr, parse_buckets
         try:
             bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
             if cfg.metrics_addr:
@@ -443,11 +502,24 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
     if sources.pids_file:
         from .targets import read_pids_file
         read_pids_file(sources.pids_file)  # a missing file is an error before anything loads
+    if sources.cgroups:
+        from .cgroups import CgroupTree
+        tree = CgroupTree()
+        for path in sources.cgroups:  # a directory that is not a cgroup v2 one: an error before loading
+            try:
+                tree.resolve(path)
+            except InputError as exc:
+                if "does not exist" not in str(exc):
+                    raise  # (a cgroup that does not exist yet is waited for)
     stop = threading.Event()
     reload_wanted = threading.Event()
+    starting = [True]
 
     def on_stop(signum, frame):
         stop.set()
+        if starting[0]:  # loading can take long on a busy host: stop now, not after it
+            starting[0] = False  # (once: a second signal must not interrupt the unwinding)
+            raise _Stopped()
 
     def on_hup(signum, frame):
         reload_wanted.set()
@@ -464,6 +536,9 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                            expected_keys=expected_keys(mode, sources), by_kind=cfg.by_kind,
                            attribute=cfg.culprits,
                            slower_than_ns=parse_duration_ns(cfg.slower_than) if cfg.slower_than else 0)
+            sink = _Sink(sys.stdout, "standard output")
+            if cfg.output_file:  # opened before loading anything: a bad path fails fast and alone
+                sink = _Sink(stack.enter_context(_open_output_file(cfg.output_file)), cfg.output_file)
             server = None
             if cfg.metrics_addr:
                 # bound before loading anything: a port in use fails fast and alone
@@ -480,25 +555,31 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                 monitor.register("print")
             if server is not None:
                 monitor.register("scrape", fold_unseen=True)
-                snapshot["source"] = lambda: monitor.snapshot("scrape")
+                snapshot["source"] = lambda: monitor.snapshot("scrape", peek=filtered_scrape())
                 server.start()
                 log.info("serving metrics at http://%s/metrics", server.address)
-            out = sys.stdout
-            if cfg.output_file:
-                try:
-                    out = stack.enter_context(open(cfg.output_file, "a", buffering=1))
-                except OSError as exc:
-                    raise InputError(f"cannot open --output-file {cfg.output_file}: {exc.strerror}") from None
-            printer = Printer(out, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)
+            printer = Printer(sink, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)
             if cfg.slower_than:
                 printer = _LockedPrinter(printer)
-                tracer.start_slow_waits(_event_writer(out, cfg.output, printer.lock))
+                tracer.start_slow_waits(_event_writer(sink, cfg.output, printer.lock))
             if printing and cfg.output == "text" and not cfg.output_file:
                 what = sources.describe
                 end = "Hit Ctrl-C to end." if cfg.interval is None else ""
-                print(f"Tracing run queue latency of {what}... {end}".rstrip(), file=sys.stderr)
+                try:
+                    print(f"Tracing run queue latency of {what}... {end}".rstrip(), file=sys.stderr)
+                except OSError:
+                    pass
+            starting[0] = False
+            if stop.is_set():
+                return 0
             with _steady_gc():
-                return _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
+                return _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config,
+                             sink, server)
+    except _Stopped:
+        log.info("stopped while starting")
+        return 0
+    except _OutputClosed:
+        return 0
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -535,7 +616,7 @@ def _event_writer(out, fmt: str, lock: threading.Lock):
     return write
 
 
-def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config) -> int:
+def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config, sink=None, server=None) -> int:
     trim = _HeapTrim()
     start = last_emit = time.monotonic()
     next_print = start + cfg.interval if cfg.interval else None
@@ -558,7 +639,7 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
                 not printing or next_print is None or next_print - time.monotonic() > 0.5):
             try:  # retire exited processes' histograms even if nobody reads for a while
                 monitor.maintain()
-            except RunqlatError as exc:
+            except (RunqlatError, OSError) as exc:  # e.g. EMFILE: the next round may work
                 monitor.warn.once("maintain:" + str(exc), "%s", exc)
             trim.after_collection()
         if next_print is not None and time.monotonic() >= next_print:
@@ -568,6 +649,8 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
                 printer.emit(monitor.snapshot("print"), round(now - last_emit, 3))
                 last_emit = now
                 trim.after_collection()
+                if sink is not None and sink.error is not None:
+                    printing = _output_failed(sink, server)
             printed += 1
             next_print += cfg.interval
             if next_print < time.monotonic():  # we fell behind (suspend): do not burst
@@ -576,7 +659,93 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config)
                 return 0
     if next_print is None and printing:
         printer.emit(monitor.snapshot("print"), round(time.monotonic() - start, 3))
+        if sink is not None and sink.error is not None:
+            _output_failed(sink, None)
     return 0
+
+
+class _Stopped(BaseException):
+    """SIGINT/SIGTERM while starting."""
+
+
+# --output-file: never through a symlink planted at the path (root would append
+# to whatever file it points at), created readable by the owner's group only.
+OUTPUT_FILE_MODE = 0o640
+
+
+def _open_output_file(path: str):
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+             | os.O_NONBLOCK)  # a FIFO with no reader: ENXIO now, not a wait for one
+    shown = escape.name(path)
+    try:
+        fd = os.open(path, flags, OUTPUT_FILE_MODE)
+    except OSError as exc:
+        if exc.errno == _errno.ELOOP:
+            raise InputError(f"--output-file {shown} is a symlink; not written through "
+                             "(give the path of the file itself)") from None
+        if exc.errno == _errno.ENXIO:
+            raise InputError(f"--output-file {shown} is a FIFO that nobody reads") from None
+        raise InputError(f"cannot open --output-file {shown}: {exc.strerror}") from None
+    try:
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _Sink:
+    """Where histograms are printed. A write that fails (a full disk, /dev/full,
+    a closed pipe) is remembered, not raised: the loop decides what follows
+    (_output_failed). The stream's descriptor then points at /dev/null, so that
+    what is still buffered is not written, and failed, again at exit."""
+
+    def __init__(self, stream, name: str):
+        self.stream = stream
+        self.name = name
+        self.error: OSError | None = None
+
+    def write(self, text: str) -> None:
+        if self.error is None:
+            try:
+                self.stream.write(text)
+            except OSError as exc:
+                self._failed(exc)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except OSError as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.error = exc
+        try:
+            fd = self.stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except (OSError, ValueError):  # no descriptor (a test's stream): nothing buffered to drop
+            pass
+
+
+def _output_failed(sink: _Sink, server) -> bool:
+    """The output cannot be written: with an exporter, printing stops and metrics go
+    on (one warning); without one there is nothing left to do: one line, exit 1
+    (a closed pipe, as in `| head`, ends quietly). Returns whether to keep printing."""
+    exc = sink.error
+    if server is not None:
+        log.warning("cannot write the output to %s: %s; printing stops, metrics are still served at "
+                    "http://%s/metrics", escape.name(sink.name), exc.strerror or exc, server.address)
+        return False
+    if exc.errno == _errno.EPIPE:
+        raise _OutputClosed()
+    raise InputError(f"cannot write the output to {escape.name(sink.name)}: {exc.strerror or exc}; stopping")
+
+
+class _OutputClosed(Exception):
+    """The reader of standard output went away (EPIPE): end quietly, status 0."""
 
 
 def _reload(monitor, cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path]) -> None:
@@ -634,17 +803,20 @@ def list_containers(
                      storage_roots=policy.storage_roots, problems=problems)
     for p in problems:
         log.warning("%s", p)
+    # ids, names and cgroup paths come from the containers' owners: escaped (escape.py)
     if as_json:
-        typer.echo(json.dumps([c.__dict__ for c in found], indent=1))
+        typer.echo(json.dumps([{k: escape.name(v) if isinstance(v, str) else v for k, v in c.__dict__.items()}
+                               for c in found], indent=1))
         return
     if not found:
         typer.echo("no containers found (looked at containerd state dirs and /proc/*/cgroup)")
         return
     typer.echo(f"{'ID':<14}{'NAME':<24}{'POD':<32}{'RUNTIME':<12}{'PID':>8}  CGROUP")
     for c in found:
-        pod = (pod_path(c) or "-")[:31]
-        typer.echo(f"{c.id[:12]:<14}{(c.name or '-')[:23]:<24}{pod:<32}{c.runtime:<12}{c.init_pid:>8}"
-                   f"  {c.cgroup or '-'}")
+        name = escape.name(c.name or "-", 23)
+        pod = escape.name(pod_path(c) or "-", 31)
+        typer.echo(f"{escape.name(c.id[:12]):<14}{name:<24}{pod:<32}{c.runtime:<12}{c.init_pid:>8}"
+                   f"  {escape.name(c.cgroup or '-')}")
 
 
 @app.command()

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from . import escape
 from .errors import InputError
 
 __all__ = [

@@ -9,6 +9,7 @@ import json
 import re
 import time
 
+from . import escape
 from .tracer import SlowWait
 
 _UNITS_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
@@ -28,25 +29,20 @@ def parse_duration_ns(text: str) -> int:
     return ns
 
 
-def _safe(name: str) -> str:
-    """A task name fit for a terminal: control and non-printable characters escaped."""
-    return "".join(c if c.isprintable() and c != "\\" else f"\\x{ord(c):02x}" for c in name)
-
-
 def _culprit(ev: SlowWait) -> str:
     if ev.culprit_type == "task":
-        return f"pid {ev.culprit_pid} ({_safe(ev.culprit_comm)}) ran {ev.culprit_ns / 1e6:.2f} ms"
+        return f"pid {ev.culprit_pid} ({escape.name(ev.culprit_comm)}) ran {ev.culprit_ns / 1e6:.2f} ms"
     what = {"kernel": "a kernel thread", "idle": "the idle CPU", "quota": "the CPU quota",
             "unknown": "unknown (more switches than the CPU's log holds)"}.get(ev.culprit_type, ev.culprit_type)
-    extra = f" {ev.culprit_pid} ({_safe(ev.culprit_comm)})" if ev.culprit_type == "kernel" else ""
+    extra = f" {ev.culprit_pid} ({escape.name(ev.culprit_comm)})" if ev.culprit_type == "kernel" else ""
     return f"{what}{extra}, {ev.culprit_ns / 1e6:.2f} ms"
 
 
 def text_line(ev: SlowWait, container: str = "") -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(ev.time)) + f".{int(ev.time * 1000) % 1000:03d}"
-    where = f" container {_safe(container)}" if container else ""
+    where = f" container {escape.name(container)}" if container else ""
     throttled = f" ({ev.throttled_ns / 1e6:.2f} ms throttled)" if ev.throttled_ns else ""
-    return (f"{stamp} slow wait {ev.latency_ns / 1e6:.3f} ms: pid {ev.pid} tid {ev.tid} ({_safe(ev.comm)})"
+    return (f"{stamp} slow wait {ev.latency_ns / 1e6:.3f} ms: pid {ev.pid} tid {ev.tid} ({escape.name(ev.comm)})"
             f"{where} cpu {ev.cpu} {ev.kind} {ev.cause}{throttled}; culprit {_culprit(ev)}")
 
 

@@ -78,17 +78,19 @@ class Ledger:
         return len(self._pending[consumer])
 
     def collect(self, raw: dict[int, Histogram], owners: Owners, consumer: str | None,
-                now: float) -> tuple[dict[Labels, Histogram], set, list[int]]:
+                now: float, peek: bool = False) -> tuple[dict[Labels, Histogram], set, list[int]]:
         """Labelled cumulative histograms now (plus, for a consumer, the final values
         of what retired since it last read), and retiring gone keys on the way.
 
         Returns (histograms by labels, labels shown for the last time, kernel keys
         to delete). raw: the tracer's histograms by kernel key, fresh objects.
+        peek: the consumer is shown what it is owed without it being handed over
+        (a filtered scrape must not take finals meant for the full one).
         """
         hists, gone_keys, late_keys = self._label(raw, owners, now)
         self._retire(raw, gone_keys, hists)
         self._retired_at.update(dict.fromkeys(gone_keys, now))
-        gone = self._hand_to(consumer, hists) if consumer is not None else set()
+        gone = self._hand_to(consumer, hists, peek) if consumer is not None else set()
         self._share_label_dicts(hists)
         return hists, gone, list(gone_keys) + late_keys
 
@@ -151,7 +153,7 @@ class Ledger:
                 else:  # a consumer that does not read while thousands of processes exit
                     self.retired_dropped += 1
 
-    def _hand_to(self, consumer: str, hists: dict[Labels, Histogram]) -> set:
+    def _hand_to(self, consumer: str, hists: dict[Labels, Histogram], peek: bool = False) -> set:
         """Add what the consumer is owed to hists; returns the labels shown for the last time."""
         gone = set()
         live_labels = set(hists)
@@ -159,11 +161,12 @@ class Ledger:
             _add(hists, lab, h)
             if lab not in live_labels:
                 gone.add(lab)
-        if consumer in self._pending:
+        if consumer in self._pending and not peek:
             self._pending[consumer] = {}
         read = self._read_by.get(consumer)
         if read is not None:
-            read.update(lab for lab in hists if lab not in gone)
+            if not peek:
+                read.update(lab for lab in hists if lab not in gone)
             if consumer in self._folded:
                 exited = self.exited_label
                 folded = self._folded[consumer]

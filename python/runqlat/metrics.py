@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import errno as _errno
 import logging
+import os
 import re
 import socket
+import sys
 import threading
+import time
 from socketserver import ThreadingMixIn
 from typing import Callable
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from urllib.parse import parse_qs
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
                                     InfoMetricFamily)
 from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
-from . import __version__
+from . import __version__, escape
 from .errors import InputError, RunqlatError
 from .hist import is_slot_boundary, power_of_two_bounds_ns
 from .model import CONTAINER_MODES, Snapshot
@@ -148,7 +152,14 @@ class Collector:
         if at is not None:
             keep = self.key_filter.keep
             items = [(labels, hist) for labels, hist in items if keep(labels[at])]
-        for labels, hist in sorted(items):
+        # label values are names others chose (comm, cgroup and container names):
+        # escaped, and two that escape alike are one series (a duplicate would
+        # make Prometheus reject the whole page)
+        shown: dict = {}
+        for labels, hist in items:
+            lab = tuple(map(escape.name, labels))
+            shown[lab] = shown[lab] + hist if lab in shown else hist
+        for labels, hist in sorted(shown.items()):
             cum = hist.cumulative_le(self.bounds_ns)
             count = hist.count
             buckets = [(le, min(c, count)) for le, c in zip(self._les, cum)]
@@ -163,7 +174,7 @@ class Collector:
                 for labels, ctx in sorted(cpu.items()):
                     v = getattr(ctx, attr)
                     if v is not None:
-                        c.add_metric(list(labels), v)
+                        c.add_metric([escape.name(x) for x in labels], v)
                 yield c
 
         yield from self._why(snap, label_names, hists)
@@ -218,11 +229,12 @@ class Collector:
                                         labels=label_names + ["cause"])
             for lab, w in sorted(snap.why.items()):
                 for name, ns, _ in self._culprit_series.series(lab, w.culprits):
-                    c.add_metric(list(lab) + [name], ns / 1e9)
+                    c.add_metric([escape.name(x) for x in lab] + [escape.name(name)], ns / 1e9)
             for lab, hist in sorted(hists.items()):
                 thr, cont = cause_split(snap.why.get(lab) or _NO_WHY, hist.sum_ns)
-                cause.add_metric(list(lab) + ["throttled"], thr / 1e9)
-                cause.add_metric(list(lab) + ["contention"], cont / 1e9)
+                shown = [escape.name(x) for x in lab]
+                cause.add_metric(shown + ["throttled"], thr / 1e9)
+                cause.add_metric(shown + ["contention"], cont / 1e9)
             self._culprit_series.forget(set(snap.why))
             yield c
             yield cause
@@ -258,20 +270,171 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host, p
 
 
+# The exporter listens where anyone on the network (or the host) may connect.
+# A connection holds a thread and a file descriptor, so both are bounded, and
+# what is left of the process's descriptors stays for the tracer itself: a
+# flood of idle connections must never make the tracer fail to open /proc.
+MAX_CONNECTIONS = 64
+FD_RESERVE = 64           # descriptors kept free for the tracer, beyond those open at start
+IDLE_TIMEOUT_S = 10.0     # a client silent this long (reading its request or our answer) is dropped
+EVICT_AFTER_S = 0.25      # a full server drops a client still sending its request after this long
+MAX_CONNECTION_S = 60.0   # ... or any client connected this long
+LISTEN_BACKLOG = 128      # a burst of scrapers queues in the kernel instead of waiting a second
+EMFILE_PAUSE_S = 0.1      # out of descriptors: accept nothing for this long instead of spinning
+
+
+def fd_budget(reserve: int = FD_RESERVE, most: int = MAX_CONNECTIONS) -> int:
+    """Connections this process can hold and still have `reserve` descriptors
+    free beyond those open now (at least one: the exporter must answer)."""
+    import resource
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    if soft == resource.RLIM_INFINITY:
+        return most
+    return max(1, min(most, soft - in_use - reserve))
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    block_on_close = False  # close() does not wait for clients that do not read
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def server_activate(self):
+        super().server_activate()
+        self.max_connections = fd_budget()
+        self._conns: dict = {}  # socket -> [connected at (monotonic), still reading the request]
+        self._conns_lock = threading.Lock()
+        self._emfile_logged = False
+        self._refusing = False
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM):
+                if not self._emfile_logged:
+                    self._emfile_logged = True
+                    log.warning("metrics: cannot accept a connection (%s); refusing until descriptors "
+                                "are free", exc.strerror)
+                time.sleep(EMFILE_PAUSE_S)  # the listening socket stays readable: do not spin
+            raise
+
+    def process_request(self, request, client_address):
+        now = time.monotonic()
+        with self._conns_lock:
+            full = len(self._conns) >= self.max_connections and not self._evict_one(now)
+            if not full:
+                self._conns[request] = [now, True]
+        if full:
+            if not self._refusing:  # once per spell of refusals, not once per connection
+                self._refusing = True
+                log.debug("metrics: %d connections open (the most for this process's descriptor "
+                          "limit); refusing more until one ends", self.max_connections)
+            self.shutdown_request(request)
+            return
+        self._refusing = False
+        self._emfile_logged = False
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._conns_lock:
+                self._conns.pop(request, None)
+            raise
+
+    def _evict_one(self, now: float) -> bool:
+        """Make room by dropping the oldest client that is slow (still sending its
+        request after EVICT_AFTER_S) or has been connected too long. A scraper
+        sends its request at once, so it is never the one dropped."""
+        slow = [(t, s) for s, (t, reading) in self._conns.items()
+                if (reading and now - t > EVICT_AFTER_S) or now - t > MAX_CONNECTION_S]
+        if not slow:
+            return False
+        _, sock = min(slow, key=lambda ts: ts[0])
+        del self._conns[sock]
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # its thread's recv/send returns; that thread closes it
+        except OSError:
+            pass
+        return True
+
+    def request_read(self, request) -> None:
+        with self._conns_lock:
+            entry = self._conns.get(request)
+            if entry is not None:
+                entry[1] = False
+
+    def shutdown_request(self, request):
+        with self._conns_lock:
+            self._conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # a client that went silent or away: not news
+            log.debug("metrics client %s: %s", client_address[0], exc.strerror or type(exc).__name__)
+            return
+        super().handle_error(request, client_address)  # a bug: keep its traceback
 
 
 class _V6Server(_Server):
     address_family = socket.AF_INET6
 
 
+class _Answer(ServerHandler):
+    def log_exception(self, exc_info):
+        if isinstance(exc_info[1], OSError):  # the client stopped reading: one debug line
+            log.debug("metrics client: %s", exc_info[1].strerror or type(exc_info[1]).__name__)
+            return
+        super().log_exception(exc_info)
+
+
 class _QuietHandler(WSGIRequestHandler):
-    timeout = 30  # an idle client must not hold a server thread forever
+    timeout = IDLE_TIMEOUT_S  # each read or write: an idle client must not hold a thread
 
     def log_message(self, *args):  # scrapes are not news
         pass
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.request_read(self.request)  # from now on a scraper, not a slow sender
+        return ok
+
+    def handle(self):
+        """WSGIRequestHandler.handle, answering through _Answer (a client gone
+        while we answer is one debug line, not a traceback on stderr)."""
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return
+        handler = _Answer(self.rfile, self.wfile, self.get_stderr(), self.get_environ(), multithread=False)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+
+
+_request = threading.local()
+
+
+def filtered_scrape() -> bool:
+    """Whether the scrape being answered (in this thread) asked for some families
+    only (`?name[]=...`): it must not take what the full scrape is owed."""
+    return getattr(_request, "filtered", False)
+
+
+def _note_filter(app):
+    def noted(wsgi_env, start_response):
+        _request.filtered = "name[]" in parse_qs(wsgi_env.get("QUERY_STRING", ""))
+        try:
+            return app(wsgi_env, start_response)
+        finally:
+            _request.filtered = False
+    return noted
 
 
 def _one_line_failures(app):
@@ -304,9 +467,12 @@ class MetricsServer:
 
     def __init__(self, addr: str, collector: Collector, start: bool = True):
         host, port = parse_addr(addr)
-        self.registry = CollectorRegistry(auto_describe=False)
+        try:  # without it, prometheus_client >= 0.21 answers ?name[]= with nothing (no fixed names here)
+            self.registry = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
+        except TypeError:  # older ones (Debian 12's 0.16) collect every collector for it anyway
+            self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
-        app = _one_line_failures(make_wsgi_app(self.registry))
+        app = _note_filter(_one_line_failures(make_wsgi_app(self.registry)))
         cls = _V6Server if ":" in host else _Server
         try:
             self.httpd = make_server(host, port, app, server_class=cls, handler_class=_QuietHandler)

@@ -59,10 +59,12 @@ class Monitor:
     def exited_label(self) -> Labels:
         return self.ledger.exited_label
 
-    def snapshot(self, consumer: str | None = None) -> Snapshot:
+    def snapshot(self, consumer: str | None = None, peek: bool = False) -> Snapshot:
+        """peek: show the consumer what is pending for it without handing it over
+        (a filtered scrape must not take finals meant for the full one)."""
         with self.lock:
             t = self.tracer
-            hists, gone = self._collect(consumer)
+            hists, gone = self._collect(consumer, peek)
             kinds, accounts = self._why_view()
             return Snapshot(
                 ts=time.time(), mode=self.mode, hists=hists,
@@ -114,12 +116,12 @@ class Monitor:
         with self.lock:
             self._collect(None)
 
-    def _collect(self, consumer: str | None):
+    def _collect(self, consumer: str | None, peek: bool = False):
         self.last_collect = time.monotonic()
         raw = self.tracer.read_hists()
         self.tracking.begin_collection(raw.keys(), self.last_collect)
         # a pending wait has ended and been seen within a second (ledger.LATE_WAIT_S)
-        hists, gone, retired = self.ledger.collect(raw, self.tracking, consumer, time.monotonic())
+        hists, gone, retired = self.ledger.collect(raw, self.tracking, consumer, time.monotonic(), peek)
         if retired:
             self.tracer.delete_hists(retired)
         return hists, gone

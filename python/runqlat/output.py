@@ -18,6 +18,7 @@ from operator import itemgetter
 
 import numpy as np
 
+from . import escape
 from .abi import HIST_SLOTS
 from .hist import (UPPER_NS_INT, WIDE_FROM, log2_column_header, log2_matrix, log2_row_prefix,
                    percentiles_ns, star_bars)
@@ -28,11 +29,6 @@ BAR_WIDTH = 40
 TOP_CULPRITS = 5  # culprits shown per histogram and interval (the rest in one "(other)")
 QUANTILES = (0.5, 0.9, 0.99)
 _NUMERIC_LABELS = ("pid", "tid", "pidns")
-
-
-def _safe(name: str) -> str:
-    """A name another user controls (a comm, a container name), fit for a terminal."""
-    return "".join(c if c.isprintable() and c != "\\" else f"\\x{ord(c):02x}" for c in name)
 
 
 def mode_header(mode: Mode, labels: dict) -> str:
@@ -70,7 +66,7 @@ def sort_key(labels: tuple) -> tuple:
     comparing two keys is one tuple comparison."""
     key = ()
     for v in labels:
-        key += (0, int(v), "") if v.isdigit() else (1, 0, v)
+        key += (0, int(v), "") if v.isascii() and v.isdigit() else (1, 0, v)
     return key
 
 
@@ -256,10 +252,11 @@ class Printer:
         return _Interval(rows)
 
     def _describe(self, snap, lab: Labels):
+        # comm, cgroup and container names are chosen by others: escaped (escape.py)
         if self.fmt == "json":
-            return "".join(f', "{k}": {v}' if k in _NUMERIC_LABELS else f', "{k}": {json.dumps(v)}'
+            return "".join(f', "{k}": {v}' if k in _NUMERIC_LABELS else f', "{k}": {json.dumps(escape.name(v))}'
                            for k, v in zip(snap.label_names, lab))
-        return mode_header(snap.mode, dict(zip(snap.label_names, lab)))
+        return mode_header(snap.mode, {k: escape.name(v) for k, v in zip(snap.label_names, lab)})
 
     def emit(self, snap, interval_s: float | None) -> None:
         """Writes the interval chunk by chunk: each piece stays small (no multi-MB
@@ -362,7 +359,7 @@ class Printer:
         if rows:
             lines.append(f"     {'top culprits':<32} {'waited ms':>12} {'share':>7} {'runs':>8}")
             for name, ns, n in rows:
-                lines.append(f"     {_safe(name)[:32]:<32} {ns / 1e6:12.3f} {100 * ns / waited_ns:6.1f}% {n:8d}")
+                lines.append(f"     {escape.name(name)[:32]:<32} {ns / 1e6:12.3f} {100 * ns / waited_ns:6.1f}% {n:8d}")
         return "\n".join(lines)
 
     def _why_json(self, lab: tuple, waited_ns: int) -> str:

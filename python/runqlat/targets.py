@@ -8,50 +8,155 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import escape
 from .errors import InputError
 
 PID_MAX_LIMIT = 4 * 1024 * 1024  # the kernel's PID_MAX_LIMIT on 64-bit
 
 
+# A pids file lists processes, a few thousand at most: anything bigger is not one
+# (a symlink to a sparse 100 GB file, /dev/zero) and is refused whole, before it
+# costs memory or time.
+MAX_PIDS_FILE_BYTES = 16 << 20
+MAX_PIDS_FILE_LINES = 1 << 20
+# Bad lines reported per read; the rest are counted in one more line.
+MAX_PROBLEMS = 10
+# Characters of a bad line quoted in its warning: enough to recognise a typo,
+# never a file's contents.
+EXCERPT_CHARS = 24
+ASCII_SPACE = " \t\r\f\v"
+
+
 @dataclass
 class PidsFile:
     pids: set[int]
-    problems: list[str]  # "pids.txt:3: 'abc' is not a PID", one per bad line
+    problems: list[str]  # "pids.txt:3: 'abc' is not a PID", one per bad line, at most MAX_PROBLEMS
+    more_problems: int = 0  # bad lines beyond those
+    size: int = 0  # bytes read
 
 
 def parse_pids(text: str, name: str = "<pids>") -> PidsFile:
-    """One PID per line; '#' starts a comment; blank lines are fine."""
-    pids, problems = set(), []
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+    """One PID per line (ASCII digits only: no sign, no '_', no other script's
+    digits); '#' starts a comment; blank lines are fine."""
+    pids, problems, more = set(), [], 0
+    name = escape.name(name)
+    for n, raw in enumerate(text.split("\n"), 1):  # lines as an editor numbers them
+        line = raw.split("#", 1)[0].strip(ASCII_SPACE)
         if not line:
             continue
-        try:
-            pid = int(line, 10)
-        except ValueError:
-            problems.append(f"{name}:{n}: {line!r} is not a PID (one decimal PID per line expected)")
-            continue
-        if not 0 < pid <= PID_MAX_LIMIT:
-            problems.append(f"{name}:{n}: {pid} is out of range for a PID")
-            continue
-        pids.add(pid)
-    return PidsFile(pids, problems)
+        if line.isascii() and line.isdigit():
+            pid = int(line)
+            if 0 < pid <= PID_MAX_LIMIT:
+                pids.add(pid)
+                continue
+            problem = f"{name}:{n}: {escape.excerpt(line, EXCERPT_CHARS)} is out of range for a PID"
+        else:
+            problem = (f"{name}:{n}: '{escape.excerpt(line, EXCERPT_CHARS)}' is not a PID "
+                       "(one decimal PID per line expected)")
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(problem)
+        else:
+            more += 1
+    return PidsFile(pids, problems, more)
+
+
+def _symlink_chain(path: Path) -> tuple[list[int], Path]:
+    """Owners of the symlinks `path` goes through (last component only, as often
+    as it is a link), and the file at the end."""
+    owners, p = [], path
+    for _ in range(40):  # the kernel's MAXSYMLINKS
+        st = os.lstat(p)
+        if not stat.S_ISLNK(st.st_mode):
+            return owners, p
+        owners.append(st.st_uid)
+        p = p.parent / os.readlink(p)
+    raise InputError(f"pids file {escape.name(str(path))}: too many levels of symbolic links")
+
+
+def open_pids_file(path: Path) -> tuple[int, os.stat_result]:
+    """An open descriptor of the pids file and its stat, or InputError saying why not.
+
+    Never blocks: opened with O_NONBLOCK, so a FIFO (or a device) put at the
+    path is refused instead of waiting for a writer forever. Only a regular
+    file of at most MAX_PIDS_FILE_BYTES is accepted.
+
+    Symlinks: the file is often in a directory its writer (an unprivileged
+    service) owns, so that writer can put a symlink there. A symlink is followed
+    only when every link on the way is owned by root or by the owner of the file
+    it ends at: a service can point at its own files, not at /etc/shadow.
+    """
+    shown = escape.name(str(path))
+    try:
+        owners, target = _symlink_chain(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise InputError(f"pids file {shown} does not exist; create it with one PID per line") from None
+    except OSError as exc:
+        raise InputError(f"cannot read pids file {shown}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if owners:
+            try:
+                end = os.stat(target)
+            except OSError:
+                end = None
+            if end is None or (end.st_dev, end.st_ino) != (st.st_dev, st.st_ino):
+                raise InputError(f"pids file {shown} changed while it was opened; will read it again")
+            bad = [uid for uid in owners if uid not in (0, st.st_uid)]
+            if bad:
+                raise InputError(f"pids file {shown} is a symlink owned by uid {bad[0]} to a file owned by "
+                                 f"uid {st.st_uid}; not followed (make the link root's or the file's owner's)")
+        if stat.S_ISDIR(st.st_mode):
+            raise InputError(f"pids file {shown} is a directory; give a file with one PID per line")
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
+                    stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+            raise InputError(f"pids file {shown} is {kind}, not a regular file; give a file with one PID per line")
+        if st.st_size > MAX_PIDS_FILE_BYTES:
+            raise InputError(f"pids file {shown} is {st.st_size} bytes, more than a pids file can be "
+                             f"({MAX_PIDS_FILE_BYTES >> 20} MiB); not read")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_bounded(fd: int, limit: int) -> bytes:
+    """Up to limit + 1 bytes (one more says the file grew past the limit)."""
+    chunks, left = [], limit + 1
+    while left > 0:
+        b = os.read(fd, min(left, 1 << 20))
+        if not b:
+            break
+        chunks.append(b)
+        left -= len(b)
+    return b"".join(chunks)
 
 
 def read_pids_file(path: Path) -> PidsFile:
+    path = Path(path)
+    fd, _ = open_pids_file(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"pids file {path} does not exist; create it with one PID per line") from None
-    except IsADirectoryError:
-        raise InputError(f"pids file {path} is a directory; give a file with one PID per line") from None
+        data = read_bounded(fd, MAX_PIDS_FILE_BYTES)
     except OSError as exc:
-        raise InputError(f"cannot read pids file {path}: {exc.strerror}") from None
-    return parse_pids(data.decode("utf-8", errors="replace"), str(path))
+        raise InputError(f"cannot read pids file {escape.name(str(path))}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_PIDS_FILE_BYTES:
+        raise InputError(f"pids file {escape.name(str(path))} grew past {MAX_PIDS_FILE_BYTES >> 20} MiB "
+                         "while read; not read")
+    lines = data.count(b"\n")
+    if lines > MAX_PIDS_FILE_LINES:
+        raise InputError(f"pids file {escape.name(str(path))} has {lines} lines, more than a pids file "
+                         f"can have ({MAX_PIDS_FILE_LINES}); not read")
+    pf = parse_pids(data.decode("utf-8", errors="replace"), str(path))
+    pf.size = len(data)
+    return pf
 
 
 def start_time(pid: int, proc: str = "/proc") -> int | None:
@@ -69,12 +174,25 @@ def start_time(pid: int, proc: str = "/proc") -> int | None:
         return None
 
 
+def tgid_of(tid: int, proc: str = "/proc") -> int | None:
+    """The process (thread group) a thread id belongs to, None if it does not exist."""
+    try:
+        with open(f"{proc}/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class Identity:
     """PIDs seen in the user's sources, with the start time that pins each one."""
 
     proc: str = "/proc"
     known: dict[int, int | None] = field(default_factory=dict)  # pid -> start time, None: never existed
+    threads: dict[int, int] = field(default_factory=dict)  # listed ids that are threads -> their process
 
     def resolve(self, wanted: set[int]) -> tuple[set[int], set[int]]:
         """(live PIDs that are still the process first seen, PIDs newly found missing).
@@ -85,6 +203,7 @@ class Identity:
         for pid in list(self.known):
             if pid not in wanted:
                 del self.known[pid]
+                self.threads.pop(pid, None)
         live, missing = set(), set()
         for pid in wanted:
             now = start_time(pid, self.proc)
@@ -92,7 +211,11 @@ class Identity:
                 self.known[pid] = now
                 if now is None:
                     missing.add(pid)
-            if now is not None and now == self.known[pid]:
+                else:  # /proc has an entry for a thread id too, but the kernel keys by process
+                    tgid = tgid_of(pid, self.proc)
+                    if tgid is not None and tgid != pid:
+                        self.threads[pid] = tgid
+            if now is not None and now == self.known[pid] and pid not in self.threads:
                 live.add(pid)
         return live, missing
 
@@ -118,22 +241,35 @@ class FileWatch:
 
     def signature(self) -> tuple | None:
         try:
-            st = os.stat(self.path)
-            digest = b""
-            if st.st_size <= self.MAX_HASHED:
-                with open(self.path, "rb") as f:
-                    digest = hashlib.blake2b(f.read(self.MAX_HASHED + 1), digest_size=16).digest()
+            lst = os.lstat(self.path)
+            # O_NONBLOCK: a FIFO put at the path must not stop the tracer in open()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError:
             return None
-        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+        try:
+            st = os.fstat(fd)
+            digest = b""
+            if stat.S_ISREG(st.st_mode) and st.st_size <= self.MAX_HASHED:
+                digest = hashlib.blake2b(read_bounded(fd, self.MAX_HASHED), digest_size=16).digest()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        # the link itself too: a symlink swapped in for the file it points at is a change
+        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest,
+                lst.st_ino, stat.S_IFMT(st.st_mode))
 
     def _settled(self, last_ns: int) -> bool:
         try:
             st = os.stat(self.path)
         except OSError:
             return False
+        try:
+            lst = os.lstat(self.path)
+        except OSError:
+            return False
         return ((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self._sig[:5]
-                and st.st_ctime_ns < last_ns - self.SETTLED_NS)
+                and lst.st_ino == self._sig[6] and st.st_ctime_ns < last_ns - self.SETTLED_NS)
 
     def changed(self) -> bool:
         now = time.time_ns()

@@ -227,6 +227,8 @@ class Tracer:
         self._gen = 1
         self._filter = Filter(0)
         self._pids: dict[int, int] = {}   # mirror of the listed entries we put in tracked_pids
+        self.over_limit: set[int] = set()  # listed PIDs that did not fit in tracked_pids
+        self.listed_refused = 0            # times a listed PID did not fit (part of tracked_full)
         self._cgroups: set[int] = set()
         self._pidns: set[int] = set()
         self._obj: BpfObject | None = None
@@ -478,28 +480,64 @@ class Tracer:
         self.obj.map(abi.LIVE_SECTION).update(struct.pack("<I", 0), struct.pack("<II", self._gen, int(self._filter)))
 
     def _sync_pids(self, wanted: set[int]) -> bool:
+        """tracked_pids = the listed PIDs that fit (and the children the kernel follows).
+
+        Entries go first, so that a shrink makes room for what it adds. When the
+        map cannot hold every listed PID, those already in stay and the lowest
+        new PIDs fill the room; the others are over_limit (counted once each as
+        tracked_full, and added when room appears). A batch that fails part-way
+        is reconciled with what the kernel really holds, so that no PID is left
+        in the map that is not listed."""
         m = self.obj.map("tracked_pids")
-        add = sorted(wanted - self._pids.keys())
         gone = [p for p in self._pids if p not in wanted]
-        if add or gone:
+        if gone:
             self._tracked_seen = None  # the next kernel_tracked_pids walks the map
+            m.delete_many([struct.pack("<I", p) for p in gone])
+            for p in gone:
+                del self._pids[p]
+        add = sorted(wanted - self._pids.keys())
+        over: list[int] = []
         if add:
+            room = m.max_entries - len(self.kernel_tracked_pids())  # followed children hold entries too
+            add, over = add[:max(room, 0)], add[max(room, 0):]
+        if add:
+            self._tracked_seen = None
             keys = struct.pack(f"<{len(add)}I", *add)
             vals = bytes([abi.TrackedReason.LISTED]) * len(add)
             try:
                 m.update_batch(keys, vals, len(add))
+                for p in add:
+                    self._pids[p] = abi.TrackedReason.LISTED
             except LibbpfError as exc:
-                if exc.errno == _errno.E2BIG or exc.errno == _errno.ENOSPC:
-                    raise LibbpfError("adding PIDs to the tracked set", exc.errno,
-                                      f"more than {m.max_entries} PIDs; raise --max-tracked") from None
-                raise
-            for p in add:
-                self._pids[p] = abi.TrackedReason.LISTED
-        if gone:
-            m.delete_many([struct.pack("<I", p) for p in gone])
-            for p in gone:
-                del self._pids[p]
+                if exc.errno not in (_errno.E2BIG, _errno.ENOSPC):
+                    self._reconcile_pids(wanted)
+                    raise
+                self._reconcile_pids(wanted)  # a child took the room meanwhile: some went in
+                over += [p for p in add if p not in self._pids]
+        self._note_over_limit(set(over))
         return bool(add or gone)
+
+    def _reconcile_pids(self, wanted: set[int]) -> None:
+        """Our mirror = the listed entries the kernel holds; a listed entry the user
+        does not want (left by a failed batch) is deleted."""
+        self._tracked_seen = None
+        stray = []
+        for p, reason in self.kernel_tracked_pids().items():
+            if reason != abi.TrackedReason.LISTED:
+                continue
+            if p in wanted:
+                self._pids[p] = reason
+            else:
+                stray.append(p)
+        if stray:
+            self.obj.map("tracked_pids").delete_many([struct.pack("<I", p) for p in stray])
+            self._tracked_seen = None
+        for p in [p for p in self._pids if p not in wanted]:
+            del self._pids[p]
+
+    def _note_over_limit(self, over: set[int]) -> None:
+        self.listed_refused += len(over - self.over_limit)
+        self.over_limit = over
 
     def _sync_set(self, map_name: str, mirror: set[int], wanted: set[int], fmt: str) -> bool:
         m = self.obj.map(map_name)
@@ -799,6 +837,7 @@ class Tracer:
         for r in abi.DropReason:
             raw = m.lookup(struct.pack("<I", int(r))) or b""
             out[r.name.lower()] = sum(struct.unpack(f"<{len(raw) // 8}Q", raw))
+        out["tracked_full"] = out.get("tracked_full", 0) + self.listed_refused  # listed, not only followed
         return out
 
     def map_fill(self, tracked_pids_used: int | None = None) -> dict[str, tuple[int, int]]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import containers as ctr
-from . import why
+from . import escape, why
 from .abi import AggMode, CulpritBy, Filter
 from .cgroups import CgroupTree
 from .errors import InputError
@@ -37,6 +37,11 @@ PIDNS_SCAN_S = 2.0
 # of tracked_pids it makes anyway; refresh (every 0.5 s) walks that map itself only
 # when no collection or refresh has for this long.
 EXIT_SYNC_S = 2.0
+# The kernel names a key's histogram once, when it makes it: after an exec (or a
+# prctl) the process has another name. Every key's /proc comm is read again
+# within this many seconds, a slice of the keys at each collection (1,000
+# processes: about 100 small reads a second).
+COMM_RECHECK_S = 10.0
 
 _MODE_AGG = {Mode.GLOBAL: AggMode.GLOBAL, Mode.PID: AggMode.PID, Mode.TID: AggMode.TID,
              Mode.PIDNS: AggMode.PIDNS, Mode.CONTAINER: AggMode.CGROUP, Mode.POD: AggMode.CGROUP,
@@ -168,7 +173,10 @@ class Tracking:
         self._processes: set[int] = set()
         self._pid_namespaces: set[int] = set()
         self._next_pidns_scan = 0.0
-        self._comms: dict[int, str] = {}  # culprit tgid -> comm (forgotten when many)
+        self._culprit_comms: dict[int, str] = {}  # culprit tgid -> comm (forgotten when many)
+        self._comms: dict[int, str] = {}  # key -> its comm as /proc last said (PID/TID modes)
+        self._comm_turn: list[int] = []   # keys still to re-read in this round
+        self._comm_checked = 0.0
         self.labels_of = {Mode.GLOBAL: self._global_labels, Mode.PID: self._pid_labels,
                           Mode.TID: self._tid_labels, Mode.PIDNS: self._pidns_labels,
                           Mode.CONTAINER: self._container_labels, Mode.POD: self._container_labels,
@@ -179,9 +187,11 @@ class Tracking:
 
     # -- what to track --
     def set_sources(self, sources: Sources, initial: bool = False) -> None:
-        """New sources (start, SIGHUP). At start a missing pids file is an error."""
+        """New sources (start, SIGHUP). At start a missing pids file is an error;
+        at SIGHUP it keeps the last good set (one warning). The Identity is kept:
+        a PID stays pinned to the process first listed under it."""
+        last_good = self._file_pids
         self.sources = sources
-        self._identity = Identity(self.proc)
         self._cli_pids = set(sources.pids)
         self._file_pids = set()
         self.listed_pids = set()
@@ -189,6 +199,18 @@ class Tracking:
         if self._watch and initial:
             self._file_pids = self._parse_file(read_pids_file(sources.pids_file))
             self._watch.changed()
+        elif self._watch:
+            self._watch.changed()
+            try:
+                pf = read_pids_file(sources.pids_file)
+                if pf.size == 0:
+                    raise InputError(f"pids file {escape.name(str(sources.pids_file))} is empty")
+            except InputError as exc:
+                log.warning("SIGHUP: %s; keeping the last good set of %d PID(s)", exc, len(last_good))
+                self._file_pids = last_good
+            else:
+                self.warn.clear("line:")
+                self._file_pids = self._parse_file(pf)
         self._pids_dirty = True
         self._next_container_scan = 0.0
         if uses_cgroup_tree(self.mode, sources) and self.cgroups is None:
@@ -199,16 +221,17 @@ class Tracking:
     def _parse_file(self, pf) -> set[int]:
         for p in pf.problems:
             self.warn.once("line:" + p, "%s; skipping that line", p)
+        if pf.more_problems:
+            self.warn.once(f"line:+{pf.more_problems}", "%d more bad line(s) in %s skipped without a word",
+                           pf.more_problems, escape.name(str(self.sources.pids_file)))
         return pf.pids
 
     def _read_file(self) -> None:
         path = self.sources.pids_file
         try:
-            if self._watch.signature() is None:
-                raise InputError(f"pids file {path} is gone")
-            if os.stat(path).st_size == 0:
-                raise InputError(f"pids file {path} is empty")
             pf = read_pids_file(path)
+            if pf.size == 0:
+                raise InputError(f"pids file {escape.name(str(path))} is empty")
         except InputError as exc:
             self.warn.once("file", "%s; keeping the last good set of %d PID(s)", exc, len(self._file_pids))
             return
@@ -221,6 +244,9 @@ class Tracking:
         live, missing = self._identity.resolve(self._cli_pids | self._file_pids)
         for pid in sorted(missing):
             self.warn.once(f"pid:{pid}", "PID %d does not exist; it is not tracked", pid)
+        for tid, tgid in sorted(self._identity.threads.items()):
+            self.warn.once(f"tid:{tid}", "%d is a thread of process %d, not a process; it is not tracked "
+                           "(list %d to track that process)", tid, tgid, tgid)
         self.listed_pids = live
         self._pids_dirty = False
 
@@ -247,7 +273,7 @@ class Tracking:
                 pidns.add(c.pidns)
             else:
                 self.warn.once(f"ctrsel:{c.id}", "container %s has neither its own cgroup nor PID "
-                               "namespace visible here; it cannot be tracked", c.id[:12])
+                               "namespace visible here; it cannot be tracked", escape.name(c.id[:12]))
         return cg_ids, pidns
 
     def _select_containers(self, found: list[ctr.Container]) -> None:
@@ -268,9 +294,9 @@ class Tracking:
         after = {c.id for c in chosen}
         for c in chosen:
             if c.id not in before:
-                log.info("tracking container %s (%s)", c.id[:12], c.name or "-")
+                log.info("tracking container %s (%s)", escape.name(c.id[:12]), escape.name(c.name or "-", 64))
         for cid in before - after:
-            log.info("container %s stopped", cid[:12])
+            log.info("container %s stopped", escape.name(cid[:12]))
         self.containers = chosen
 
     def refresh(self) -> None:
@@ -303,12 +329,23 @@ class Tracking:
             if not pidns:
                 pidns = None
         targets = (set(self.listed_pids) if s.uses_pids else None, cg_ids, pidns)
-        if targets == self._given:
+        over = getattr(self.tracer, "over_limit", None)
+        if targets == self._given and not over:
             return  # what the tracer was last given, and only we change its sets
         before = self.tracer.listed_pids
         self.tracer.set_targets(pids=targets[0], cgroups=cg_ids, pidns=pidns)
         self._given = targets
         self._recheck(self.tracer.listed_pids - before, cg_ids, pidns)
+        self._warn_over_limit()
+
+    def _warn_over_limit(self) -> None:
+        over = getattr(self.tracer, "over_limit", None)
+        if not over:
+            self.warn.clear("over:")
+            return
+        shown = ", ".join(map(str, sorted(over)[:5])) + (", ..." if len(over) > 5 else "")
+        self.warn.once(f"over:{len(over)}", "%d listed PID(s) do not fit in the tracked set (--max-tracked): "
+                       "%s not tracked (counted as tracked_full); raise --max-tracked", len(over), shown)
 
     def _forget_exited(self, tracked_now: dict[int, int], now: float) -> None:
         """Forget the PIDs that are no longer in tracked_pids as just read."""
@@ -339,6 +376,8 @@ class Tracking:
         if m == Mode.PID and not self._pids_only:
             # one directory read instead of a stat per process
             self._processes = {int(d) for d in os.listdir(self.proc) if d.isdigit()}
+        if m in (Mode.PID, Mode.TID):
+            self._recheck_comms(keys, now)
         if m == Mode.PIDNS:
             self._scan_pidns()
         if m in (Mode.CGROUP, *CONTAINER_MODES) and keys:
@@ -352,9 +391,26 @@ class Tracking:
     def _global_labels(self, key: int, h: Histogram, last: Labels | None) -> Labels | None:
         return ()
 
-    @staticmethod
-    def _with_comm(key: int, h: Histogram, last: Labels | None) -> Labels:
-        comm = h.labels.get("comm", "")
+    def _recheck_comms(self, keys, now: float) -> None:
+        """Re-read the comm of a slice of the keys, so that every key's is read
+        within COMM_RECHECK_S (a key's first comm is the kernel's)."""
+        if not self._comm_turn:
+            self._comm_turn = [k for k in keys]
+            live = set(self._comm_turn)
+            self._comms = {k: c for k, c in self._comms.items() if k in live}
+        elapsed = min(max(now - self._comm_checked, 0.0), COMM_RECHECK_S)
+        self._comm_checked = now
+        n = min(len(self._comm_turn), max(1, int(len(keys) * elapsed / COMM_RECHECK_S + 0.999)))
+        for key in self._comm_turn[-n:]:
+            try:
+                with open(f"{self.proc}/{key}/comm", "rb") as f:
+                    self._comms[key] = f.read(64).rstrip(b"\n").decode("utf-8", "replace")
+            except OSError:
+                self._comms.pop(key, None)  # gone: the kernel's name stands
+        del self._comm_turn[-n:]
+
+    def _with_comm(self, key: int, h: Histogram, last: Labels | None) -> Labels:
+        comm = self._comms.get(key) or h.labels.get("comm", "")
         return last if last is not None and last[1] == comm else (str(key), comm)
 
     def _pid_labels(self, key: int, h: Histogram, last: Labels | None) -> Labels | None:
@@ -406,15 +462,15 @@ class Tracking:
             return path
         if self.mode == Mode.PID and victim and victim[0] == str(cid):
             return why.SELF
-        comm = self._comms.get(cid)
+        comm = self._culprit_comms.get(cid)
         if comm is None:
             try:  # at most 16 bytes (the kernel's TASK_COMM_LEN); the outputs escape it
                 comm = Path(f"{self.proc}/{cid}/comm").read_text(errors="replace")[:16].strip()
             except OSError:
                 comm = ""
-            if len(self._comms) > 10_000:
-                self._comms.clear()
-            self._comms[cid] = comm
+            if len(self._culprit_comms) > 10_000:
+                self._culprit_comms.clear()
+            self._culprit_comms[cid] = comm
         return f"pid {cid} ({comm})" if comm else f"pid {cid}"
 
     def fallback_labels(self, key: int, h: Histogram) -> Labels:

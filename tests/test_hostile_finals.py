@@ -1,0 +1,97 @@
+"""Final values of exited processes go to each consumer once (issue 12, smaller
+list): a filtered scrape (`/metrics?name[]=...`) shows what is pending without
+taking it, so the full scrape Prometheus makes still gets it. No root, no BPF:
+a fake tracer and /proc behind a real Monitor, Collector and server.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from runqlat import monitor as monitor_mod
+from runqlat import tracking
+from runqlat.hist import Histogram, slot_of
+from runqlat.metrics import HIST_NAME, Collector, MetricsServer, filtered_scrape
+from runqlat.monitor import Mode, Monitor, Sources
+from test_monitor import Clock, FakeTracer
+from test_targets import FakeProc
+
+
+class HistTracer(FakeTracer):
+    """FakeTracer whose listed processes each have a growing histogram."""
+
+    def __init__(self):
+        super().__init__()
+        self.owners: set[int] = set()  # keys with a histogram, until deleted (as the real maps)
+
+    def delete_hists(self, keys):
+        self.owners -= set(keys)
+
+    def read_hists(self):
+        self.owners |= set(self.kernel)
+        out = {}
+        for pid in sorted(self.owners):
+            h = Histogram.empty()
+            h.slots[slot_of(5000)] = pid
+            h.count, h.sum_ns = pid, pid * 5000
+            h.labels, h.key = {"comm": f"p{pid}"}, pid
+            out[pid] = h
+        return out
+
+
+@pytest.fixture
+def exporter(tmp_path, monkeypatch):
+    monkeypatch.setattr(monitor_mod, "time", Clock())
+    monkeypatch.setattr(tracking, "time", Clock())
+    proc = FakeProc(tmp_path / "proc")
+    for pid in (100, 101):
+        proc.spawn(pid, 1000 + pid)
+    tr = HistTracer()
+    mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100, 101})), proc=str(proc))
+    mon.register("scrape", fold_unseen=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # what the CLI wires up
+    collector = Collector(lambda: mon.snapshot("scrape", peek=filtered_scrape()), bpf_stats=lambda: False)
+    with MetricsServer(f"127.0.0.1:{port}", collector):
+        yield proc, tr, mon, port
+
+
+def counts(port: int, query: str = "") -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics{query}", timeout=10) as r:
+        body = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(body):
+        if fam.name == HIST_NAME:
+            for s in fam.samples:
+                if s.name.endswith("_count"):
+                    out[s.labels["pid"]] = s.value
+    return out
+
+
+def test_filtered_scrape_does_not_take_the_final_values(exporter):
+    proc, tr, mon, port = exporter
+    assert counts(port) == {"100": 100, "101": 101}
+    tr.exit(100)  # exits: its final value is pending for the scrape consumer
+    proc.exit(100)
+    for _ in range(3):  # someone looks at one family, several times
+        assert counts(port, f"?name[]={HIST_NAME}_count") == {"100": 100, "101": 101}
+    assert counts(port) == {"100": 100, "101": 101}, "the full scrape lost the final value"
+    assert counts(port) == {"101": 101}  # handed over once: gone after that
+
+
+def test_peek_snapshot_leaves_the_stash(exporter):
+    proc, tr, mon, port = exporter
+    mon.snapshot("scrape")
+    tr.exit(101)
+    proc.exit(101)
+    pids = lambda snap: {lab[0] for lab in snap.hists}  # noqa: E731
+    assert "101" in pids(mon.snapshot("scrape", peek=True))
+    assert "101" in pids(mon.snapshot("scrape", peek=True))
+    assert "101" in pids(mon.snapshot("scrape"))
+    assert "101" not in pids(mon.snapshot("scrape"))
