@@ -95,3 +95,35 @@ def test_peek_snapshot_leaves_the_stash(exporter):
     assert "101" in pids(mon.snapshot("scrape", peek=True))
     assert "101" in pids(mon.snapshot("scrape"))
     assert "101" not in pids(mon.snapshot("scrape"))
+
+
+def test_each_scrape_client_gets_every_final_value_once(exporter):
+    """Two Prometheus servers (an HA pair) scrape the same exporter: each gets the
+    final value of an exited process once, whichever scrapes first."""
+    proc, tr, mon, port = exporter
+    a = lambda: {lab[0] for lab in mon.scrape_snapshot("10.0.0.1").hists}  # noqa: E731
+    b = lambda: {lab[0] for lab in mon.scrape_snapshot("10.0.0.2").hists}  # noqa: E731
+    assert a() == b() == {"100", "101"}
+    tr.exit(100)
+    proc.exit(100)
+    assert "100" in a(), "the first server lost the final value"
+    assert "100" in b(), "the second server lost the final value (the first took it)"
+    assert "100" not in a() and "100" not in b()  # once each
+    # a filtered look by either leaves its own final in place
+    tr.exit(101)
+    proc.exit(101)
+    assert "101" in {lab[0] for lab in mon.scrape_snapshot("10.0.0.2", peek=True).hists}
+    assert "101" in b() and "101" in a()
+
+
+def test_scrape_clients_are_bounded(exporter, monkeypatch):
+    proc, tr, mon, port = exporter
+    monkeypatch.setattr(monitor_mod, "MAX_SCRAPERS", 3)
+    for i in range(3):
+        mon.scrape_snapshot(f"10.0.0.{i}")
+    tr.exit(100)
+    proc.exit(100)
+    # a fourth client only looks: it sees the final value without taking it
+    assert "100" in {lab[0] for lab in mon.scrape_snapshot("10.9.9.9").hists}
+    assert "100" in {lab[0] for lab in mon.scrape_snapshot("10.0.0.0").hists}  # the first still gets it
+    assert len(mon._scrapers) == 3

@@ -474,7 +474,7 @@ def _policy():
 
 
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> int:
-    from .monitor import Monitor
+    from .monitor import SCRAPE, Monitor
     from .tracking import agg_mode, expected_keys, kernel_filter, uses_cgroup_tree
     from .events import parse_duration_ns
     from .output import Printer
@@ -484,7 +484,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
     sources = _sources(cfg)
     bounds = key_filter = None
     if cfg.buckets or cfg.metrics_addr:  # prometheus_client is loaded only for the exporter
-        from .metrics import Collector, KeyFilter, MetricsServer, filtered_scrape, parse_addr, parse_buckets
+        from .metrics import (Collector, KeyFilter, MetricsServer, filtered_scrape, parse_addr, parse_buckets,
+                              scrape_client)
         try:
             bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
             if cfg.metrics_addr:
@@ -554,8 +555,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
             if printing:
                 monitor.register("print")
             if server is not None:
-                monitor.register("scrape", fold_unseen=True)
-                snapshot["source"] = lambda: monitor.snapshot("scrape", peek=filtered_scrape())
+                monitor.register(SCRAPE, fold_unseen=True)
+                snapshot["source"] = lambda: monitor.scrape_snapshot(scrape_client(), peek=filtered_scrape())
                 server.start()
                 log.info("serving metrics at http://%s/metrics", server.address)
             printer = Printer(sink, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)

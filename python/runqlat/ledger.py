@@ -67,6 +67,12 @@ class Ledger:
         if fold_unseen:
             self._read_by[consumer] = set()
 
+    def forget(self, consumer: str) -> None:
+        """A consumer that went away: what it was owed is dropped with it."""
+        self._pending.pop(consumer, None)
+        self._read_by.pop(consumer, None)
+        self._folded.pop(consumer, None)
+
     @property
     def exited_label(self) -> Labels:
         """Labels of the series that folds owners gone before they were exported."""

@@ -427,13 +427,21 @@ def filtered_scrape() -> bool:
     return getattr(_request, "filtered", False)
 
 
+def scrape_client() -> str | None:
+    """The host whose scrape is being answered (in this thread): each one is a
+    consumer of its own (monitor.Monitor.scrape_snapshot)."""
+    return getattr(_request, "client", None)
+
+
 def _note_filter(app):
     def noted(wsgi_env, start_response):
         _request.filtered = "name[]" in parse_qs(wsgi_env.get("QUERY_STRING", ""))
+        _request.client = wsgi_env.get("REMOTE_ADDR") or None
         try:
             return app(wsgi_env, start_response)
         finally:
             _request.filtered = False
+            _request.client = None
     return noted
 
 

@@ -18,6 +18,12 @@ from .tracking import Tracking, container_labels, pod_labels
 
 log = logging.getLogger("runqlat")
 
+# Scrape clients (hosts) that are consumers of their own (see scrape_snapshot);
+# beyond them a new client only looks, and one silent this long is forgotten.
+MAX_SCRAPERS = 8
+SCRAPER_IDLE_S = 900.0
+SCRAPE = "scrape"  # the exporter's consumer registered at start
+
 
 class Monitor:
     def __init__(self, tracer, mode: Mode, sources: Sources, proc: str = "/proc",
@@ -30,6 +36,7 @@ class Monitor:
         self.tracking = Tracking(tracer, mode, sources, proc, containerd_state_dirs,
                                  docker_roots=docker_roots, storage_roots=storage_roots)
         self._cpu_reader: CpuContextReader | None = None
+        self._scrapers: dict[str, list] = {}  # client host -> [consumer, last scrape (monotonic)]
 
     @property
     def sources(self) -> Sources:
@@ -54,6 +61,37 @@ class Monitor:
         """See Ledger.register."""
         with self.lock:
             self.ledger.register(consumer, fold_unseen)
+
+    def scrape_snapshot(self, client: str | None, peek: bool = False) -> Snapshot:
+        """The exporter's snapshot for one client (host). Each Prometheus server
+        (an HA pair scrapes twice) is a consumer of its own and gets every final
+        value of an exited owner once: the first client takes the SCRAPE consumer
+        registered at start (the finals since then), each other one gets its own
+        from its first scrape on. Beyond MAX_SCRAPERS a new client is shown what
+        SCRAPE is owed without taking it (peek), as a filtered scrape is."""
+        with self.lock:
+            consumer, peek = self._scraper(client, peek)
+            return self.snapshot(consumer, peek=peek)
+
+    def _scraper(self, client: str | None, peek: bool) -> tuple[str, bool]:
+        if client is None:
+            return SCRAPE, peek
+        now = time.monotonic()
+        entry = self._scrapers.get(client)
+        if entry is None:
+            for host, (name, seen) in list(self._scrapers.items()):
+                if name != SCRAPE and now - seen > SCRAPER_IDLE_S:
+                    del self._scrapers[host]
+                    self.ledger.forget(name)
+            taken = any(name == SCRAPE for name, _ in self._scrapers.values())
+            if taken and len(self._scrapers) >= MAX_SCRAPERS:
+                return SCRAPE, True
+            name = f"{SCRAPE} {client}" if taken else SCRAPE
+            if taken:
+                self.ledger.register(name, fold_unseen=True)
+            entry = self._scrapers[client] = [name, now]
+        entry[1] = now
+        return entry[0], peek
 
     @property
     def exited_label(self) -> Labels:
