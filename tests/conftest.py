@@ -5,7 +5,8 @@
 - No BPF program of ours outlives the test that loaded it (checked per `bpf`
   test on the pytest process's own file descriptors) or the session (checked
   with bpftool against the programs present when the session started).
-- `root_bpf`: the one check for tests that load real BPF programs.
+- `root_bpf`: the one check for tests that load real BPF programs; `tracers`:
+  Tracer objects opened under the environment's load policy, closed at the end.
 """
 
 from __future__ import annotations
@@ -171,6 +172,24 @@ def root_bpf():
     from runqlat import elf
     if not elf.default_object_path().exists():
         pytest.fail(f"{elf.default_object_path()} is not built: run 'make -C bpf'", pytrace=False)
+
+
+@pytest.fixture
+def tracers(root_bpf):
+    """Open tracers with tracers(opts), under the load policy of the environment
+    as the test has set it; every one is closed when the test ends."""
+    from runqlat.policy import LoadPolicy
+    from runqlat.tracer import Tracer
+    opened: list[Tracer] = []
+
+    def open_(opts) -> Tracer:
+        t = Tracer(opts, LoadPolicy.from_env(os.environ))
+        opened.append(t)
+        return t.open()
+
+    yield open_
+    for t in opened:
+        t.close()
 
 
 # -- container runtimes: one private daemon of each per test session --------------

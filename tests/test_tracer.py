@@ -70,22 +70,6 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def tracers(root_bpf):
-    """Open tracers with tracers(opts), under the load policy of the environment
-    as the test has set it; every one is closed when the test ends."""
-    opened: list[Tracer] = []
-
-    def open_(opts: Options) -> Tracer:
-        t = Tracer(opts, LoadPolicy.from_env(os.environ))
-        opened.append(t)
-        return t.open()
-
-    yield open_
-    for t in opened:
-        t.close()
-
-
 def _bpftool_prog_ids() -> set[int] | None:
     import json
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 
 from helpers import affinity, contention_cpu, proc_state, schedstat, sysctl, unavailable, wait_for
-from workload import SPIN, tracer_cli  # noqa: F401 (fixture)
+from workload import BusyLoops, tracer_cli  # noqa: F401 (fixture)
 from runqlat import abi, bpf, hist
 from runqlat import tracer as tracer_mod
 from runqlat.abi import AggMode, Filter
@@ -34,6 +33,7 @@ from runqlat.tracer import Options, Tracer
 pytestmark = pytest.mark.bpf
 
 MS = 1_000_000
+TRACKED = "rq-tracked"  # the comm of a tracked busy loop whose comm a test checks
 V1_CPU = Path("/sys/fs/cgroup/cpu")
 FORCE_ENV = tuple(FORCE_FIELDS)
 # a process that runs 10 ms and sleeps 1 ms, forever: it has wakeup waits (after
@@ -73,59 +73,14 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def tracers(root_bpf):
-    opened: list[Tracer] = []
-
-    def open_(opts: Options) -> Tracer:
-        t = Tracer(opts, LoadPolicy.from_env(os.environ))
-        opened.append(t)
-        return t.open()
-
-    yield open_
-    for t in opened:
-        t.close()
-
-
 @pytest.fixture(scope="module")
 def delayacct(cpu):
     with sysctl("kernel.task_delayacct", "1"):
         yield
 
 
-class Busy:
-    """One process pinned to `cpu` (taskset execs it: same pid), a busy loop unless
-    argv says otherwise; stop() returns once it is stopped; close() kills and reaps."""
-
-    def __init__(self, cpu: int, argv: list[str] | None = None):
-        self.proc = subprocess.Popen(["taskset", "-c", str(cpu)] + (argv or SPIN), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL)
-        self.pid = self.proc.pid
-        # exec'd and pinned: no longer taskset
-        wait_for(lambda: Path(f"/proc/{self.pid}/comm").read_text().strip() != "taskset",
-                 what=f"pid {self.pid} to exec")
-
-    def stop(self) -> None:
-        os.kill(self.pid, 19)  # SIGSTOP
-        wait_for(lambda: proc_state(self.pid) == "T", what=f"pid {self.pid} to stop")
-
-    def cont(self) -> None:
-        os.kill(self.pid, 18)  # SIGCONT
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    def __enter__(self) -> "Busy":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 @contextlib.contextmanager
-def stopped(*tasks: Busy):
+def stopped(*tasks: BusyLoops):
     """The tasks stopped in this order (off the run queue: no wait in progress) for
     a consistent read, continued in the reverse order."""
     for t in tasks:
@@ -200,7 +155,7 @@ class Sharing:
     of the others runs on that CPU is a ns the tracked task waits: their schedstat
     run time is what attribution must charge them (the reference)."""
 
-    def __init__(self, tr: Tracer, tracked: Busy, others: list[Busy]):
+    def __init__(self, tr: Tracer, tracked: BusyLoops, others: list[BusyLoops]):
         self.tr, self.tracked, self.others = tr, tracked, others
 
     def read(self):
@@ -256,7 +211,7 @@ def test_hog_is_the_culprit_and_the_cause_is_contention(tracers, cpu, delayacct)
     """A tracked busy loop sharing its CPU with a busy hog: the hog is charged
     what it ran (schedstat), which on a quiet CPU is at least 90% of the waiting;
     none of it throttled; the charges add up to the histogram's waited time."""
-    with Busy(cpu) as tracked, Busy(cpu) as hog:
+    with BusyLoops(1, cpu) as tracked, BusyLoops(1, cpu) as hog:
         tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, attribute=True))
         tr.set_targets(pids={tracked.pid})
         m = Sharing(tr, tracked, [hog]).measure(2.0)
@@ -276,7 +231,7 @@ def test_quota_waits_are_throttled(tracers, cpu, delayacct):
     controller): the throttled part of its waits is the cgroup's throttled_time
     (cpu.stat), charged to the quota, and on a quiet CPU at least 90% of its
     waiting; the histogram still agrees with schedstat."""
-    with V1CpuCgroup(quota_us=20_000) as cg, Busy(cpu) as tracked:
+    with V1CpuCgroup(quota_us=20_000) as cg, BusyLoops(1, cpu) as tracked:
         cg.move(tracked.pid)
         tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, attribute=True))
         tr.set_targets(pids={tracked.pid})
@@ -314,7 +269,7 @@ def test_fifo_preemption_waits_name_the_fifo_task(tracers, cpu):
                  "    t = time.perf_counter()\n"
                  "    while time.perf_counter() - t < 0.001: pass\n"
                  "    time.sleep(0.004)\n"]
-    with Busy(cpu) as tracked, Busy(cpu, fifo_argv) as fifo:
+    with BusyLoops(1, cpu) as tracked, BusyLoops(1, cpu, argv=fifo_argv) as fifo:
         wait_for(lambda: os.sched_getscheduler(fifo.pid) == os.SCHED_FIFO, what="chrt to exec")
         tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, attribute=True, by_kind=True))
         tr.set_targets(pids={tracked.pid})
@@ -332,7 +287,7 @@ def test_kinds_sum_to_the_combined_histogram(tracers, cpu, delayacct):
     waits (about as many as the kernel counts runs): the same count exactly.
     Each tracer reads its own clock (its program runs before or after
     the other's), so the sums differ by that jitter only (well under 0.1%)."""
-    with Busy(cpu, DUTY) as tracked, Busy(cpu):
+    with BusyLoops(1, cpu, argv=DUTY) as tracked, BusyLoops(1, cpu):
         split = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, by_kind=True))
         plain = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS))
         for t in (split, plain):
@@ -366,7 +321,7 @@ def test_kinds_sum_to_the_combined_histogram(tracers, cpu, delayacct):
 
 def test_global_mode_kinds(tracers, cpu):
     # a hog next to a duty-cycled task: preemption waits even on an idle machine
-    with Busy(cpu), Busy(cpu, DUTY):
+    with BusyLoops(1, cpu), BusyLoops(1, cpu, argv=DUTY):
         tr = tracers(Options(by_kind=True, attribute=True))
         time.sleep(0.5)
         h = tr.read_hists()
@@ -386,9 +341,9 @@ def test_slower_than_reports_every_slow_wait(tracers, cpu):
     boundary = 5_120_000  # a slot's lower bound: delta > boundary - 1 <=> delta in the slots from it
     assert hist.slot_lower_ns(hist.slot_of(boundary)) == boundary
     with contextlib.ExitStack() as stack:
-        tracked = stack.enter_context(Busy(cpu))
+        tracked = stack.enter_context(BusyLoops(1, cpu, name=TRACKED))
         for _ in range(3):
-            stack.enter_context(Busy(cpu))
+            stack.enter_context(BusyLoops(1, cpu))
         for threshold in (boundary - 1, 5 * MS):
             events: list = []
             lock = threading.Lock()
@@ -411,7 +366,7 @@ def test_slower_than_reports_every_slow_wait(tracers, cpu):
             tr.close()
             d = h1 - h0 if h0 else h1
             mine = [e for e in events if e.pid == tracked.pid]
-            assert all(e.latency_ns > threshold and e.tid == tracked.pid and e.comm == "sh" for e in mine)
+            assert all(e.latency_ns > threshold and e.tid == tracked.pid and e.comm == TRACKED for e in mine)
             first = hist.slot_of(threshold + 1)
             above = int(d.slots[first:].sum())
             lo, hi = hist.slot_lower_ns(first), hist.slot_upper_ns(first)
@@ -445,7 +400,7 @@ def test_slow_wait_flood_is_limited_counted_and_never_stalls(tracers, cpu, monke
         got.append(ev)
         time.sleep(0.05)
     tr.start_slow_waits(slow_consumer)
-    with Busy(cpu, PINGPONG):  # the flood, even on an idle machine
+    with BusyLoops(1, cpu, argv=PINGPONG):  # the flood, even on an idle machine
         time.sleep(2.0)
     h = tr.read_hists()[0]
     counts = tr.why_counts()
@@ -487,7 +442,7 @@ PATHS = {
 def test_every_path_records_kinds_and_culprits(path, tracers, cpu, monkeypatch):
     for k, v in PATHS[path].items():
         monkeypatch.setenv(k, v)
-    with Busy(cpu) as tracked, Busy(cpu) as hog:
+    with BusyLoops(1, cpu) as tracked, BusyLoops(1, cpu) as hog:
         tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, attribute=True, by_kind=True,
                              slower_than_ns=100 * MS))
         tr.set_targets(pids={tracked.pid})
@@ -516,7 +471,7 @@ def test_everything_off_loads_the_maps_at_one_entry(tracers):
 # -- containers: culprits by cgroup --
 
 class _Task:
-    """A process we did not start (a container's init), stopped and continued like Busy."""
+    """A process we did not start (a container's init), stopped and continued like BusyLoops."""
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -553,7 +508,7 @@ def test_two_container_hogs_are_charged_their_share(tracers, cpu):
             os.sched_setaffinity(p, {cpu})
         ids = {p: _cgroup_id(p) for p in pids}
         assert len(set(ids.values())) == 2, ids
-        with Busy(cpu) as tracked:
+        with BusyLoops(1, cpu) as tracked:
             tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, attribute=True,
                                  culprit_by=abi.CulpritBy.CGROUP))
             tr.set_targets(pids={tracked.pid})
@@ -575,11 +530,11 @@ def test_two_container_hogs_are_charged_their_share(tracers, cpu):
 def test_cli_json_kinds_culprits_and_slow_waits(tracer_cli, cpu):
     """runqlat-core run -P -p PID --by-kind --culprits --slower-than 5ms -o json 1: histogram
     objects per kind with cause and culprits (the hog among them), and slow_wait events."""
-    with Busy(cpu) as tracked, Busy(cpu) as hog:
+    with BusyLoops(1, cpu, name=TRACKED) as tracked, BusyLoops(1, cpu) as hog:
         run = tracer_cli("-P", "-p", tracked.pid, "--by-kind", "--culprits", "--slower-than", "5ms",
                          "-o", "json", "1")
         rec = run.wait_for(lambda r: r.get("kind") == "preempt" and r.get("culprits"), timeout=20)
-        assert rec["pid"] == tracked.pid and rec["comm"] == "sh"
+        assert rec["pid"] == tracked.pid and rec["comm"] == TRACKED
         assert set(rec["cause"]) == {"throttled_ns", "contention_ns", "throttled_waits"}
         assert rec["cause"]["throttled_ns"] + rec["cause"]["contention_ns"] == rec["sum_ns"]
         names = [c["culprit"] for c in rec["culprits"]]
@@ -591,7 +546,7 @@ def test_cli_json_kinds_culprits_and_slow_waits(tracer_cli, cpu):
 
 def test_cli_culprits_without_kinds(tracer_cli, cpu):
     """--culprits alone: the histograms as without it (no kind), with cause and culprits."""
-    with Busy(cpu) as tracked, Busy(cpu) as hog:
+    with BusyLoops(1, cpu) as tracked, BusyLoops(1, cpu) as hog:
         run = tracer_cli("-P", "-p", tracked.pid, "--culprits", "-o", "json", "1")
         rec = run.wait_for(lambda r: r.get("pid") == tracked.pid and r.get("culprits"), timeout=20)
         assert "kind" not in rec and rec["count"] > 0

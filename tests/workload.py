@@ -86,6 +86,10 @@ def usable_cpu(probe_s: float = 0.3) -> int:
     return max(c for c in cpus if ran[c] >= best / 2)
 
 
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
 def _run_ns(pid: int) -> int:
     """Time the task has run on a CPU (the first field of /proc/PID/schedstat)."""
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
@@ -94,21 +98,32 @@ def _run_ns(pid: int) -> int:
 class BusyLoops:
     """`n` busy processes pinned to `cpu`, each with `threads` spinning threads, named `name`.
 
+    argv: run that program instead of the busy loop (e.g. one that sleeps too), pinned
+    by taskset, which execs it (same pid); `name` and `threads` do not apply to it.
     Pids in `.pids` (`.pid` when n == 1), still known after close(). A context
-    manager; close() (SIGKILL and reap) is safe twice. Returns once every loop is pinned, named and spinning.
+    manager; close() (SIGKILL and reap) is safe twice. Returns once every loop is
+    pinned, named and spinning (an argv program: once taskset has exec'd it).
     """
 
-    def __init__(self, n: int = 3, cpu: int | None = None, name: str | None = None, threads: int = 1):
+    def __init__(self, n: int = 3, cpu: int | None = None, name: str | None = None, threads: int = 1,
+                 argv: list[str] | None = None):
+        if argv is not None and (name is not None or threads != 1):
+            raise ValueError("name and threads are for the busy loop, not for an argv program")
         self.cpu = pick_cpu() if cpu is None else cpu
-        argv = [sys.executable, "-c", _LOOP, str(self.cpu), str(threads), name or ""]
+        if argv is None:
+            cmd = [sys.executable, "-c", _LOOP, str(self.cpu), str(threads), name or ""]
+        else:
+            cmd = ["taskset", "-c", str(self.cpu), *argv]
         self.procs: list[subprocess.Popen] = []
         try:
             for _ in range(n):
-                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, text=True)
+                p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, text=True,
+                                     stdout=subprocess.PIPE if argv is None else subprocess.DEVNULL)
                 self.procs.append(p)
             for p in self.procs:
-                if p.stdout.readline().strip() != "ready":
+                if argv is not None:
+                    wait_for(lambda: _comm(p.pid) != "taskset", what=f"pid {p.pid} to exec")
+                elif p.stdout.readline().strip() != "ready":
                     raise RuntimeError(f"busy loop {p.pid} did not start (exit status {p.poll()})")
         except BaseException:
             self.close()
