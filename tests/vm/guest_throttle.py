@@ -132,8 +132,11 @@ def main() -> int:
                         return (tr.read_hists().get(pid), tr.read_causes().get(pid, (0, 0)),
                                 schedstat(pid), cpu_stat(cg))
                 h0, c0, s0, k0 = read()
+                print(f"guest_throttle: window of {WINDOW_S} s", flush=True)
                 time.sleep(WINDOW_S)
                 h1, c1, s1, k1 = read()
+                print("guest_throttle: read; detaching", flush=True)
+            print("guest_throttle: detached", flush=True)
     finally:
         if pid:
             os.kill(pid, signal.SIGKILL)
