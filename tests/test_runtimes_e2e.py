@@ -106,8 +106,10 @@ def test_all_containers_per_container(rt, tracer_cli):
     picked = _wait_counted(t, third, CHANGE_S, after=started)
     assert picked["container_name"] == rt.name("third")
 
-    stopped = time.time()
     rt.stop(rt.name("busy"))
+    # after `rm -f` returned: the container is gone (the call takes seconds on a busy host,
+    # and the container runs, and is counted, until it is killed)
+    stopped = time.time()
     t.wait_intervals(2, after=stopped + CHANGE_S)
     assert t.stop() == 0, t.describe()
 
