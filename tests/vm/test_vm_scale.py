@@ -41,9 +41,16 @@ def test_per_key_memory_at_64_possible_cpus(host_ready, record_property):
     except Exception as e:  # noqa: BLE001
         unavailable(f"cannot fetch Debian kernel 6.1: {e}")
     t0 = time.monotonic()
-    code, console = vmrun.run_in_guest("6.1", [sys.executable, str(HERE / "guest_scale.py"), str(PROCS),
-                                               str(procs_bin)], timeout=900, smp=SMP,
-                                       memory_mb=2048)
+    argv = [sys.executable, str(HERE / "guest_scale.py"), str(PROCS), str(procs_bin)]
+    # Under qemu TCG a guest now and then stops making progress while kernel text is
+    # patched (seen once in three CI runs: silent after the sleepers started, and a
+    # 6.12 guest's "Oops: int3" at a tracepoint's static key). 420 s is twice the
+    # slowest good run on a saturated host; a guest that timed out is tried once more.
+    for attempt in (1, 2):
+        code, console = vmrun.run_in_guest("6.1", argv, timeout=420, smp=SMP, memory_mb=2048)
+        if "[vmrun] timeout after" not in console or attempt == 2:
+            break
+        print(f"the 6.1 guest timed out (attempt {attempt}); trying a fresh guest once more")
     took = time.monotonic() - t0
     record_property("vm_timing", f"guest {took:.1f}s")
     log = vmrun.BUILD / "logs" / "6.1-scale.console.log"
