@@ -25,7 +25,7 @@ from typing import List, Optional, Union, get_args, get_origin, get_type_hints
 import typer
 
 from . import __version__, escape
-from .errors import InputError, RunqlatError
+from .errors import InputError, RunqlatError, os_error_for
 
 log = logging.getLogger("runqlat")
 
@@ -681,12 +681,7 @@ def _open_output_file(path: str):
     try:
         fd = os.open(path, flags, OUTPUT_FILE_MODE)
     except OSError as exc:
-        if exc.errno == _errno.ELOOP:
-            raise InputError(f"--output-file {shown} is a symlink; not written through "
-                             "(give the path of the file itself)") from None
-        if exc.errno == _errno.ENXIO:
-            raise InputError(f"--output-file {shown} is a FIFO that nobody reads") from None
-        raise InputError(f"cannot open --output-file {shown}: {exc.strerror}") from None
+        raise os_error_for("open", exc, "--output-file", shown) from None
     try:
         os.set_blocking(fd, True)
         return os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
