@@ -34,6 +34,9 @@ APT_PACKAGES = ("containerd", "runc", "busybox-static")
 TOOLS = ("containerd", "ctr", "runc", "containerd-shim-runc-v2")
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 CGROUP_ROOT = "/sys/fs/cgroup"
+# A container command that keeps three shell loops busy: more than the two CPUs
+# of the CI machines run at once, so they wait in the run queue.
+SPIN = "for i in 1 2 3; do (while :; do :; done) & done; wait"
 
 
 class ContainerdUnavailable(RuntimeError):
