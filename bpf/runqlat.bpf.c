@@ -797,9 +797,11 @@ __noinline int attribute_wait(__u64 victim, __u64 t0, __u64 t1, __u64 throttled,
 	charge_pieces(w, r, &wi);
 	if (w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT)
 		flush_charges(w);
-	r->best_ns = wi.best_ns;
-	r->best = wi.best;
-	r->best_type = wi.best_type;
+	if (slower_than_ns) { /* only slow-wait events name the largest piece */
+		r->best_ns = wi.best_ns;
+		r->best = wi.best;
+		r->best_type = wi.best_type;
+	}
 	return 0;
 }
 
@@ -885,9 +887,11 @@ static __always_inline void explain_wait(struct task_struct *t, __u32 tid, struc
 			       culprit_by == CULPRIT_BY_CGROUP ? e->cgroup : e->tgid, delta);
 			if (w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT)
 				flush_charges(w);
-			r->best_ns = delta;
-			r->best = i;
-			r->best_type = e->type;
+			if (slower_than_ns) {
+				r->best_ns = delta;
+				r->best = i;
+				r->best_type = e->type;
+			}
 			goto event;
 		}
 	}
