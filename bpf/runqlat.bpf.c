@@ -47,10 +47,7 @@ const volatile bool follow_children = false;
 const volatile bool watch_cgroup_moves = false;
 
 /* Configuration user space changes while we run (its own .data.live map). */
-struct live_cfg live SEC(".data.live") = { .gen = 1, .filter = 0 };
-
-/* Bumped by us when a task changes cgroup and cgroups matter. */
-__u32 cgroup_gen = 0;
+struct live_cfg live SEC(".data.live") = { .gen = 1ULL << LIVE_GEN_SHIFT, .filter = 0 };
 
 /*
  * Our own changes to maps user space walks, counted so that it walks them only
@@ -357,7 +354,7 @@ static __always_inline __u32 index_of(__u64 key, struct task_struct *t)
 }
 
 /* The slow path: is t tracked, and under which histogram key. */
-static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u32 gen, __u32 cg_gen, __u32 filter)
+static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u64 gen, __u32 filter)
 {
 	__u32 tgid = BPF_CORE_READ(t, tgid);
 	bool tracked = filter == 0;
@@ -374,7 +371,6 @@ static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u32 g
 
 	c->tracked = tracked;
 	c->gen = gen;
-	c->cgroup_gen = cg_gen;
 	switch (agg_mode) {
 	case AGG_PID:
 		c->hist_key = tgid;
@@ -801,9 +797,11 @@ __noinline int attribute_wait(__u64 victim, __u64 t0, __u64 t1, __u64 throttled,
 	charge_pieces(w, r, &wi);
 	if (w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT)
 		flush_charges(w);
-	r->best_ns = wi.best_ns;
-	r->best = wi.best;
-	r->best_type = wi.best_type;
+	if (slower_than_ns) { /* only slow-wait events name the largest piece */
+		r->best_ns = wi.best_ns;
+		r->best = wi.best;
+		r->best_type = wi.best_type;
+	}
 	return 0;
 }
 
@@ -889,9 +887,11 @@ static __always_inline void explain_wait(struct task_struct *t, __u32 tid, struc
 			       culprit_by == CULPRIT_BY_CGROUP ? e->cgroup : e->tgid, delta);
 			if (w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT)
 				flush_charges(w);
-			r->best_ns = delta;
-			r->best = i;
-			r->best_type = e->type;
+			if (slower_than_ns) {
+				r->best_ns = delta;
+				r->best = i;
+				r->best_type = e->type;
+			}
 			goto event;
 		}
 	}
@@ -912,7 +912,7 @@ static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *no
 				     __u32 kind, bool here, bool direct)
 {
 	struct task_ctx *c;
-	__u32 gen, cg_gen;
+	__u64 gen;
 
 	if (tid == 0) /* the idle task */
 		return;
@@ -923,9 +923,8 @@ static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *no
 		return;
 	}
 	gen = live.gen;
-	cg_gen = cgroup_gen;
-	if (c->gen != gen || c->cgroup_gen != cg_gen)
-		decide(c, t, gen, cg_gen, live.filter);
+	if (c->gen != gen)
+		decide(c, t, gen, live.filter);
 	if (c->tracked && !(TASK_FLAGS(direct, t) & PF_EXITING)) {
 		c->enqueued_ns = clock_ns(now);
 		if (by_kind || attribute)
@@ -989,7 +988,8 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 	struct task_ctx *c;
 	struct wait_slot *w = NULL;
 	struct hist *h;
-	__u32 gen, cg_gen, kind = KIND_WAKEUP;
+	__u32 kind = KIND_WAKEUP;
+	__u64 gen;
 	__s64 delta;
 	__u64 slot;
 
@@ -1009,14 +1009,13 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 		}
 	}
 	gen = live.gen;
-	cg_gen = cgroup_gen;
-	if (c->gen != gen || c->cgroup_gen != cg_gen) {
+	if (c->gen != gen) {
 		/*
 		 * The tracked set changed (or user space retired keys) while t
 		 * waited: count the wait only if t is still tracked, under its
 		 * key and row as they are now.
 		 */
-		decide(c, t, gen, cg_gen, live.filter);
+		decide(c, t, gen, live.filter);
 		if (!c->tracked)
 			return;
 	}
@@ -1172,7 +1171,7 @@ static __always_inline int on_fork(struct task_struct *parent, struct task_struc
 static __always_inline int on_cgroup_attach(void)
 {
 	if (watch_cgroup_moves)
-		__sync_fetch_and_add(&cgroup_gen, 1);
+		__sync_fetch_and_add(&live.gen, 1);
 	return 0;
 }
 

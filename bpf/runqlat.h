@@ -89,11 +89,21 @@ struct hist {
 
 #define HIST_KEY_BYTES_MAX 4096
 
-/* Written by user space at run time; a change of gen makes every task re-decide. */
+/*
+ * Written by user space at run time; any change of gen makes every task
+ * re-decide. User space sets gen to its own generation in the high 32 bits
+ * (low half 0); the BPF side adds 1 to it when a task changes cgroup and
+ * cgroups matter. One word, so an untracked task's check is one compare; a
+ * user-space write racing an add can lose the add, but never the change: the
+ * high half is new.
+ */
 struct live_cfg {
-	__u32 gen;
+	__u64 gen;
 	__u32 filter;
+	__u32 pad;
 };
+
+#define LIVE_GEN_SHIFT 32
 
 /* task_ctx.hist_idx of a key without a hist_arr row: its histogram is in hists. */
 #define NO_INDEX 0xffffffffU
@@ -102,8 +112,7 @@ struct live_cfg {
 struct task_ctx {
 	__u64 enqueued_ns; /* 0: not waiting on a run queue */
 	__u64 hist_key;
-	__u32 gen;         /* live_cfg.gen the decision below was made under */
-	__u32 cgroup_gen;  /* cgroup_gen the decision was made under */
+	__u64 gen;         /* live_cfg.gen the decision below was made under */
 	__u32 tracked;
 	__u32 hist_idx;    /* row of hist_key in hist_arr, or NO_INDEX */
 };

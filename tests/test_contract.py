@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 from pathlib import Path
 
@@ -165,7 +166,8 @@ def test_struct_hist_layout(btf):
 def test_small_structs(btf):
     assert _named(btf, "STRUCT", "live_cfg")["size"] == abi.LIVE_CFG_SIZE
     live = {m["name"]: m["bits_offset"] for m in _named(btf, "STRUCT", "live_cfg")["members"]}
-    assert live == {"gen": 0, "filter": 32}  # tracer.set_targets packs "<II" (gen, filter)
+    assert live == {"gen": 0, "filter": 64, "pad": 96}  # tracer packs abi.LIVE_CFG_FORMAT
+    assert struct.calcsize(abi.LIVE_CFG_FORMAT) == abi.LIVE_CFG_SIZE
     for name, dtype in (("task_ctx", abi.TASK_CTX_DTYPE), ("task_slot", abi.TASK_SLOT_DTYPE)):
         st = _named(btf, "STRUCT", name)
         assert st["size"] == dtype.itemsize, name

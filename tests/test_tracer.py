@@ -232,7 +232,7 @@ def test_stale_slot_is_not_taken_for_the_task(tracers, hogs):
     stale = np.zeros(1, dtype=abi.TASK_SLOT_DTYPE)
     stale["owner"] = real ^ 0x40
     c = stale["ctx"]
-    c["hist_key"], c["gen"], c["tracked"], c["hist_idx"] = other.pid, tr._gen, 1, abi.NO_INDEX
+    c["hist_key"], c["gen"], c["tracked"], c["hist_idx"] = other.pid, tr._gen << abi.LIVE_GEN_SHIFT, 1, abi.NO_INDEX
     tr.obj.map("task_slots").update(struct.pack("<I", other.pid), stale.tobytes())
     time.sleep(0.5)
     assert _slot(tr, other.pid)["owner"] == real, "the task's next event did not take its slot back"

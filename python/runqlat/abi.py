@@ -117,10 +117,12 @@ HIST_DTYPE = np.dtype(
     [("slots", "<u8", (HIST_SLOTS,)), ("count", "<u8"), ("sum_ns", "<u8"), ("comm", f"S{TASK_COMM_LEN}")]
 )
 HIST_SIZE = HIST_DTYPE.itemsize
-LIVE_CFG_SIZE = 8  # struct live_cfg { __u32 gen; __u32 filter; }
+LIVE_CFG_SIZE = 16  # struct live_cfg { __u64 gen; __u32 filter; __u32 pad; }
+LIVE_CFG_FORMAT = "<QII"
+LIVE_GEN_SHIFT = 32  # user space's generation is gen's high half (the BPF side adds to the low)
 # struct task_ctx and struct task_slot (a task's state; tests look inside)
-TASK_CTX_DTYPE = np.dtype([("enqueued_ns", "<u8"), ("hist_key", "<u8"), ("gen", "<u4"),
-                           ("cgroup_gen", "<u4"), ("tracked", "<u4"), ("hist_idx", "<u4")])
+TASK_CTX_DTYPE = np.dtype([("enqueued_ns", "<u8"), ("hist_key", "<u8"), ("gen", "<u8"),
+                           ("tracked", "<u4"), ("hist_idx", "<u4")])
 TASK_CTX_SIZE = TASK_CTX_DTYPE.itemsize
 TASK_SLOT_DTYPE = np.dtype([("owner", "<u8"), ("ctx", TASK_CTX_DTYPE)])
 TASK_SLOT_SIZE = TASK_SLOT_DTYPE.itemsize

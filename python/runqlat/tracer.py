@@ -365,7 +365,7 @@ class Tracer:
 
         v = self.info.variables
         sec, off, _ = v[abi.LIVE_VAR]
-        obj.write_initial(sec, off, struct.pack("<II", self._gen, int(o.initial_filter)))
+        obj.write_initial(sec, off, self._live_value(o.initial_filter))
         self._filter = Filter(o.initial_filter)
         for name, fmt, val in (("agg_mode", "<I", int(o.agg)),
                                ("follow_children", "<B", int(o.follow_children)),
@@ -477,7 +477,11 @@ class Tracer:
     def _new_generation(self) -> None:
         """Every task re-decides (tracked? which key and row?) at its next event."""
         self._gen += 1
-        self.obj.map(abi.LIVE_SECTION).update(struct.pack("<I", 0), struct.pack("<II", self._gen, int(self._filter)))
+        self.obj.map(abi.LIVE_SECTION).update(struct.pack("<I", 0), self._live_value(self._filter))
+
+    def _live_value(self, flt: Filter) -> bytes:
+        """struct live_cfg: our generation in gen's high half (runqlat.h)."""
+        return struct.pack(abi.LIVE_CFG_FORMAT, self._gen << abi.LIVE_GEN_SHIFT, int(flt), 0)
 
     def _sync_pids(self, wanted: set[int]) -> bool:
         """tracked_pids = the listed PIDs that fit (and the children the kernel follows).
