@@ -36,6 +36,7 @@ from pathlib import Path
 from common import (OUT, REPO, Procs, Sysctl, cpu_ns, exit_on_signals, free_port, log, machine,
                     map_fill, parse_metrics, prog_counters, prog_names, role, runqlat_core,
                     scrape_text, wait_attached)
+from scrape import compare as compare_exposition
 
 OLD_COMMIT = "567f52f"
 OLD_TREE = OUT / "old-percpu"
