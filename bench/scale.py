@@ -12,6 +12,9 @@ OLD_COMMIT, built into bench/out/old-percpu).
    waking each other across both CPUs, traced with -P -p: ops/s against no
    tracer (paired by round) and BPF ns per event, atomic shared rows against
    per-CPU rows.
+3. The /metrics page of as many keys written by the exporter's own path against
+   prometheus_client's encoders over the same families (bench/scrape.py): the
+   scrape of item 1 includes reading the maps, this is the exposition alone.
 
 Run as root through bench/scale.sh. The hot-path table against libbpf-tools
 runqlat and the empty program is bench/run.sh's.
@@ -33,6 +36,7 @@ from pathlib import Path
 from common import (OUT, REPO, Procs, Sysctl, cpu_ns, exit_on_signals, free_port, log, machine,
                     map_fill, parse_metrics, prog_counters, prog_names, role, runqlat_core,
                     scrape_text, wait_attached)
+from scrape import compare as compare_exposition
 
 OLD_COMMIT = "567f52f"
 OLD_TREE = OUT / "old-percpu"
@@ -296,7 +300,7 @@ def main() -> int:
     ap.add_argument("--measure-s", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--loops", type=int, default=200_000)
-    ap.add_argument("--skip", action="append", default=[], choices=("keys", "contention"))
+    ap.add_argument("--skip", action="append", default=[], choices=("keys", "contention", "exposition"))
     a = ap.parse_args()
     exit_on_signals()
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
@@ -329,13 +333,14 @@ def main() -> int:
                 cont = contention(procs, a.rounds, a.loops)
     finally:
         procs.stop_all()
+    expo_text, expo = ("", None) if "exposition" in a.skip else compare_exposition(a.processes, 3)
     text = (f"runqlat-core scale benchmark (issue 13), {stamp:%Y-%m-%d %H:%M} UTC, {machine()}, "
             f"possible CPUs {Path('/sys/devices/system/cpu/possible').read_text().strip()}\n"
-            + report(keys, cont, a.processes))
+            + report(keys, cont, a.processes) + ("\n\n" + expo_text if expo_text else ""))
     print(text)
     name = f"{stamp:%Y%m%dT%H%M%SZ}"
     (OUT / f"scale-{name}.txt").write_text(text + "\n")
-    (OUT / f"scale-{name}.json").write_text(json.dumps({"keys": keys, "contention": cont}, indent=1, default=str))
+    (OUT / f"scale-{name}.json").write_text(json.dumps({"keys": keys, "contention": cont, "exposition": expo}, indent=1, default=str))
     return 0
 
 

@@ -363,3 +363,20 @@ def test_containers_command_on_hostile_state(tmp_path):
 ])
 def test_metrics_key_filter_usage(args, fragment):
     assert_one_line_error(invoke("run", *args, "1", "1"), 2, fragment)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["-P", "--metrics-addr", "127.0.0.1:1", "--metrics-top", "-5"], "--metrics-top -5: give a number of keys"),
+    (["-P", "--metrics-top", "10"], "--metrics-top bounds the series of /metrics: give --metrics-addr too"),
+    (["--metrics-addr", "127.0.0.1:1", "--metrics-top", "10"], "use it with a per-key mode"),
+])
+def test_metrics_top_usage(args, fragment):
+    assert_one_line_error(invoke("run", *args, "1", "1"), 2, fragment)
+
+
+def test_metrics_top_from_the_config_file(tmp_path):
+    conf = tmp_path / "runqlat.toml"
+    conf.write_text("per_process = true\nmetrics_top = -1\nmetrics_addr = '127.0.0.1:1'\n")
+    assert_one_line_error(invoke("run", "--config", str(conf), "1", "1"), 2, "--metrics-top -1")
+    conf.write_text("per_process = true\nmetrics_top = 'ten'\n")
+    assert_one_line_error(invoke("run", "--config", str(conf), "1", "1"), 1, "metrics_top must be an integer")

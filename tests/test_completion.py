@@ -78,7 +78,7 @@ def test_subcommands(script):
 
 def test_flags_of_each_subcommand(script):
     assert sorted(complete(script, "run", "--m")) == ["--max-tracked", "--metrics-addr", "--metrics-exclude", "--metrics-include",
-                                                      "--milliseconds"]
+                                                      "--metrics-top", "--milliseconds"]
     assert sorted(complete(script, "doctor", "-")) == ["--help", "--json"]
     assert complete(script, "run", "--per-c") == ["--per-cgroup", "--per-container"]
     for name in ("run", "doctor", "containers", "version"):

@@ -358,7 +358,8 @@ def test_bash_completion_installed(installed):
         return sorted(w for w in r.stdout.splitlines() if w)
 
     assert complete("") == ["--help", "containers", "doctor", "run", "version"]
-    assert complete("run", "--met") == ["--metrics-addr", "--metrics-exclude", "--metrics-include"]
+    assert complete("run", "--met") == ["--metrics-addr", "--metrics-exclude", "--metrics-include",
+                                         "--metrics-top"]
     assert complete("run", "-o", "") == ["json", "text"]
     assert complete("doctor", "--") == ["--help", "--json"]
 

@@ -1,9 +1,11 @@
 """Prometheus exposition (metrics.py) from fake snapshots: no root, no BPF.
 
-The collector's output is rendered by prometheus_client in both formats a
-scraper may ask for (text 0.0.4 and OpenMetrics, which Prometheus prefers)
-and parsed back with the library's own parsers, so what is checked is what a
-real scraper reads.
+The collector's page (Collector.exposition: the families with a series per key
+written by metrics.py, the fixed ones by prometheus_client) is made in both
+formats a scraper may ask for (text 0.0.4 and OpenMetrics, which Prometheus
+prefers) and parsed back with the library's own parsers, so what is checked is
+what a real scraper reads; each page is also checked to parse into the same
+families as prometheus_client's own rendering of the collector.
 """
 
 from __future__ import annotations
@@ -107,13 +109,26 @@ def snapshot(mode: Mode, hists: dict | None = None) -> Snapshot:
     )
 
 
-def families(snap: Snapshot, fmt: str = "text", bpf_stats: bool = False, bounds_ns=None) -> dict:
+def page(collector: Collector, fmt: str = "text") -> str:
+    """The exporter's page (what Collector.exposition writes)."""
+    return collector.exposition(generate_latest if fmt == "text" else generate_openmetrics).decode()
+
+
+def parsed_families(text: str, fmt: str = "text") -> list:
+    return list(parse_text(text) if fmt == "text" else parse_openmetrics(text))
+
+
+def as_data(fams) -> list:
+    return [(f.name, f.type, f.documentation, [(s.name, s.labels, s.value) for s in f.samples]) for f in fams]
+
+
+def families(snap: Snapshot, fmt: str = "text", bpf_stats: bool = False, bounds_ns=None, **kw) -> dict:
+    parsed = parsed_families(page(Collector(lambda: snap, bounds_ns, bpf_stats=lambda: bpf_stats, **kw), fmt), fmt)
+    # the same as prometheus_client's rendering of the same families
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(Collector(lambda: snap, bounds_ns, bpf_stats=lambda: bpf_stats))
-    if fmt == "text":
-        parsed = parse_text(generate_latest(reg).decode())
-    else:
-        parsed = parse_openmetrics(generate_openmetrics(reg).decode())
+    reg.register(Collector(lambda: snap, bounds_ns, bpf_stats=lambda: bpf_stats, **kw))
+    lib = generate_latest(reg) if fmt == "text" else generate_openmetrics(reg)
+    assert as_data(parsed) == as_data(parsed_families(lib.decode(), fmt))
     out = {}
     for fam in parsed:
         assert fam.name not in out, f"family {fam.name} emitted twice"
@@ -640,3 +655,31 @@ def test_key_filter_bad_regex():
     from runqlat.metrics import KeyFilter
     with pytest.raises(InputError, match="--metrics-exclude: '\\(' is not a regular expression"):
         KeyFilter(None, "(")
+
+
+@pytest.mark.parametrize("fmt", ["text"])  # (OpenMetrics' parser wants a histogram's buckets)
+def test_filtered_page_has_the_samples_asked_for(fmt):
+    """?name[]=: only those samples (as prometheus_client's restricted registry)."""
+    snap = snapshot(Mode.PID)
+    enc = generate_latest if fmt == "text" else generate_openmetrics
+    c = Collector(lambda: snap, bpf_stats=lambda: False)
+    text = c.exposition(enc, [HIST_NAME + "_count", "runqlat_tracked_processes"]).decode()
+    fams = {f.name: f for f in parsed_families(text, fmt)}
+    assert set(fams) == {HIST_NAME, "runqlat_tracked_processes"}
+    assert {s.name for s in fams[HIST_NAME].samples} == {HIST_NAME + "_count"}
+    assert {s.labels["pid"]: s.value for s in fams[HIST_NAME].samples} == {"1234": 21, "99": 22}
+
+
+def test_server_negotiates_gzip_and_methods():
+    import gzip as gz
+    port = free_port()
+    with MetricsServer(f"127.0.0.1:{port}", fake_collector()):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            fams = {f.name: f for f in parse_text(gz.decompress(r.read()).decode())}
+        assert set(by_series(fams[HIST_NAME], names_of(Mode.CONTAINER))) == set(LABELS[Mode.CONTAINER])
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", method="POST", data=b"x")
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=10)
+        assert ei.value.code == 405

@@ -114,6 +114,10 @@ class RunConfig:
     metrics_exclude: Optional[str] = _option(
         None, "--metrics-exclude", metavar="REGEX",
         help="Do not export the keys whose comm or container name matches REGEX.")
+    metrics_top: int = _option(
+        0, "--metrics-top", metavar="N",
+        help="Give only the N keys with the most waited time lately series of their own in /metrics; "
+             "the rest are one '(other)' series per metric, so totals stay exact (0: every key).")
     max_tracked: Optional[int] = _option(
         None, "--max-tracked", help="Capacity of the tracked-PID map (default: kernel.pid_max up to 65536, "
                                     "or twice the processes present at start if more).")
@@ -180,6 +184,7 @@ _CONFIG_TYPES = {
     "interval": (_number, "a number of seconds"),
     "count": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "max_tracked": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "metrics_top": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "pids": (lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
              "an array of integers (PIDs)"),
     "cgroups": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
@@ -517,6 +522,14 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
         if not any(n in mode.labels for n in ("comm", "container_name")):
             raise UsageError("--metrics-include/--metrics-exclude match a comm or a container name: "
                              "use them with -P, -L or --per-container")
+    if cfg.metrics_top:
+        if cfg.metrics_top < 0:
+            raise UsageError(f"--metrics-top {cfg.metrics_top}: give a number of keys, or 0 for every key")
+        if not cfg.metrics_addr:
+            raise UsageError("--metrics-top bounds the series of /metrics: give --metrics-addr too")
+        if not mode.labels:
+            raise UsageError("--metrics-top keeps the keys with the most waited time: use it with a "
+                             "per-key mode (-P, -L, --pidnss, --per-container, --per-pod, --per-cgroup)")
     _warn_pidns_blind_spot(mode, sources)
     if sources.pids_file:
         from .targets import read_pids_file
@@ -563,7 +576,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                 # bound before loading anything: a port in use fails fast and alone
                 snapshot = {}
                 server = stack.enter_context(MetricsServer(
-                    cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds, key_filter=key_filter),
+                    cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds, key_filter=key_filter,
+                                                   top=cfg.metrics_top),
                     start=False))
             tracer = stack.enter_context(Tracer(opts, policy))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))

@@ -138,6 +138,11 @@ class Snapshot:
     kinds: dict | None = None   # Labels -> (wakeup, preempt) Histograms (--by-kind)
     why: dict | None = None     # Labels (+ kind with --by-kind) -> why.Why, culprits by display name
     why_counts: dict = field(default_factory=dict)  # the why_counts map by name
+    # who it was read for (Monitor.snapshot): a consumer that keeps state per
+    # consumer (the exporter's --metrics-top) keeps it under this name; peek: the
+    # labels in `gone` will be shown again (a filtered scrape)
+    consumer: str | None = None
+    peek: bool = False
 
     def __post_init__(self):
         if self.label_names is None:

@@ -114,6 +114,7 @@ class Monitor:
                 cpu=self._cpu_context(hists),
                 kinds=kinds, why=accounts,
                 why_counts=t.why_counts() if kinds is not None or accounts is not None else {},
+                consumer=consumer, peek=peek,
             )
 
     def _cpu_context(self, hists: dict) -> dict:
