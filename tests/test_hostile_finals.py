@@ -49,7 +49,7 @@ def exporter(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "time", Clock())
     proc = FakeProc(tmp_path / "proc")
     for pid in (100, 101):
-        proc.spawn(pid, 1000 + pid)
+        proc.spawn(pid, 1000 + pid, comm_=f"p{pid}")  # the name the kernel gave its key (HistTracer)
     tr = HistTracer()
     mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100, 101})), proc=str(proc))
     mon.register("scrape", fold_unseen=True)
