@@ -218,6 +218,15 @@ def containerd_session():
         env.close()
 
 
+@pytest.fixture
+def containerd(containerd_session):
+    """The session's containerd; what a test started is removed after it."""
+    try:
+        yield containerd_session
+    finally:
+        containerd_session.stop_all()
+
+
 @pytest.fixture(scope="session")
 def docker_session():
     from runtime_env import DockerEnv

@@ -23,16 +23,20 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from helpers import Daemon
+
 APT_PACKAGES = ("containerd", "runc", "busybox-static")
 TOOLS = ("containerd", "ctr", "runc", "containerd-shim-runc-v2")
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 CGROUP_ROOT = "/sys/fs/cgroup"
+# A container command that keeps three shell loops busy: more than the two CPUs
+# of the CI machines run at once, so they wait in the run queue.
+SPIN = "for i in 1 2 3; do (while :; do :; done) & done; wait"
 
 
 class ContainerdUnavailable(RuntimeError):
@@ -119,10 +123,9 @@ class ContainerdEnv:
         self.namespace = namespace or f"runqlat-test-{secrets.token_hex(4)}"
         self.start_timeout = start_timeout
         self.tmp: Path | None = None
-        self.proc: subprocess.Popen | None = None
+        self.daemon: Daemon | None = None
         self._containers: set[tuple[str, str]] = set()  # (namespace, id)
         self._cgroups: dict[tuple[str, str], str] = {}  # explicit --cgroup paths
-        self._log = None
 
     # paths -----------------------------------------------------------------
     @property
@@ -193,33 +196,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   path = "{t / 'opt'}"
 """
         )
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            ["containerd", "--config", str(t / "config.toml")],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in pytest must not reach it first
-        )
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ContainerdUnavailable(
-                    f"containerd exited rc={self.proc.returncode}: {self._log_tail()}"
-                )
-            if os.path.exists(self.address):
-                r = self._ctr("version", check=False, timeout=10)
-                if r.returncode == 0:
-                    return
-            time.sleep(0.1)
-        raise ContainerdUnavailable(f"containerd socket not ready: {self._log_tail()}")
-
-    def _log_tail(self, n: int = 5) -> str:
-        try:
-            lines = Path(self.log_path).read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(lines[-n:])
+        self.daemon = Daemon("containerd", ["containerd", "--config", str(t / "config.toml")], Path(self.log_path),
+                             ContainerdUnavailable)
+        self.daemon.start(lambda: os.path.exists(self.address)
+                          and self._ctr("version", check=False, timeout=10).returncode == 0, self.start_timeout)
 
     def _ctr(self, *args: str, check: bool = True, timeout: float = 60,
              namespace: str | None = None) -> subprocess.CompletedProcess:
@@ -344,20 +324,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         return id in r.stdout.split()
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.stop_all()
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=15)
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self.daemon is not None:
+            if self.daemon.running:
+                self.stop_all()
+            self.daemon.stop()
         self._remove_namespace_leftovers()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)

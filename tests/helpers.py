@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -94,6 +96,62 @@ def sysctl(name: str, value: str):
         yield
     finally:
         path.write_text(old)
+
+
+class Daemon:
+    """A daemon a test runs in the background (containerd, dockerd): its output
+    in a log file, ready once a probe answers, stopped with SIGTERM (SIGKILL
+    after stop_timeout). A daemon that dies or does not answer in time raises
+    `unavailable` (the env's own "cannot run here" exception) with the end of
+    its log, which is all there is to say why."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, unavailable: type[Exception] = RuntimeError):
+        self.name = name
+        self.argv = argv
+        self.log_path = Path(log_path)
+        self.unavailable = unavailable
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, ready, timeout: float, poll: float = 0.1) -> None:
+        """Start it and wait until ready() is true."""
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # a Ctrl-C in pytest must not reach it first
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise self.unavailable(f"{self.name} exited rc={self.proc.returncode}: {self.log_tail()}")
+            if ready():
+                return
+            time.sleep(poll)
+        raise self.unavailable(f"{self.name} not ready after {timeout} s: {self.log_tail()}")
+
+    def log_tail(self, n: int = 5) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-n:])
+
+    def stop(self, stop_timeout: float = 15) -> None:
+        """Safe to call twice, and after a failed start."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=stop_timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=15)
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 class TempCgroup:

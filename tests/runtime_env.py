@@ -30,13 +30,13 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from containerd_env import ContainerdUnavailable, build_busybox_rootfs, ensure_installed
+from helpers import Daemon
 
 IMAGE = "runqlat-busybox:test"
 
@@ -190,8 +190,7 @@ class DockerEnv(_Env):
     def __init__(self, start_timeout: float = 60.0) -> None:
         super().__init__()
         self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self._log = None
+        self.daemon: Daemon | None = None
 
     @property
     def socket(self) -> str:
@@ -215,23 +214,17 @@ class DockerEnv(_Env):
         _apt_install(("docker.io",), ("dockerd",))
         t = self.tmp
         assert t is not None
-        self._log = open(t / "dockerd.log", "wb")
         # An empty config file: a daemon.json of the machine must not apply.
         (t / "daemon.json").write_text("{}")
-        self.proc = subprocess.Popen(
+        self.daemon = Daemon(
+            "dockerd",
             ["dockerd", "--config-file", str(t / "daemon.json"), "--iptables=false", "--ip-masq=false",
              "--bridge=none", "--data-root", str(t / "data"), "--exec-root", str(t / "exec"),
              "--pidfile", str(t / "docker.pid"), "-H", f"unix://{self.socket}"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeUnavailable(f"dockerd exited rc={self.proc.returncode}: {self._log_tail()}")
-            if os.path.exists(self.socket) and self._cmd("version", check=False, timeout=20).returncode == 0:
-                break
-            time.sleep(0.2)
-        else:
-            raise RuntimeUnavailable(f"dockerd not ready after {self.start_timeout} s: {self._log_tail()}")
+            t / "dockerd.log", RuntimeUnavailable)
+        self.daemon.start(lambda: os.path.exists(self.socket)
+                          and self._cmd("version", check=False, timeout=20).returncode == 0,
+                          self.start_timeout, poll=0.2)
         tar = subprocess.Popen(["tar", "-C", str(t / "rootfs-base"), "-c", "."], stdout=subprocess.PIPE)
         r = subprocess.run([*self.base_cmd(), "import", "-c", "ENV PATH=/bin", "-", IMAGE],
                            stdin=tar.stdout, capture_output=True, text=True, timeout=120)
@@ -239,12 +232,6 @@ class DockerEnv(_Env):
         tar.wait(timeout=60)
         if r.returncode != 0:
             raise RuntimeUnavailable(f"docker import failed: {r.stderr.strip()[-500:]}")
-
-    def _log_tail(self, n: int = 5) -> str:
-        try:
-            return " | ".join((self.tmp / "dockerd.log").read_text(errors="replace").splitlines()[-n:])
-        except (OSError, TypeError):
-            return "(no log)"
 
     def run(self, base: str, command: str) -> str:
         """`sh -c command` in a new container named base-<tag>; its full id."""
@@ -255,18 +242,8 @@ class DockerEnv(_Env):
         return cid
 
     def _stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=15)
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self.daemon is not None:
+            self.daemon.stop(stop_timeout=30)
 
 
 class PodmanEnv(_Env):

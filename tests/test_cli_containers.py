@@ -15,38 +15,23 @@ import pytest
 
 from runqlat.containers import discover
 from runqlat.policy import STATE_ENV
-from runqlat.tracking import CONTAINER_SCAN_S
+from containerd_env import SPIN
+from workload import CHANGE_S, FIRST_LINE_S, INTERVAL
 from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
 
-INTERVAL = 1.0
-FIRST_LINE_S = 20.0
-# A container that starts or stops is seen at the next scan; the interval
-# that ends after that shows it (or, once, its last counts).
-CHANGE_S = CONTAINER_SCAN_S + 0.5 + INTERVAL + 1.0
-SPIN = "for i in 1 2 3; do (while :; do :; done) & done; wait"
 
-
-@pytest.fixture
-def env(containerd_session):
-    """The session's containerd; what a test started is removed after it."""
-    try:
-        yield containerd_session
-    finally:
-        containerd_session.stop_all()
-
-
-def _wait_counted(t, env, cid: str, timeout: float, after: float = 0.0) -> dict:
+def _wait_counted(t, containerd, cid: str, timeout: float, after: float = 0.0) -> dict:
     """The first record with counts for container `cid` after time `after`; on a timeout,
     the message says what containerd and our discovery saw."""
     try:
         return t.wait_for(lambda r: r.get("container_id") == cid and r["count"] > 0 and r["ts"] > after,
                           timeout)
     except AssertionError as exc:
-        tasks = env._ctr("task", "ls", check=False).stdout
-        seen = [(c.id, c.init_pid, c.cgroup) for c in discover(containerd_state_dirs=[env.task_state_dir])
-                if c.namespace == env.namespace]
+        tasks = containerd._ctr("task", "ls", check=False).stdout
+        seen = [(c.id, c.init_pid, c.cgroup) for c in discover(containerd_state_dirs=[containerd.task_state_dir])
+                if c.namespace == containerd.namespace]
         raise AssertionError(f"{exc}\nctr task ls:\n{tasks}\ndiscovered now: {seen}") from None
 
 
@@ -58,32 +43,32 @@ def _intervals_between(t, start: float, end: float) -> set[float]:
     return {ts for ts in t.intervals() if start < ts <= end}
 
 
-def test_all_containers_per_container(env, tracer_cli):
+def test_all_containers_per_container(containerd, tracer_cli):
     tag = secrets.token_hex(3)  # ids unique on the host: other containerds may run "busy" too
     busy, idle, third = f"busy-{tag}", f"idle-{tag}", f"third-{tag}"
     try:
-        env.run(busy, SPIN)
-        env.run(idle, "sleep 1000")
+        containerd.run(busy, SPIN)
+        containerd.run(idle, "sleep 1000")
         t = tracer_cli("--all-containers", "--per-container", "-o", "json", INTERVAL,
-                       env={STATE_ENV: env.task_state_dir})
-        first = _wait_counted(t, env, busy, FIRST_LINE_S)
+                       env={STATE_ENV: containerd.task_state_dir})
+        first = _wait_counted(t, containerd, busy, FIRST_LINE_S)
         assert first["container_name"] == busy  # ctr names a container by its id
         assert first["p50_ns"] > 0 and first["sum_ns"] > 0
         t.wait_intervals(2)
 
         started = time.time()
-        env.run(third, SPIN)
-        picked = _wait_counted(t, env, third, CHANGE_S, after=started)["ts"]
+        containerd.run(third, SPIN)
+        picked = _wait_counted(t, containerd, third, CHANGE_S, after=started)["ts"]
         t.wait_intervals(2)
 
         stopped = time.time()
-        env.stop(busy)
+        containerd.stop(busy)
         t.wait_intervals(2, after=stopped + CHANGE_S)
         end = time.time()
         assert t.stop() == 0, t.describe()
     finally:
         for cid in (busy, idle, third):
-            env.stop(cid)
+            containerd.stop(cid)
 
     assert {r["mode"] for r in t.records} == {"container"}
     assert not t.garbage, t.garbage
@@ -101,20 +86,20 @@ def test_all_containers_per_container(env, tracer_cli):
     assert all(r["container_id"] for r in t.records)
 
 
-def test_container_by_unique_prefix_tracks_only_that_one(env, tracer_cli):
+def test_container_by_unique_prefix_tracks_only_that_one(containerd, tracer_cli):
     tag = secrets.token_hex(3)
     alpha, beta = f"solo-{tag}-alpha", f"solo-{tag}-beta"
     try:
-        env.run(alpha, SPIN)
-        env.run(beta, SPIN)
+        containerd.run(alpha, SPIN)
+        containerd.run(beta, SPIN)
         t = tracer_cli("--container", f"solo-{tag}-a", "--per-container", "-o", "json", INTERVAL,
-                       env={STATE_ENV: env.task_state_dir})
-        first = _wait_counted(t, env, alpha, FIRST_LINE_S)
+                       env={STATE_ENV: containerd.task_state_dir})
+        first = _wait_counted(t, containerd, alpha, FIRST_LINE_S)
         t.wait_intervals(3)
         assert t.stop() == 0, t.describe()
     finally:
         for cid in (alpha, beta):
-            env.stop(cid)
+            containerd.stop(cid)
 
     assert {r["container_id"] for r in t.records} == {alpha}
     counted = {r["ts"] for r in _records(t, alpha) if r["count"] > 0}

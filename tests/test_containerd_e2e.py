@@ -28,18 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.bpf
 
 
-@pytest.fixture
-def env(containerd_session):
-    """The session's containerd; what a test started is removed after it."""
-    try:
-        yield containerd_session
-    finally:
-        containerd_session.stop_all()
-
-
-def _ours(env: ContainerdEnv, **kw) -> dict:
-    kw.setdefault("containerd_state_dirs", [env.task_state_dir])
-    return {c.id: c for c in discover(**kw) if c.namespace == env.namespace}
+def _ours(containerd: ContainerdEnv, **kw) -> dict:
+    kw.setdefault("containerd_state_dirs", [containerd.task_state_dir])
+    return {c.id: c for c in discover(**kw) if c.namespace == containerd.namespace}
 
 
 def _host_pidns() -> int:
@@ -54,70 +45,70 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _check(env: ContainerdEnv, c, cid: str, pid: int) -> None:
+def _check(containerd: ContainerdEnv, c, cid: str, pid: int) -> None:
     assert c.id == cid
     assert c.runtime == "containerd"
-    assert c.namespace == env.namespace
+    assert c.namespace == containerd.namespace
     assert c.name == cid
     assert c.init_pid == pid
     assert _alive(c.init_pid)
     assert c.pidns is not None and c.pidns != _host_pidns()
     assert c.pidns == os.stat(f"/proc/{pid}/ns/pid").st_ino
     # ctr's default cgroup path is /<namespace>/<id> (cgroupfs driver).
-    assert c.cgroup == f"/{env.namespace}/{cid}", c.cgroup
+    assert c.cgroup == f"/{containerd.namespace}/{cid}", c.cgroup
     unified = cgroup2_mount()
     if unified is not None:
         procs = (unified / c.cgroup.lstrip("/") / "cgroup.procs").read_text().split()
         assert str(pid) in procs
 
 
-def test_discover_lifecycle(env):
-    busy = env.run("busy", "while :; do :; done")
-    idle = env.run("idle", "sleep 1000")
+def test_discover_lifecycle(containerd):
+    busy = containerd.run("busy", "while :; do :; done")
+    idle = containerd.run("idle", "sleep 1000")
 
-    found = _ours(env)
+    found = _ours(containerd)
     assert set(found) == {"busy", "idle"}
-    _check(env, found["busy"], "busy", busy)
-    _check(env, found["idle"], "idle", idle)
+    _check(containerd, found["busy"], "busy", busy)
+    _check(containerd, found["idle"], "idle", idle)
     assert found["busy"].pidns != found["idle"].pidns
 
-    third = env.run("third", "sleep 1000")
-    found = _ours(env)
+    third = containerd.run("third", "sleep 1000")
+    found = _ours(containerd)
     assert set(found) == {"busy", "idle", "third"}
-    _check(env, found["third"], "third", third)
+    _check(containerd, found["third"], "third", third)
 
-    env.stop("busy")
-    assert not _alive(busy) or busy not in {c.init_pid for c in _ours(env).values()}
-    found = _ours(env)
+    containerd.stop("busy")
+    assert not _alive(busy) or busy not in {c.init_pid for c in _ours(containerd).values()}
+    found = _ours(containerd)
     assert set(found) == {"idle", "third"}
 
 
-def test_env_var_adds_state_dir(env):
-    env.run("viaenv", "sleep 1000")
-    assert "viaenv" not in {c.id for c in discover() if c.namespace == env.namespace}
-    dirs = LoadPolicy.from_env({STATE_ENV: "/nonexistent/state:" + env.task_state_dir}).containerd_state_dirs
-    found = {c.id: c for c in discover(containerd_state_dirs=dirs) if c.namespace == env.namespace}
+def test_env_var_adds_state_dir(containerd):
+    containerd.run("viaenv", "sleep 1000")
+    assert "viaenv" not in {c.id for c in discover() if c.namespace == containerd.namespace}
+    dirs = LoadPolicy.from_env({STATE_ENV: "/nonexistent/state:" + containerd.task_state_dir}).containerd_state_dirs
+    found = {c.id: c for c in discover(containerd_state_dirs=dirs) if c.namespace == containerd.namespace}
     assert set(found) == {"viaenv"}
 
 
-def test_stopped_but_not_deleted_task_is_not_reported(env):
-    pid = env.run("gone", "sleep 1000")
-    env.run("stays", "sleep 1000")
+def test_stopped_but_not_deleted_task_is_not_reported(containerd):
+    pid = containerd.run("gone", "sleep 1000")
+    containerd.run("stays", "sleep 1000")
     # A killed task keeps its state dir and init.pid until `task rm`: the
     # stale PID must not be reported as a running container.
-    env._ctr("task", "kill", "--signal", "SIGKILL", "gone")
+    containerd._ctr("task", "kill", "--signal", "SIGKILL", "gone")
     deadline = time.monotonic() + 10
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert (Path(env.task_state_dir) / env.namespace / "gone" / "init.pid").exists()
-    assert set(_ours(env)) == {"stays"}
+    assert (Path(containerd.task_state_dir) / containerd.namespace / "gone" / "init.pid").exists()
+    assert set(_ours(containerd)) == {"stays"}
 
 
-def test_resolve_against_real_containers(env):
-    env.run("alpha-1", "sleep 1000")
-    env.run("alpha-2", "sleep 1000")
-    env.run("beta", "sleep 1000")
-    cs = list(_ours(env).values())
+def test_resolve_against_real_containers(containerd):
+    containerd.run("alpha-1", "sleep 1000")
+    containerd.run("alpha-2", "sleep 1000")
+    containerd.run("beta", "sleep 1000")
+    cs = list(_ours(containerd).values())
     assert [c.id for c in resolve(cs, ["b"])] == ["beta"]
     assert [c.id for c in resolve(cs, ["alpha-2", "beta"])] == ["alpha-2", "beta"]
     with pytest.raises(ContainerError, match="ambiguous"):
@@ -166,16 +157,16 @@ def _positive(obj, key: str) -> bool:
     return False
 
 
-def test_cli_per_container_latency(env):
+def test_cli_per_container_latency(containerd):
     help_text = _cli_help()
     assert help_text and "--all-containers" in help_text and "--per-container" in help_text
-    env.run("busy", "while :; do :; done")
-    env.run("idle", "sleep 1000")
+    containerd.run("busy", "while :; do :; done")
+    containerd.run("idle", "sleep 1000")
     r = subprocess.run(
         [sys.executable, "-m", "runqlat", "run", "--all-containers", "--per-container",
          "--output", "json", "1", "3"],
         capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "python"), **{STATE_ENV: env.task_state_dir}),
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "python"), **{STATE_ENV: containerd.task_state_dir}),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     docs = []
@@ -189,11 +180,11 @@ def test_cli_per_container_latency(env):
 
 # -- Kubernetes, laid out as the kubelet does it through CRI ---------------------------
 
-def test_kubernetes_pods_named_from_cri_annotations(env):
+def test_kubernetes_pods_named_from_cri_annotations(containerd):
     tag = secrets.token_hex(3)
-    web = env.run_pod(f"web-{tag}", "shop", {"app": "while :; do :; done", "sidecar": "sleep 1000"})
-    db = env.run_pod(f"db-{tag}", "data", {"app": "sleep 1000"})
-    found = {c.id: c for c in discover(containerd_state_dirs=[env.task_state_dir]) if c.namespace == "k8s.io"}
+    web = containerd.run_pod(f"web-{tag}", "shop", {"app": "while :; do :; done", "sidecar": "sleep 1000"})
+    db = containerd.run_pod(f"db-{tag}", "data", {"app": "sleep 1000"})
+    found = {c.id: c for c in discover(containerd_state_dirs=[containerd.task_state_dir]) if c.namespace == "k8s.io"}
     # the sandboxes (pause containers) are not workloads: not listed
     assert web["(sandbox)"] not in found and db["(sandbox)"] not in found
     mine = {cid for cid in found if cid in set(web.values()) | set(db.values())}
@@ -207,7 +198,7 @@ def test_kubernetes_pods_named_from_cri_annotations(env):
             # the cgroup the kubelet chose, in the unified hierarchy of this hybrid host too
             assert c.cgroup is not None and c.cgroup.startswith("/kubepods/besteffort/pod")
             assert c.cgroup.endswith("/" + cid)
-            assert c.init_pid == env.init_pid(cid, namespace="k8s.io")
+            assert c.init_pid == containerd.init_pid(cid, namespace="k8s.io")
     # the same container name in two pods: only namespace/pod/name is unique
     with pytest.raises(ContainerError, match="ambiguous"):
         resolve(found.values(), ["app"])
@@ -215,12 +206,12 @@ def test_kubernetes_pods_named_from_cri_annotations(env):
     assert [c.id for c in resolve(found.values(), [f"db-{tag}/app"])] == [db["app"]]
 
 
-def test_kubernetes_pods_in_the_containers_command(env):
+def test_kubernetes_pods_in_the_containers_command(containerd):
     tag = secrets.token_hex(3)
-    ids = env.run_pod(f"api-{tag}", "prod", {"server": "sleep 1000"})
+    ids = containerd.run_pod(f"api-{tag}", "prod", {"server": "sleep 1000"})
     r = subprocess.run(
         [sys.executable, "-m", "runqlat", "containers"], capture_output=True, text=True, timeout=60,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "python"), **{STATE_ENV: env.task_state_dir}))
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "python"), **{STATE_ENV: containerd.task_state_dir}))
     assert r.returncode == 0, r.stderr
     line = next(line for line in r.stdout.splitlines() if line.startswith(ids["server"][:12]))
     assert "server" in line and f"prod/api-{tag}" in line and " cri " in line

@@ -11,19 +11,16 @@ import time
 
 import pytest
 
-from runqlat import monitor as monitor_mod
 from runqlat import tracking
 from runqlat.monitor import Mode, Monitor, Sources
 from test_hostile_finals import HistTracer
-from test_monitor import Clock
+from test_monitor import hand_clock
 from test_targets import FakeProc
 from workload import tracer_cli  # noqa: F401 (fixture)
 
 
 def test_comm_label_follows_the_process_name(tmp_path, monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(monitor_mod, "time", clock)
-    monkeypatch.setattr(tracking, "time", clock)
+    clock = hand_clock(monkeypatch)
     proc = FakeProc(tmp_path / "proc")
     for pid in range(100, 120):
         proc.spawn(pid, 1000 + pid, comm_="sh")
@@ -65,9 +62,7 @@ def test_real_exec_changes_the_comm_label(tracer_cli, tmp_path):
 def test_first_collection_does_not_read_every_comm(tmp_path, monkeypatch):
     """The kernel named every key of the first collection in this run: reading each
     comm again then (10,000 reads at 10,000 processes) only delayed the first output."""
-    clock = Clock()
-    monkeypatch.setattr(monitor_mod, "time", clock)
-    monkeypatch.setattr(tracking, "time", clock)
+    clock = hand_clock(monkeypatch)
     proc = FakeProc(tmp_path / "proc")
     for pid in range(100, 200):
         proc.spawn(pid, 1000 + pid, comm_="sh")

@@ -13,12 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runqlat import monitor as monitor_mod
-from runqlat import tracking
 from runqlat.hist import Histogram, slot_of
 from runqlat.metrics import HIST_NAME, Collector, MetricsServer, filtered_scrape
-from runqlat.monitor import Mode, Monitor, Sources
-from test_monitor import Clock, FakeTracer
-from test_targets import FakeProc
+from runqlat.monitor import Sources
+from test_monitor import FakeTracer, fake_monitor
 
 
 class HistTracer(FakeTracer):
@@ -45,13 +43,10 @@ class HistTracer(FakeTracer):
 
 @pytest.fixture
 def exporter(tmp_path, monkeypatch):
-    monkeypatch.setattr(monitor_mod, "time", Clock())
-    monkeypatch.setattr(tracking, "time", Clock())
-    proc = FakeProc(tmp_path / "proc")
-    for pid in (100, 101):
-        proc.spawn(pid, 1000 + pid, comm_=f"p{pid}")  # the name the kernel gave its key (HistTracer)
     tr = HistTracer()
-    mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100, 101})), proc=str(proc))
+    # each process has the name the kernel gave its key (HistTracer's), as a real one has
+    proc, mon, _ = fake_monitor(tmp_path, monkeypatch, tr, Sources(pids=frozenset({100, 101})),
+                                comm_of=lambda pid: f"p{pid}")
     mon.register("scrape", fold_unseen=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 from runqlat import targets  # noqa: E402
 from runqlat.cli import app  # noqa: E402
 from runqlat.errors import InputError  # noqa: E402
-from runqlat.monitor import Mode, Monitor, Sources  # noqa: E402
+from runqlat.monitor import Sources  # noqa: E402
 from runqlat.targets import parse_pids, read_pids_file  # noqa: E402
-from test_monitor import FakeTracer  # noqa: E402
-from test_targets import FakeProc  # noqa: E402
+from test_monitor import FakeTracer, fake_monitor  # noqa: E402
 
 SECRET = "root:$y$j9T$SECRETSECRETSECRET:19000:0:99999:7:::"
 NOBODY = 65534
@@ -175,19 +174,10 @@ def test_cli_fifo_at_start_is_one_line_at_once(tmp_path):
 @pytest.fixture
 def running(tmp_path, monkeypatch):
     """A monitor over a fake /proc and tracer, tracking PIDs 100 and 101 from a file."""
-    from test_monitor import Clock
-    from runqlat import monitor as monitor_mod
-    from runqlat import tracking
-    clock = Clock()
-    monkeypatch.setattr(monitor_mod, "time", clock)
-    monkeypatch.setattr(tracking, "time", clock)
-    proc = FakeProc(tmp_path / "proc")
-    for pid in (100, 101, 102):
-        proc.spawn(pid, 1000 + pid)
     f = tmp_path / "pids"
     f.write_text("100\n101\n")
     tr = FakeTracer()
-    mon = Monitor(tr, Mode.PID, Sources(pids_file=f), proc=str(proc))
+    _, mon, _ = fake_monitor(tmp_path, monkeypatch, tr, Sources(pids_file=f), pids=(100, 101, 102))
     return f, tr, mon
 
 

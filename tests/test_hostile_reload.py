@@ -15,25 +15,18 @@ import time
 
 import pytest
 
-from runqlat import monitor as monitor_mod
-from runqlat import tracking
 from runqlat.monitor import Mode, Monitor, Sources
-from test_monitor import Clock, FakeTracer
+from test_monitor import FakeTracer, fake_monitor, hand_clock
 from test_targets import FakeProc
 from workload import tracer_cli  # noqa: F401 (fixture)
 
 
 @pytest.fixture
 def from_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(monitor_mod, "time", Clock())
-    monkeypatch.setattr(tracking, "time", Clock())
-    proc = FakeProc(tmp_path / "proc")
-    for pid in (100, 101):
-        proc.spawn(pid, 1000 + pid)
     f = tmp_path / "pids"
     f.write_text("100\n101\n")
     tr = FakeTracer()
-    mon = Monitor(tr, Mode.PID, Sources(pids_file=f), proc=str(proc))
+    proc, mon, _ = fake_monitor(tmp_path, monkeypatch, tr, Sources(pids_file=f))
     return f, proc, tr, mon
 
 
@@ -152,8 +145,7 @@ def test_real_sighup_keeps_pid_pinning(tmp_path, tracer_cli):
 
 def test_a_thread_id_in_the_pids_file_says_so(tmp_path, monkeypatch, caplog):
     """Before: a thread id was put in tracked_pids (keyed by process) and matched nothing, silently."""
-    monkeypatch.setattr(monitor_mod, "time", Clock())
-    monkeypatch.setattr(tracking, "time", Clock())
+    hand_clock(monkeypatch)
     proc = FakeProc(tmp_path / "proc")
     proc.spawn(100, 1100)
     proc.spawn(105, 1100, tgid=100)  # a thread of 100

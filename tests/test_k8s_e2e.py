@@ -17,6 +17,7 @@ import urllib.request
 
 import pytest
 
+from containerd_env import SPIN
 from helpers import unavailable
 from runqlat.cpuctx import CpuContextReader
 from runqlat.policy import STATE_ENV
@@ -25,16 +26,7 @@ from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
 
-SPIN = "for i in 1 2 3; do (while :; do :; done) & done; wait"
 HIST = "runqlat_run_queue_latency_seconds"
-
-
-@pytest.fixture
-def env(containerd_session):
-    try:
-        yield containerd_session
-    finally:
-        containerd_session.stop_all()
 
 
 def _limit_cpu(rel: str, quota_us: int) -> None:
@@ -50,29 +42,29 @@ def _limit_cpu(rel: str, quota_us: int) -> None:
         unavailable("no cpu controller to set a CPU limit with")
 
 
-def _pods(env, tag: str, pod_quota_us: int, app_quota_us: int | None) -> tuple[dict, dict]:
+def _pods(containerd, tag: str, pod_quota_us: int, app_quota_us: int | None) -> tuple[dict, dict]:
     """Pods web (a busy app and an idle sidecar) and db; CPU limits (per 100 ms) on
     web's pod cgroup and, unless None, its app container's, as the kubelet sets
     them (a container's at most its pod's). The one that runs out is the one
     counted as throttled."""
-    web = env.run_pod(f"web-{tag}", "shop", {"app": SPIN, "sidecar": "sleep 1000"})
-    db = env.run_pod(f"db-{tag}", "data", {"postgres": "sleep 1000"})
+    web = containerd.run_pod(f"web-{tag}", "shop", {"app": SPIN, "sidecar": "sleep 1000"})
+    db = containerd.run_pod(f"db-{tag}", "data", {"postgres": "sleep 1000"})
     _limit_cpu(web["(cgroup)"], pod_quota_us)
     if app_quota_us is not None:
         _limit_cpu(f"{web['(cgroup)']}/{web['app']}", app_quota_us)
     return web, db
 
 
-def test_per_pod_json_with_throttling(env, tracer_cli, tmp_path):
+def test_per_pod_json_with_throttling(containerd, tracer_cli, tmp_path):
     tag = secrets.token_hex(3)
-    web, db = _pods(env, tag, pod_quota_us=10000, app_quota_us=None)
+    web, db = _pods(containerd, tag, pod_quota_us=10000, app_quota_us=None)
     # a second state dir with a broken task next to the real one: warned once, tracing goes on
     broken = tmp_path / "state" / "k8s.io" / ("e" * 64)
     broken.mkdir(parents=True)
     (broken / "init.pid").write_text(str(os.getpid()))  # alive, so its spec is read
     (broken / "config.json").write_text('{"annotations": {"io.kubernetes.cri.sandbox-name": ')
     t = tracer_cli("--all-containers", "--per-pod", "-o", "json", "1",
-                   env={STATE_ENV: f"{env.task_state_dir}:{tmp_path / 'state'}"})
+                   env={STATE_ENV: f"{containerd.task_state_dir}:{tmp_path / 'state'}"})
     rec = t.wait_for(lambda r: r.get("pod") == f"web-{tag}" and r["count"] > 0
                      and (r.get("cpu") or {}).get("throttled_periods_total", 0) >= 3, 60)
     time.sleep(2 * CONTAINER_SCAN_S + 1)  # discovery runs again: the same problem is not warned again
@@ -104,13 +96,13 @@ def _scrape(url: str) -> str:
         return r.read().decode()
 
 
-def test_per_container_exposition_has_pod_labels_and_cpu_counters(env, tracer_cli, tmp_path):
+def test_per_container_exposition_has_pod_labels_and_cpu_counters(containerd, tracer_cli, tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
     tag = secrets.token_hex(3)
-    web, _db = _pods(env, tag, pod_quota_us=20000, app_quota_us=15000)
+    web, _db = _pods(containerd, tag, pod_quota_us=20000, app_quota_us=15000)
     port = _free_port()
     t = tracer_cli("--all-containers", "--per-container", "--metrics-addr", f"127.0.0.1:{port}", "-q",
-                   env={STATE_ENV: env.task_state_dir})
+                   env={STATE_ENV: containerd.task_state_dir})
     url = f"http://127.0.0.1:{port}/metrics"
     want = {"container_id": web["app"], "container_name": "app", "namespace": "shop", "pod": f"web-{tag}",
             "container": "app"}

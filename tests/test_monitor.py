@@ -81,12 +81,28 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def clock(monkeypatch):
+def hand_clock(monkeypatch) -> Clock:
+    """One Clock as the time of both monitor and tracking (they share deadlines)."""
     c = Clock()
     monkeypatch.setattr(monitor_mod, "time", c)
     monkeypatch.setattr(tracking, "time", c)
     return c
+
+
+def fake_monitor(tmp_path, monkeypatch, tracer, sources: Sources, pids=(100, 101), comm_of=None):
+    """A real Monitor in PID mode over a fake tracer and a fake /proc in which
+    `pids` run (each started at 1000 + pid, named comm_of(pid) or "worker"), on
+    a hand clock: (proc, monitor, clock)."""
+    clock = hand_clock(monkeypatch)
+    proc = FakeProc(tmp_path / "proc")
+    for pid in pids:
+        proc.spawn(pid, 1000 + pid, comm_=comm_of(pid) if comm_of else "worker")
+    return proc, Monitor(tracer, Mode.PID, sources, proc=str(proc)), clock
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    return hand_clock(monkeypatch)
 
 
 @pytest.fixture

@@ -21,16 +21,13 @@ import pytest
 
 from runqlat.containers import discover, resolve
 from runqlat.policy import STATE_ENV, LoadPolicy
-from runqlat.tracking import CONTAINER_SCAN_S
+from containerd_env import SPIN
+from workload import CHANGE_S, FIRST_LINE_S, INTERVAL
 from workload import tracer_cli  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bpf
 
 ROOT = Path(__file__).resolve().parent.parent
-INTERVAL = 1.0
-FIRST_LINE_S = 20.0
-CHANGE_S = CONTAINER_SCAN_S + 0.5 + INTERVAL + 1.0
-SPIN = "for i in 1 2 3; do (while :; do :; done) & done; wait"
 
 
 @pytest.fixture(params=["docker", "podman"])

@@ -28,6 +28,7 @@ import pytest
 
 from helpers import children, need_tool, proc_state, wait_for
 from runqlat import abi
+from runqlat.tracking import CONTAINER_SCAN_S
 
 # The child pins itself before it spins, so no turn is ever taken on another CPU
 # (pinned in the child, not with preexec_fn: tests start loops while reader threads
@@ -45,6 +46,14 @@ _LOOP = ("import os, sys, threading\n"
          "workers[0].join() if workers else spin()\n")
 # a busy loop that is one single-threaded process and forks nothing (dash runs it in place)
 SPIN = ["/bin/sh", "-c", "while :; do :; done"]
+
+# tracer_cli on containers: its interval, the wait for its first line (Python
+# imports, load, attach), and for a container that starts or stops to show: it
+# is seen at the next scan, and the interval that ends after that shows it (or,
+# once, its last counts).
+INTERVAL = 1.0
+FIRST_LINE_S = 20.0
+CHANGE_S = CONTAINER_SCAN_S + 0.5 + INTERVAL + 1.0
 
 
 def pick_cpu() -> int:

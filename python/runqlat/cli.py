@@ -25,7 +25,7 @@ from typing import List, Optional, Union, get_args, get_origin, get_type_hints
 import typer
 
 from . import __version__, escape
-from .errors import InputError, RunqlatError
+from .errors import InputError, RunqlatError, os_error_for
 
 log = logging.getLogger("runqlat")
 
@@ -406,6 +406,23 @@ def _validate(cfg: RunConfig) -> None:
         log.warning("--follow-children has no effect without -p or --pids-file")
 
 
+def _warn_pidns_blind_spot(mode, sources, proc: str = "/proc") -> None:
+    """--pidnss names, and container selection matches, the PID namespaces read
+    from /proc/PID/ns/pid: one line when some of them cannot be read."""
+    from .doctor import pidns_blind_spot
+    from .model import CONTAINER_MODES, Mode
+    if mode == Mode.PIDNS:
+        lost = f"{_flag('pidnss')} misses the namespaces only they are in"
+    elif mode in CONTAINER_MODES or sources.uses_containers:
+        lost = "containers are matched by their cgroup only"
+    else:
+        return
+    blind = pidns_blind_spot(proc)
+    if blind is not None:
+        log.warning("without CAP_SYS_PTRACE the PID namespace of %d of %d processes cannot be read "
+                    "(/proc/PID/ns/pid); %s: give the tracer CAP_SYS_PTRACE", blind[0], blind[1], lost)
+
+
 def _pid_arg(text: str) -> int:
     """-p's value: ASCII decimal digits only (int() also takes '+5', '1_2' and
     other scripts' digits, none of which is how a PID is written)."""
@@ -526,6 +543,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
         if not any(n in mode.labels for n in ("comm", "container_name")):
             raise UsageError("--metrics-include/--metrics-exclude match a comm or a container name: "
                              "use them with -P, -L or --per-container")
+    _warn_pidns_blind_spot(mode, sources)
     if sources.pids_file:
         from .targets import read_pids_file
         read_pids_file(sources.pids_file)  # a missing file is an error before anything loads
@@ -715,12 +733,7 @@ def _open_output_file(path: str):
     try:
         fd = os.open(path, flags, OUTPUT_FILE_MODE)
     except OSError as exc:
-        if exc.errno == _errno.ELOOP:
-            raise InputError(f"--output-file {shown} is a symlink; not written through "
-                             "(give the path of the file itself)") from None
-        if exc.errno == _errno.ENXIO:
-            raise InputError(f"--output-file {shown} is a FIFO that nobody reads") from None
-        raise InputError(f"cannot open --output-file {shown}: {exc.strerror}") from None
+        raise os_error_for("open", exc, "--output-file", shown) from None
     try:
         os.set_blocking(fd, True)
         return os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")

@@ -13,7 +13,7 @@ from .errors import RunqlatError
 from .policy import LoadPolicy
 
 # capability bits (linux/capability.h)
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 19, 21, 38, 39
 
 
 @dataclass
@@ -23,14 +23,44 @@ class Check:
     detail: str
 
 
-def _cap_eff() -> int:
+def _cap_eff(proc: str = "/proc") -> int:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(proc, "self", "status").read_text().splitlines():
             if line.startswith("CapEff:"):
                 return int(line.split()[1], 16)
     except OSError:
         pass
     return 0
+
+
+def pidns_blind_spot(proc: str = "/proc") -> tuple[int, int] | None:
+    """None when this process has CAP_SYS_PTRACE; without it, (processes whose
+    PID namespace it may not read now, processes seen).
+
+    The kernel lets a process follow /proc/PID/ns/pid only if it may ptrace
+    PID in read mode. Without CAP_SYS_PTRACE (a tracer given only CAP_BPF and
+    CAP_PERFMON, root with it dropped) other users' processes, and root's
+    processes holding more capabilities, are refused: their namespaces cannot
+    be named (--pidnss) nor matched to a container, and nothing else says so.
+    The caller warns. A process that exits during the scan counts for neither."""
+    if _cap_eff(proc) & (1 << CAP_SYS_PTRACE):
+        return None
+    denied = seen = 0
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return 0, 0
+    for d in names:
+        if not d.isdigit():
+            continue
+        try:
+            os.stat(os.path.join(proc, d, "ns", "pid"))
+        except PermissionError:  # EACCES or EPERM
+            denied += 1
+        except OSError:  # gone (ENOENT, ESRCH)
+            continue
+        seen += 1
+    return denied, seen
 
 
 def _is_dir(path: str) -> bool:
@@ -66,6 +96,13 @@ def run_checks(policy: LoadPolicy) -> list[Check]:
     else:
         who = "root without its capabilities" if os.geteuid() == 0 else "not root"
         add("privileges", "FAIL", f"{who} and no CAP_BPF+CAP_PERFMON: run as root (sudo)")
+
+    blind = pidns_blind_spot()
+    if blind is None:
+        add("PID namespaces", "ok", "CAP_SYS_PTRACE: every process's /proc/PID/ns/pid is readable")
+    else:
+        add("PID namespaces", "warn", f"no CAP_SYS_PTRACE: {blind[0]} of {blind[1]} processes' /proc/PID/ns/pid "
+            "unreadable (--pidnss and container matching miss them)")
 
     unpriv = _sysctl("kernel.unprivileged_bpf_disabled")
     if unpriv is not None:

@@ -26,7 +26,7 @@ from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__, escape
-from .errors import InputError, RunqlatError
+from .errors import InputError, RunqlatError, os_error_for
 from .hist import is_slot_boundary, power_of_two_bounds_ns
 from .model import CONTAINER_MODES, Snapshot
 from .why import KINDS, StickyTop, Why, cause_split
@@ -484,17 +484,8 @@ class MetricsServer:
         cls = _V6Server if ":" in host else _Server
         try:
             self.httpd = make_server(host, port, app, server_class=cls, handler_class=_QuietHandler)
-        except OSError as exc:
-            if exc.errno == _errno.EADDRINUSE:
-                raise InputError(f"--metrics-addr {addr}: port {port} is already in use; "
-                                 "stop what uses it or choose another port") from None
-            if exc.errno == _errno.EADDRNOTAVAIL:
-                raise InputError(f"--metrics-addr {addr}: {host} is not an address of this machine") from None
-            if exc.errno == _errno.EACCES:
-                raise InputError(f"--metrics-addr {addr}: not allowed to bind port {port}") from None
-            raise InputError(f"--metrics-addr {addr}: cannot listen: {exc.strerror or exc}") from None
-        except socket.gaierror as exc:
-            raise InputError(f"--metrics-addr {addr}: cannot resolve {host}: {exc.strerror}") from None
+        except OSError as exc:  # socket.gaierror included
+            raise os_error_for("listen", exc, "--metrics-addr", addr, host=host, port=port) from None
         self.address = f"{host}:{self.httpd.server_port}" if ":" not in host else f"[{host}]:{self.httpd.server_port}"
         self._thread = None
         self._closed = False

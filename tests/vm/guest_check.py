@@ -61,6 +61,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from guest_tasks import schedstat, spin_child, stop
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 REL_TOL = 0.05
@@ -95,47 +97,18 @@ def info(msg: str) -> None:
 
 
 def run_delay_ns(pid: int) -> int:
-    with open(f"/proc/{pid}/schedstat") as f:
-        return int(f.read().split()[1])
+    return schedstat(pid)[1]
 
 
 def comm_of(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-def task_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
-def stop(pid: int) -> None:
-    """SIGSTOP pid and wait until it is off the CPU and off the run queue."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 10
-    while task_state(pid) != "T":
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"pid {pid} did not stop within 10 s")
-        time.sleep(0.005)
-    # 'T' is set just before the final switch-out; a preemption in between
-    # would put it back on the CPU once more (a wait both sides count).
-    time.sleep(0.05)
-
-
 class Workload:
     """Busy-loop children pinned to one CPU, stopped and continued together."""
 
     def __init__(self, n: int, cpu: int):
-        self.pids: list[int] = []
-        for _ in range(n):
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.sched_setaffinity(0, {cpu})
-                    while True:
-                        pass
-                finally:
-                    os._exit(0)
-            self.pids.append(pid)
+        self.pids = [spin_child(cpu) for _ in range(n)]
 
     def stop(self) -> None:
         for pid in self.pids:

@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "python"))
 
+from guest_tasks import schedstat, spin_child, stopped  # noqa: E402
 from runqlat.abi import AggMode, Filter  # noqa: E402
 from runqlat.tracer import Options, Tracer  # noqa: E402
 
@@ -47,31 +48,6 @@ def check(ok: bool, what: str) -> None:
     failed += not ok
 
 
-def schedstat(pid: int) -> tuple[int, int, int]:
-    run, wait, slices = Path(f"/proc/{pid}/schedstat").read_text().split()
-    return int(run), int(wait), int(slices)
-
-
-def task_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-@contextlib.contextmanager
-def stopped(pid: int):
-    """pid stopped (off the CPU and off the run queue) for a consistent read."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 10
-    while task_state(pid) != "T":
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"pid {pid} did not stop within 10 s")
-        time.sleep(0.005)
-    time.sleep(0.05)  # 'T' is set just before its last switch-out
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 @contextlib.contextmanager
 def knob(path: Path, value: str):
     old = path.read_text().strip()
@@ -80,19 +56,6 @@ def knob(path: Path, value: str):
         yield old
     finally:
         path.write_text(old)
-
-
-def busy_in(cg: Path) -> int:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            (cg / "cgroup.procs").write_text("0")
-            os.sched_setaffinity(0, {BUSY_CPU})
-            while True:
-                pass
-        finally:
-            os._exit(1)
-    return pid
 
 
 def cpu_stat(cg: Path) -> dict[str, int]:
@@ -120,7 +83,7 @@ def main() -> int:
         (cg / "cpu.max").write_text(f"{QUOTA_US} {PERIOD_US}")
         print(f"guest_throttle: {cg.name} cpu.max {(cg / 'cpu.max').read_text().strip()}", flush=True)
         with knob(Path("/proc/sys/kernel/task_delayacct"), "1"):
-            pid = busy_in(cg)
+            pid = spin_child(BUSY_CPU, cg)
             t0 = time.monotonic()
             with Tracer(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, attribute=True)) as tr:
                 print(f"guest_throttle: loaded in {time.monotonic() - t0:.1f} s", flush=True)
