@@ -416,7 +416,8 @@ def main() -> int:
     print(text)
     name = f"{stamp:%Y%m%dT%H%M%SZ}"
     (OUT / f"scale-{name}.txt").write_text(text + "\n")
-    (OUT / f"scale-{name}.json").write_text(json.dumps({"keys": keys, "contention": cont, "start": start}, indent=1, default=str))
+    (OUT / f"scale-{name}.json").write_text(json.dumps({"keys": keys, "contention": cont, "start": start},
+                                                       indent=1, default=str))
     return 0
 
 
