@@ -15,6 +15,10 @@ OLD_COMMIT, built into bench/out/old-percpu).
 3. The /metrics page of as many keys written by the exporter's own path against
    prometheus_client's encoders over the same families (bench/scrape.py): the
    scrape of item 1 includes reading the maps, this is the exposition alone.
+4. Start: exec to the first output line of `run 1 1 -P --pids-file` over the
+   10,000 sleepers (1 s interval), this checkout against a baseline tree
+   (--baseline, default main), alternating, in two forms: text on a pipe, and
+   JSON to a file with /metrics on (as in 1). `--only start` runs only this.
 
 Run as root through bench/scale.sh. The hot-path table against libbpf-tools
 runqlat and the empty program is bench/run.sh's.
@@ -51,14 +55,28 @@ def tracer_cmd(which: str) -> tuple[list[str], dict]:
     return [str(REPO / ".venv/bin/python"), "-m", "runqlat"], env
 
 
-def build_old() -> None:
-    if (OLD_TREE / "python/runqlat/data/runqlat.bpf.o").exists():
+def build_tree(ref: str, tree: Path) -> None:
+    """The tracer of commit ref, built into tree (kept for the next run)."""
+    if (tree / "python/runqlat/data/runqlat.bpf.o").exists():
         return
-    log(f"scale: building the per-CPU-row tracer of {OLD_COMMIT} into {OLD_TREE}")
-    OLD_TREE.mkdir(parents=True, exist_ok=True)
-    arch = subprocess.run(["git", "-C", str(REPO), "archive", OLD_COMMIT], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(OLD_TREE)], input=arch, check=True)
-    subprocess.run(["make", "-s", "-C", str(OLD_TREE / "bpf")], check=True)
+    log(f"scale: building the tracer of {ref} into {tree}")
+    tree.mkdir(parents=True, exist_ok=True)
+    arch = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=arch, check=True)
+    subprocess.run(["make", "-s", "-C", str(tree / "bpf")], check=True)
+
+
+def build_old() -> None:
+    build_tree(OLD_COMMIT, OLD_TREE)
+
+
+def baseline_tree(ref: str) -> tuple[str, Path]:
+    """(short commit, built tree) of the baseline of the start figure."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=10", ref + "^{commit}"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    tree = OUT / f"tree-{sha}"
+    build_tree(sha, tree)
+    return sha, tree
 
 
 def meminfo_kb(key: str) -> int:
@@ -115,6 +133,47 @@ def first_line_s(path: Path, t0: float, p, timeout: float = 60) -> float | None:
             return None
         time.sleep(0.01)
     return None
+
+
+def start_once(procs: Procs, tree: Path, pidfile: Path, form: str, timeout: float = 60) -> float | None:
+    """Seconds from exec to the first output line of `run 1 1 -P --pids-file`
+    (None: none came). Both trees run as `python -m runqlat` from their own
+    python/ directory, so that the launcher is the same."""
+    env = dict(os.environ, PYTHONPATH=str(tree / "python"))
+    argv = [str(REPO / ".venv/bin/python"), "-m", "runqlat", "run", "1", "1", "-P", "--pids-file", str(pidfile)]
+    out_file = OUT / "scale-start.json"
+    out_file.unlink(missing_ok=True)
+    if form == "json":
+        argv += ["--output", "json", "--output-file", str(out_file), "--metrics-addr", f"127.0.0.1:{free_port()}"]
+    with open(OUT / "logs" / "scale-start.log", "a") as lf:
+        t0 = time.monotonic()
+        p = procs.start(argv, stdout=subprocess.PIPE if form == "text" else subprocess.DEVNULL, stderr=lf, env=env)
+    try:
+        if form == "json":
+            return first_line_s(out_file, t0, p, timeout)
+        line = p.stdout.readline()  # the first interval's lines, flushed together
+        took = time.monotonic() - t0
+        p.stdout.close()  # the rest is not read: the tracer meets a closed pipe and ends
+        return took if line else None
+    finally:
+        procs.stop(p)
+
+
+def start_figures(procs: Procs, pidfile: Path, base: tuple[str, Path], rounds: int) -> dict:
+    """Medians of exec-to-first-output, this checkout and the baseline alternating
+    (the order swapped each round), per output form."""
+    trees = {"this": REPO, "base": base[1]}
+    runs: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        for form in ("text", "json"):
+            for which in (("this", "base") if r % 2 == 0 else ("base", "this")):
+                s = start_once(procs, trees[which], pidfile, form)
+                log(f"scale: start round {r + 1}/{rounds} {form} {which}: "
+                    + (f"{s:.2f} s" if s is not None else "no output"))
+                runs.setdefault((form, which), []).append(s if s is not None else float("nan"))
+    return {"baseline": base[0], "rounds": rounds,
+            "runs": {f"{f}/{w}": v for (f, w), v in runs.items()},
+            "median": {f"{f}/{w}": statistics.median(v) for (f, w), v in runs.items()}}
 
 
 def many_keys(procs: Procs, which: str, pids: list[int], sample: list[int], measure_s: float) -> dict:
@@ -248,8 +307,18 @@ def contention(procs: Procs, rounds: int, loops: int) -> dict:
     return out
 
 
-def report(keys: dict[str, dict], cont: dict | None, n: int) -> str:
+def report(keys: dict[str, dict], cont: dict | None, n: int, start: dict | None = None) -> str:
     L = []
+    if start:
+        med = start["median"]
+        L.append(f"exec to first output line, run 1 1 -P --pids-file over {n:,} sleepers (1 s interval), "
+                 f"medians of {start['rounds']} alternating rounds")
+        for form, label in (("text", "text on a pipe"), ("json", "JSON to a file, /metrics on")):
+            t, b = med[f"{form}/this"], med[f"{form}/base"]
+            L.append(f"  {label:28s} this tree {t:.2f} s, baseline {start['baseline']} {b:.2f} s, "
+                     f"ratio {t / b:.2f}  (this: {', '.join(f'{x:.2f}' for x in start['runs'][f'{form}/this'])}; "
+                     f"baseline: {', '.join(f'{x:.2f}' for x in start['runs'][f'{form}/base'])})")
+        L.append("")
     if keys:
         L.append(f"{n:,} tracked processes (procs sleepers, waking every 0.5-1.5 s) and {SAMPLE} busy loops "
                  f"sharing one CPU (the sample, running only in its window), "
@@ -300,17 +369,25 @@ def main() -> int:
     ap.add_argument("--measure-s", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--loops", type=int, default=200_000)
-    ap.add_argument("--skip", action="append", default=[], choices=("keys", "contention", "exposition"))
+    sections = ("keys", "contention", "exposition", "start")
+    ap.add_argument("--skip", action="append", default=[], choices=sections)
+    ap.add_argument("--only", choices=sections, help="run this section alone")
+    ap.add_argument("--baseline", default="main", help="git ref the start figure is compared with")
+    ap.add_argument("--start-rounds", type=int, default=5)
     a = ap.parse_args()
+    if a.only:
+        a.skip = [x for x in sections if x != a.only]
     exit_on_signals()
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
-    build_old()
+    if "keys" not in a.skip:
+        build_old()
+    base = baseline_tree(a.baseline) if "start" not in a.skip else None
     stamp = dt.datetime.now(dt.timezone.utc)
     procs = Procs()
-    keys, cont = {}, None
+    keys, cont, start = {}, None, None
     try:
         with Sysctl("kernel.bpf_stats_enabled", "1"), Sysctl("kernel.task_delayacct", "1"):
-            if "keys" not in a.skip:
+            if "keys" not in a.skip or "start" not in a.skip:
                 pidfile = OUT / "scale-pids"
                 pidfile.unlink(missing_ok=True)
                 sl = procs.start([str(OUT / "procs"), "sleepers", str(a.processes), "500", "1500", str(pidfile)])
@@ -319,6 +396,9 @@ def main() -> int:
                         raise RuntimeError("procs sleepers failed")
                     time.sleep(0.1)
                 pids = [int(x) for x in pidfile.read_text().split()]
+            if "start" not in a.skip:
+                start = start_figures(procs, pidfile, base, a.start_rounds)
+            if "keys" not in a.skip:
                 cpu = max(os.sched_getaffinity(0))
                 busy = [procs.start(["taskset", "-c", str(cpu), "sh", "-c", "while :; do :; done"])
                         for _ in range(SAMPLE)]
@@ -328,6 +408,7 @@ def main() -> int:
                     keys[which] = many_keys(procs, which, pids, sample, a.measure_s)
                 for b in busy:
                     procs.stop(b, signal.SIGKILL, 0)
+            if "keys" not in a.skip or "start" not in a.skip:
                 procs.stop(sl, signal.SIGTERM, 30)
             if "contention" not in a.skip:
                 cont = contention(procs, a.rounds, a.loops)
@@ -336,11 +417,12 @@ def main() -> int:
     expo_text, expo = ("", None) if "exposition" in a.skip else compare_exposition(a.processes, 3)
     text = (f"runqlat-core scale benchmark (issue 13), {stamp:%Y-%m-%d %H:%M} UTC, {machine()}, "
             f"possible CPUs {Path('/sys/devices/system/cpu/possible').read_text().strip()}\n"
-            + report(keys, cont, a.processes) + ("\n\n" + expo_text if expo_text else ""))
+            + report(keys, cont, a.processes, start) + ("\n\n" + expo_text if expo_text else ""))
     print(text)
     name = f"{stamp:%Y%m%dT%H%M%SZ}"
     (OUT / f"scale-{name}.txt").write_text(text + "\n")
-    (OUT / f"scale-{name}.json").write_text(json.dumps({"keys": keys, "contention": cont, "exposition": expo}, indent=1, default=str))
+    (OUT / f"scale-{name}.json").write_text(json.dumps({"keys": keys, "contention": cont, "start": start,
+                                                        "exposition": expo}, indent=1, default=str))
     return 0
 
 

@@ -380,3 +380,18 @@ def test_metrics_top_from_the_config_file(tmp_path):
     assert_one_line_error(invoke("run", "--config", str(conf), "1", "1"), 2, "--metrics-top -1")
     conf.write_text("per_process = true\nmetrics_top = 'ten'\n")
     assert_one_line_error(invoke("run", "--config", str(conf), "1", "1"), 1, "metrics_top must be an integer")
+
+def test_listed_pids_are_looked_at_while_loading(tmp_path):
+    """The start's head start (cli._observe_pids): the command line's PIDs and the
+    pids file's, looked at in a thread; a bad file is the main thread's to report."""
+    from runqlat.model import Sources
+    f = tmp_path / "pids"
+    f.write_text(f"{os.getppid()}\n")
+    identity, thread = cli._observe_pids(Sources(pids=frozenset({os.getpid()}), pids_file=f))
+    thread.join(10)
+    assert not thread.is_alive()
+    assert set(identity._seen) == {os.getpid(), os.getppid()}
+    assert identity._seen[os.getpid()][1] is True
+    identity, thread = cli._observe_pids(Sources(pids_file=tmp_path / "missing"))
+    thread.join(10)
+    assert identity._seen == {}

@@ -57,3 +57,21 @@ def test_real_exec_changes_the_comm_label(tracer_cli, tmp_path):
         for x in (p, other):
             x.kill()
             x.wait()
+
+
+def test_first_collection_does_not_read_every_comm(tmp_path, monkeypatch):
+    """The kernel named every key of the first collection in this run: reading each
+    comm again then (10,000 reads at 10,000 processes) only delayed the first output."""
+    clock = hand_clock(monkeypatch)
+    proc = FakeProc(tmp_path / "proc")
+    for pid in range(100, 200):
+        proc.spawn(pid, 1000 + pid, comm_="sh")
+    tr = HistTracer()
+    mon = Monitor(tr, Mode.PID, Sources(pids=frozenset(range(100, 200))), proc=str(proc))
+    mon.register("print")
+    clock.now += 5.0
+    mon.snapshot("print")
+    assert len(mon.tracking._comms) <= 1
+    clock.now += tracking.COMM_RECHECK_S / 2  # half the keys' turn has come
+    mon.snapshot("print")
+    assert 45 <= len(mon.tracking._comms) <= 55

@@ -44,7 +44,9 @@ class HistTracer(FakeTracer):
 @pytest.fixture
 def exporter(tmp_path, monkeypatch):
     tr = HistTracer()
-    proc, mon, _ = fake_monitor(tmp_path, monkeypatch, tr, Sources(pids=frozenset({100, 101})))
+    # each process has the name the kernel gave its key (HistTracer's), as a real one has
+    proc, mon, _ = fake_monitor(tmp_path, monkeypatch, tr, Sources(pids=frozenset({100, 101})),
+                                comm_of=lambda pid: f"p{pid}")
     mon.register("scrape", fold_unseen=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

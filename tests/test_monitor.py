@@ -89,13 +89,14 @@ def hand_clock(monkeypatch) -> Clock:
     return c
 
 
-def fake_monitor(tmp_path, monkeypatch, tracer, sources: Sources, pids=(100, 101)):
+def fake_monitor(tmp_path, monkeypatch, tracer, sources: Sources, pids=(100, 101), comm_of=None):
     """A real Monitor in PID mode over a fake tracer and a fake /proc in which
-    `pids` run (each started at 1000 + pid), on a hand clock: (proc, monitor, clock)."""
+    `pids` run (each started at 1000 + pid, named comm_of(pid) or "worker"), on
+    a hand clock: (proc, monitor, clock)."""
     clock = hand_clock(monkeypatch)
     proc = FakeProc(tmp_path / "proc")
     for pid in pids:
-        proc.spawn(pid, 1000 + pid)
+        proc.spawn(pid, 1000 + pid, comm_=comm_of(pid) if comm_of else "worker")
     return proc, Monitor(tracer, Mode.PID, sources, proc=str(proc)), clock
 
 
@@ -111,6 +112,7 @@ def tracked(tmp_path, clock):
         proc.spawn(pid, 1000 + pid)
     tr = FakeTracer()
     mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100, 101, 102})), proc=str(proc))
+    mon.refresh()  # as the CLI's loop does at once: the start's look after its update
     mon.register("print")
     return proc, tr, mon
 
@@ -186,5 +188,62 @@ def test_recheck_keeps_the_group_sets(tmp_path, clock, monkeypatch):
     mon.refresh()
     assert tr.last == ({100, 101}, {7}, None)
     proc.exit(101)
-    mon.tracking._recheck({101}, {7}, None)
+    mon.tracking._unchecked = {101}
+    mon.tracking._recheck()
     assert tr.last == ({100}, {7}, None)
+
+
+def test_the_look_after_the_start_update_is_the_first_refresh(tmp_path, clock):
+    """At start the look after the map update (a PID that exited meanwhile would stay
+    in tracked_pids) is left to the first refresh, which the CLI's loop makes at once,
+    inside the first interval; a PID found gone then is taken out."""
+    proc = FakeProc(tmp_path / "proc")
+    for pid in (100, 101):
+        proc.spawn(pid, 1000 + pid)
+    tr = FakeTracer()
+    mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100, 101})), proc=str(proc))
+    assert tr.listed == {100, 101} and tr.updates == 1
+    proc.exit(101)
+    proc.spawn(101, 5000)  # reused before the look: not the process listed
+    mon.refresh()
+    assert tr.listed == {100} and 101 not in mon.tracking.listed_pids
+    updates = tr.updates
+    mon.refresh()
+    mon.refresh()
+    assert tr.listed == {100}
+    assert tr.updates <= updates + 1  # (the next refresh gives the set once more, then nothing)
+
+
+def test_a_reload_looks_after_its_update_at_once(tmp_path, clock, monkeypatch):
+    """SIGHUP (set_sources) keeps the look right after its update."""
+    proc = FakeProc(tmp_path / "proc")
+    for pid in (100, 101):
+        proc.spawn(pid, 1000 + pid)
+    tr = FakeTracer()
+    mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100})), proc=str(proc))
+    mon.refresh()
+    real = tr.set_targets
+
+    def set_targets(pids=None, cgroups=None, pidns=None):
+        changed = real(pids, cgroups, pidns)
+        if 101 in pids:
+            proc.exit(101)  # exits between the look and the update's end
+        return changed
+    monkeypatch.setattr(tr, "set_targets", set_targets)
+    mon.set_sources(Sources(pids=frozenset({100, 101})))
+    assert tr.listed == {100}
+
+
+def test_start_uses_the_identity_observed_while_loading(tmp_path, clock):
+    from runqlat.targets import Identity
+    proc = FakeProc(tmp_path / "proc")
+    for pid in (100, 101):
+        proc.spawn(pid, 1000 + pid)
+    ident = Identity(proc=str(proc))
+    ident.observe({100, 101})
+    proc.exit(100)  # exited after the look, before the update: tracked, then taken out
+    tr = FakeTracer()
+    mon = Monitor(tr, Mode.PID, Sources(pids=frozenset({100, 101})), proc=str(proc), identity=ident)
+    assert tr.listed == {100, 101}
+    mon.refresh()
+    assert tr.listed == {101}

@@ -113,9 +113,11 @@ def test_read_pids_file_unreadable(tmp_path, monkeypatch):
 
 # -- a fake /proc --
 
-def _stat_line(pid: int, comm_: str, start: int, ppid: int = 1) -> str:
-    # fields 3.. of /proc/PID/stat; field 22 is the start time
+def _stat_line(pid: int, comm_: str, start: int, ppid: int = 1, exit_signal: int = 17) -> str:
+    # fields 3.. of /proc/PID/stat; field 22 is the start time, 38 the exit signal
+    # (-1 for a thread that does not lead its group, as the kernel writes it)
     rest = ["S", str(ppid)] + [str(i) for i in range(5, 22)] + [str(start)] + ["0"] * 30
+    rest[35] = str(exit_signal)
     return f"{pid} ({comm_}) {' '.join(rest)}\n"
 
 
@@ -127,7 +129,8 @@ class FakeProc:
     def spawn(self, pid: int, start: int, comm_: str = "worker", tgid: int | None = None) -> None:
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
-        (d / "stat").write_text(_stat_line(pid, comm_, start))
+        leads = tgid is None or tgid == pid
+        (d / "stat").write_text(_stat_line(pid, comm_, start, exit_signal=17 if leads else -1))
         (d / "comm").write_text(comm_ + "\n")
         (d / "status").write_text(f"Name:\t{comm_}\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t{tgid or pid}\n"
                                   f"Ngid:\t0\nPid:\t{pid}\n")
@@ -211,6 +214,83 @@ def test_identity_same_start_time_survives(proc):
     ident.resolve({10})
     proc.spawn(10, 100, comm_="after-exec")  # exec keeps the PID and the start time
     assert ident.resolve({10}) == ({10}, set())
+
+
+def test_proc_stat_tells_a_thread_from_a_process():
+    """One read of /proc/PID/stat: the start time, and the kernel's own leader test
+    (exit_signal >= 0), against this process and one of its real threads."""
+    import threading
+    ready, done = threading.Event(), threading.Event()
+    tid = []
+
+    def body():
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    t = threading.Thread(target=body)
+    t.start()
+    try:
+        ready.wait(10)
+        assert targets.proc_stat(os.getpid()) == (start_time(os.getpid()), True)
+        st = targets.proc_stat(tid[0])
+        assert st is not None and st[1] is False
+    finally:
+        done.set()
+        t.join()
+
+
+def test_identity_reads_status_only_for_threads(proc, monkeypatch):
+    """At 10,000 PIDs a second read per PID (status, for its Tgid) was a third of the start."""
+    for pid in range(100, 110):
+        proc.spawn(pid, 1000 + pid)
+    proc.spawn(205, 1100, tgid=100)  # a thread of 100
+    calls = []
+    real = targets.tgid_of
+    monkeypatch.setattr(targets, "tgid_of", lambda tid, p="/proc": calls.append(tid) or real(tid, p))
+    ident = Identity(proc=str(proc))
+    live, missing = ident.resolve(set(range(100, 110)) | {205, 300})
+    assert live == set(range(100, 110)) and missing == {300}
+    assert ident.threads == {205: 100}
+    assert calls == [205]
+
+
+def test_identity_stat_without_exit_signal_falls_back_to_status(proc):
+    proc.spawn(100, 1100)
+    proc.spawn(105, 1100, tgid=100)
+    for pid in (100, 105):  # a stat cut after the start time (field 22)
+        (proc.root / str(pid) / "stat").write_text(f"{pid} (w) " + " ".join(["S"] + ["1"] * 18 + ["1100"]) + "\n")
+    ident = Identity(proc=str(proc))
+    assert ident.resolve({100, 105}) == ({100}, set())
+    assert ident.threads == {105: 100}
+
+
+def test_identity_observe_is_the_first_look(proc):
+    """observe() (the CLI's, while loading) pins the process seen then; a later
+    resolve does not read again; gone() is the look after the map update."""
+    proc.spawn(10, 100)
+    proc.spawn(11, 110)
+    ident = Identity(proc=str(proc))
+    ident.observe({10, 11, 12})
+    proc.exit(10)
+    proc.spawn(10, 900)  # the number reused between the look and the resolve
+    proc.spawn(12, 120)  # missing when looked at
+    live, missing = ident.resolve({10, 11, 12})
+    assert (live, missing) == ({10, 11}, {12})
+    assert ident.known[10] == 100
+    assert ident.gone({10, 11}) == {10}, "the look after the update misses a PID reused before it"
+    # observe's looks serve one resolve only: the next reads /proc again
+    assert ident.resolve({10, 11, 12}) == ({11}, set())
+
+
+def test_identity_gone(proc):
+    proc.spawn(10, 100)
+    proc.spawn(11, 110)
+    ident = Identity(proc=str(proc))
+    ident.resolve({10, 11})
+    proc.exit(11)
+    assert ident.gone({10, 11}) == {11}
+    assert ident.gone(set()) == set()
 
 
 # -- FileWatch --

@@ -495,15 +495,41 @@ def _policy():
     return LoadPolicy.from_env(os.environ)
 
 
+def _observe_pids(sources) -> tuple:
+    """(Identity, thread) : the listed PIDs looked at in a thread while the rest
+    starts (imports, loading), which needs the CPU and the GIL far less than
+    10,000 reads of /proc do each. Join the thread before using the Identity.
+    The pids file is read here too, without a word: its errors are the main
+    thread's to report, and the reads are only a head start (Identity.observe)."""
+    from .targets import Identity, read_pids_file
+
+    identity = Identity()
+
+    def look():
+        pids = set(sources.pids)
+        if sources.pids_file:
+            try:
+                pids |= read_pids_file(sources.pids_file).pids
+            except InputError:
+                pass
+        identity.observe(pids)
+
+    thread = threading.Thread(target=look, name="runqlat-observe", daemon=True)
+    thread.start()
+    return identity, thread
+
+
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> int:
+    mode = _pick_mode(cfg)
+    sources = _sources(cfg)
+    identity, observer = _observe_pids(sources) if sources.uses_pids else (None, None)
+
     from .monitor import SCRAPE, Monitor
     from .tracking import agg_mode, expected_keys, kernel_filter, uses_cgroup_tree
     from .events import parse_duration_ns
     from .output import Printer
     from .tracer import Options, Tracer
 
-    mode = _pick_mode(cfg)
-    sources = _sources(cfg)
     bounds = key_filter = None
     if cfg.buckets or cfg.metrics_addr:  # prometheus_client is loaded only for the exporter
         from .metrics import (Collector, KeyFilter, MetricsServer, filtered_scrape, parse_addr, parse_buckets,
@@ -581,8 +607,11 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                     start=False))
             tracer = stack.enter_context(Tracer(opts, policy))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
+            if observer is not None:
+                observer.join()
             monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs,
-                              docker_roots=policy.docker_roots, storage_roots=policy.storage_roots)
+                              docker_roots=policy.docker_roots, storage_roots=policy.storage_roots,
+                              identity=identity)
             printing = not cfg.quiet
             if printing:
                 monitor.register("print")
@@ -654,6 +683,7 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config,
     start = last_emit = time.monotonic()
     next_print = start + cfg.interval if cfg.interval else None
     printed = 0
+    _refresh(monitor)  # at once: it ends the start's update (Tracking.refresh), inside the first interval
     while not stop.is_set():
         timeout = 0.5 if next_print is None else max(0.0, min(0.5, next_print - time.monotonic()))
         stop.wait(timeout)
@@ -662,12 +692,7 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config,
         if reload_wanted.is_set():
             reload_wanted.clear()
             _reload(monitor, cfg, cli_cfg, config)
-        try:
-            monitor.refresh()
-        except RunqlatError as exc:  # one bad input never stops a running tracer
-            monitor.warn.once("refresh:" + str(exc), "%s", exc)
-        except OSError as exc:
-            monitor.warn.once("refresh:" + str(exc), "while updating the tracked set: %s", exc)
+        _refresh(monitor)
         if time.monotonic() - monitor.last_collect >= 1.0 and (
                 not printing or next_print is None or next_print - time.monotonic() > 0.5):
             try:  # retire exited processes' histograms even if nobody reads for a while
@@ -695,6 +720,15 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config,
         if sink is not None and sink.error is not None:
             _output_failed(sink, None)
     return 0
+
+
+def _refresh(monitor) -> None:
+    try:
+        monitor.refresh()
+    except RunqlatError as exc:  # one bad input never stops a running tracer
+        monitor.warn.once("refresh:" + str(exc), "%s", exc)
+    except OSError as exc:
+        monitor.warn.once("refresh:" + str(exc), "while updating the tracked set: %s", exc)
 
 
 class _Stopped(BaseException):

@@ -159,19 +159,44 @@ def read_pids_file(path: Path) -> PidsFile:
     return pf
 
 
-def start_time(pid: int, proc: str = "/proc") -> int | None:
-    """The process's start time in clock ticks since boot, None if it does not exist."""
+# Every id the user lists is looked at once at start: 10,000 of them must cost
+# a few hundred milliseconds, so the one file read is done with the bare
+# system calls (no file object, no fstat, no isatty) and nothing else is read.
+_STAT_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def proc_stat(pid: int, proc: str = "/proc") -> tuple[int, bool | None] | None:
+    """(start time in clock ticks since boot, whether it leads its thread group)
+    from one read of /proc/PID/stat; None if it does not exist. The kernel's own
+    test for a thread group leader is exit_signal >= 0 (field 38): -1 marks a
+    thread of another process. None for that part when the field is missing."""
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            stat = f.read()
+        fd = os.open(f"{proc}/{pid}/stat", _STAT_FLAGS)
     except OSError:  # gone, or not ours to read
         return None
-    # comm (field 2) may hold spaces and ')': split after the last ')'
-    rest = stat[stat.rfind(b")") + 2:].split()
     try:
-        return int(rest[19])  # field 22
+        data = os.read(fd, 4096)  # about 300 bytes; seq_file gives it whole
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    # comm (field 2) may hold spaces and ')': split after the last ')'
+    rest = data[data.rfind(b")") + 2:].split()
+    try:
+        start = int(rest[19])  # field 22
     except (IndexError, ValueError):
         return None
+    try:
+        leader = int(rest[35]) >= 0  # field 38
+    except (IndexError, ValueError):
+        leader = None
+    return start, leader
+
+
+def start_time(pid: int, proc: str = "/proc") -> int | None:
+    """The process's start time in clock ticks since boot, None if it does not exist."""
+    st = proc_stat(pid, proc)
+    return None if st is None else st[0]
 
 
 def tgid_of(tid: int, proc: str = "/proc") -> int | None:
@@ -193,6 +218,16 @@ class Identity:
     proc: str = "/proc"
     known: dict[int, int | None] = field(default_factory=dict)  # pid -> start time, None: never existed
     threads: dict[int, int] = field(default_factory=dict)  # listed ids that are threads -> their process
+    # observe()'s looks, for the next resolve
+    _seen: dict[int, tuple | None] = field(default_factory=dict, init=False, repr=False)
+
+    def observe(self, pids) -> None:
+        """Look at pids now, for the next resolve's first look at each (and only
+        that one). At start the CLI calls it in a thread while the BPF programs
+        load: 10,000 reads of /proc cost about as long as the load. An early look
+        is as good as a late one, because after the map update every PID added is
+        looked at again (tracking.Tracking._recheck)."""
+        self._seen = {p: proc_stat(p, self.proc) for p in pids}
 
     def resolve(self, wanted: set[int]) -> tuple[set[int], set[int]]:
         """(live PIDs that are still the process first seen, PIDs newly found missing).
@@ -205,19 +240,25 @@ class Identity:
                 del self.known[pid]
                 self.threads.pop(pid, None)
         live, missing = set(), set()
+        seen, self._seen = self._seen, {}
         for pid in wanted:
-            now = start_time(pid, self.proc)
+            st = seen[pid] if pid in seen and pid not in self.known else proc_stat(pid, self.proc)
+            now = None if st is None else st[0]
             if pid not in self.known:
                 self.known[pid] = now
-                if now is None:
+                if st is None:
                     missing.add(pid)
-                else:  # /proc has an entry for a thread id too, but the kernel keys by process
-                    tgid = tgid_of(pid, self.proc)
+                elif st[1] is not True:  # /proc has an entry for a thread id too, but the kernel keys by process
+                    tgid = tgid_of(pid, self.proc)  # (threads only: the status file costs more)
                     if tgid is not None and tgid != pid:
                         self.threads[pid] = tgid
             if now is not None and now == self.known[pid] and pid not in self.threads:
                 live.add(pid)
         return live, missing
+
+    def gone(self, pids) -> set[int]:
+        """Those of pids that are no longer the process first seen under their number."""
+        return {p for p in pids if start_time(p, self.proc) != self.known.get(p)}
 
 
 class FileWatch:

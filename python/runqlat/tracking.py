@@ -27,7 +27,7 @@ from .cgroups import CgroupTree
 from .errors import InputError
 from .hist import Histogram
 from .model import CONTAINER_MODES, Labels, Mode, Sources, context_of, label_names
-from .targets import FileWatch, Identity, read_pids_file, start_time
+from .targets import FileWatch, Identity, read_pids_file
 
 log = logging.getLogger("runqlat")
 
@@ -148,7 +148,10 @@ class Tracking:
     """
 
     def __init__(self, tracer, mode: Mode, sources: Sources, proc: str = "/proc",
-                 containerd_state_dirs=None, docker_roots=None, storage_roots=None):
+                 containerd_state_dirs=None, docker_roots=None, storage_roots=None,
+                 identity: Identity | None = None):
+        """identity: the PIDs' Identity, when the caller has looked at them already
+        (Identity.observe, at start while loading)."""
         self.tracer = tracer
         self.mode = mode
         self.proc = proc
@@ -160,7 +163,7 @@ class Tracking:
         self.tracked_pids: dict[int, int] = {}
         self._state_dirs = containerd_state_dirs
         self._roots = {"docker_roots": docker_roots, "storage_roots": storage_roots}
-        self._identity = Identity(proc)
+        self._identity = identity if identity is not None else Identity(proc)
         self._cli_pids: set[int] = set()
         self._file_pids: set[int] = set()
         self._watch: FileWatch | None = None
@@ -168,6 +171,7 @@ class Tracking:
         self._next_container_scan = 0.0
         self._next_exit_sync = 0.0
         self._given = None  # (pids, cgroup ids, pid namespaces) the tracer was last given
+        self._unchecked: set[int] = set()  # given to the tracer, start time not yet looked at again
         # read at each collection for labelling (see begin_collection)
         self._pids_only = False
         self._processes: set[int] = set()
@@ -176,7 +180,7 @@ class Tracking:
         self._culprit_comms: dict[int, str] = {}  # culprit tgid -> comm (forgotten when many)
         self._comms: dict[int, str] = {}  # key -> its comm as /proc last said (PID/TID modes)
         self._comm_turn: list[int] = []   # keys still to re-read in this round
-        self._comm_checked = 0.0
+        self._comm_checked: float | None = None  # None: no collection yet
         self.labels_of = {Mode.GLOBAL: self._global_labels, Mode.PID: self._pid_labels,
                           Mode.TID: self._tid_labels, Mode.PIDNS: self._pidns_labels,
                           Mode.CONTAINER: self._container_labels, Mode.POD: self._container_labels,
@@ -216,7 +220,7 @@ class Tracking:
         if uses_cgroup_tree(self.mode, sources) and self.cgroups is None:
             self.cgroups = CgroupTree()
             self.cgroups.require()
-        self.refresh()
+        self.refresh(recheck=not initial)
 
     def _parse_file(self, pf) -> set[int]:
         for p in pf.problems:
@@ -299,9 +303,15 @@ class Tracking:
             log.info("container %s stopped", escape.name(cid[:12]))
         self.containers = chosen
 
-    def refresh(self) -> None:
-        """Bring the kernel's tracked sets up to date (call about every 0.5 s)."""
+    def refresh(self, recheck: bool = True) -> None:
+        """Bring the kernel's tracked sets up to date (call about every 0.5 s).
+
+        recheck=False (the first refresh, at start) leaves the look after the
+        update (see _recheck) to the next refresh: the caller's loop makes that
+        at once, inside the first interval, instead of before it begins."""
         s = self.sources
+        if self._unchecked:
+            self._recheck()
         if self._watch and self._watch.changed():
             self._read_file()
         if s.uses_pids:
@@ -335,7 +345,9 @@ class Tracking:
         before = self.tracer.listed_pids
         self.tracer.set_targets(pids=targets[0], cgroups=cg_ids, pidns=pidns)
         self._given = targets
-        self._recheck(self.tracer.listed_pids - before, cg_ids, pidns)
+        self._unchecked |= self.tracer.listed_pids - before
+        if recheck:
+            self._recheck()
         self._warn_over_limit()
 
     def _warn_over_limit(self) -> None:
@@ -352,13 +364,15 @@ class Tracking:
         self._next_exit_sync = now + EXIT_SYNC_S
         self.listed_pids -= self.tracer.forget_exited(tracked_now)
 
-    def _recheck(self, added: set[int], cgroups: set[int] | None, pidns: set[int] | None) -> None:
+    def _recheck(self) -> None:
         """A PID that exited between our check and the map update would stay in the
         map, and could be counted when the number is reused: take it out again
-        (the group sets just given stay as they are, and so does the filter)."""
-        dead = {p for p in added if start_time(p, self.proc) != self._identity.known.get(p)}
+        (the group sets last given stay as they are, and so does the filter)."""
+        added, self._unchecked = self._unchecked, set()
+        dead = self._identity.gone(added & self.listed_pids)
         if dead:
             self.listed_pids -= dead
+            _, cgroups, pidns = self._given or (None, None, None)
             self.tracer.set_targets(pids=set(self.listed_pids), cgroups=cgroups, pidns=pidns)
             self._given = None  # the next refresh gives the tracer everything again
 
@@ -398,7 +412,11 @@ class Tracking:
             self._comm_turn = [k for k in keys]
             live = set(self._comm_turn)
             self._comms = {k: c for k, c in self._comms.items() if k in live}
-        elapsed = min(max(now - self._comm_checked, 0.0), COMM_RECHECK_S)
+        # the first collection's keys were all named by the kernel in this run, at
+        # most an interval ago: reading every comm again then (10,000 reads at
+        # 10,000 processes) would only delay the first output
+        last = now if self._comm_checked is None else self._comm_checked
+        elapsed = min(max(now - last, 0.0), COMM_RECHECK_S)
         self._comm_checked = now
         n = min(len(self._comm_turn), max(1, int(len(keys) * elapsed / COMM_RECHECK_S + 0.999)))
         for key in self._comm_turn[-n:]:
