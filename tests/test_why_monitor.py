@@ -287,3 +287,30 @@ def test_accounts_by_label_and_kind():
     assert why.split(acc, by_kind=False, attributing=False) == (None, None)
     total = acc[("app",)] + acc[("app",)]
     assert [h.count for h in total.kinds] == [8, 4] and total.why[("wakeup",)].culprits == {"pid 9": (14, 4)}
+
+
+@pytest.mark.parametrize("mode", [Mode.CONTAINER, Mode.POD])
+def test_self_by_container_and_by_pod(tmp_path, clock, mode):
+    """Culprits by cgroup: a culprit cgroup inside the victim's container (or a
+    container of the victim's pod) is "(self)"; another container is its name."""
+    from runqlat.containers import Container
+    from runqlat.tracking import container_labels, pod_labels
+    proc, tr, mon = _monitor(tmp_path, Mode.PID, [100], culprit_by=CulpritBy.CGROUP)
+    t = mon.tracking
+    t.mode = mode
+    def cri(cid, name, cgroup, pod, ns):
+        return Container(cid * 64, name, "cri", None, 1, None, cgroup, pod=pod, pod_namespace=ns)
+
+    web = cri("a", "web", "/kubepods/pod1/aaa", "shop-0", "shop")
+    side = cri("b", "sidecar", "/kubepods/pod1/bbb", "shop-0", "shop")
+    db = cri("c", "db", "/kubepods/pod2/ccc", "db-0", "data")
+    t.containers = [web, side, db]
+
+    class Tree:
+        mount = "/sys/fs/cgroup"
+        path_of = {1: "/kubepods/pod1/aaa/init", 2: "/kubepods/pod1/bbb", 3: "/kubepods/pod2/ccc"}.get
+
+    t.cgroups = Tree()
+    victim = container_labels(web) if mode == Mode.CONTAINER else pod_labels(web)
+    names = [t.culprit_name("task", cid, 77, victim) for cid in (1, 2, 3)]
+    assert names == ["(self)", "sidecar" if mode == Mode.CONTAINER else "(self)", "db"]
