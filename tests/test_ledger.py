@@ -31,7 +31,8 @@ class Owners:
 
 
 def _collect(ledger, owners, raw, consumer, now=0.0):
-    return ledger.collect({k: _h(v) for k, v in raw.items()}, owners, consumer, now)
+    """(histograms, labels gone, keys to delete)."""
+    return ledger.collect({k: _h(v) for k, v in raw.items()}, owners, consumer, now)[:3]
 
 
 def test_a_retired_owner_is_handed_to_each_consumer_once():
@@ -107,3 +108,59 @@ def test_a_consumer_that_never_reads_holds_a_bounded_number_of_finals(monkeypatc
     owners = Owners()
     _collect(led, owners, {k: 1 for k in range(10)}, None)
     assert led.pending("scrape") == 3 and led.retired_dropped == 7
+
+
+def test_accounts_go_with_the_final_values():
+    """What else a key holds (accounts_of: here an int per label) is read for the
+    keys retiring before they are deleted, handed to each consumer once with the
+    final histogram, carried when the label lives on, folded when never read."""
+    led = Ledger(("cgroup",))
+    led.register("print")
+    led.register("scrape", fold_unseen=True)
+    held = {10: 1, 11: 20, 12: 300}  # the kernel's accounts by key
+    asked = []
+
+    def accounts_of(key_labels):
+        asked.append(sorted(key_labels))
+        out = {}
+        for k, lab in key_labels.items():
+            if k in held:
+                out[lab] = out.get(lab, 0) + held[k]
+        return out
+
+    where = {10: ("/app",), 11: ("/app",), 12: ("/db",), 13: ("/tmp",)}
+
+    class ByCgroup(Owners):
+        def labels_of(self, key, h, last):
+            return where[key] if key in self.alive else None
+
+    owners = ByCgroup(10, 11, 12)
+
+    def collect(consumer, now, **kw):
+        raw = {k: _h(1) for k in held}
+        c = led.collect(raw, owners, consumer, now, accounts_of=accounts_of, **kw)
+        for k in c.delete:
+            del held[k]  # deleted with their accounts, as the monitor does
+        return c
+
+    assert collect("print", 0).accounts == {("/app",): 21, ("/db",): 300}
+    collect("scrape", 0)
+    owners.alive -= {11, 12}
+    asked.clear()
+    c = collect(None, 5, live_accounts=False)  # maintain(): only the retiring keys are read
+    assert asked == [[11, 12]] and sorted(c.delete) == [11, 12] and c.accounts is None
+    c = collect("print", 6)
+    assert c.accounts == {("/app",): 21, ("/db",): 300}, "carried (/app lives on) and handed (/db)"
+    assert ("/db",) in c.gone
+    assert collect("print", 7).accounts == {("/app",): 21}, "/db handed once"
+    assert collect("scrape", 8, peek=True).accounts[("/db",)] == 300, "a peek leaves it"
+    assert collect("scrape", 9).accounts[("/db",)] == 300
+    assert ("/db",) not in collect("scrape", 10).accounts
+    # one that came and went between two scrapes: folded into (exited), with its account
+    held[13] = 4000
+    owners.alive.add(13)
+    collect(None, 11)
+    owners.alive.discard(13)
+    collect(None, 12)
+    assert collect("scrape", 13).accounts[led.exited_label] == 4000
+    assert collect("scrape", 14).accounts[led.exited_label] == 4000, "cumulative"

@@ -6,18 +6,23 @@ import pytest
 
 from runqlat import monitor as monitor_mod
 from runqlat import tracking
+from runqlat.abi import CulpritBy
 from runqlat.model import Mode, Sources
 from runqlat.monitor import Monitor
+from runqlat.tracer import Options
 from test_targets import FakeProc
 
 
 class FakeTracer:
     """The kernel's tracked_pids as a dict (the exit program removes a PID from it),
-    our mirror of what we listed, and how often tracked_pids was walked."""
+    our mirror of what we listed, and how often tracked_pids was walked. Options as
+    the real Tracer has them (opts): nothing of issue 14 unless a test asks for it."""
 
     features: dict = {}
 
-    def __init__(self):
+    def __init__(self, opts: Options | None = None):
+        self.opts = opts or Options()
+        self.kinds: dict = {}  # by_kind: key -> (wakeup, preempt), as of the last read_hists
         self.kernel: dict[int, int] = {}
         self.listed: set[int] = set()
         self.walks = 0
@@ -65,6 +70,19 @@ class FakeTracer:
         return {}
 
     def prog_stats(self):
+        return {}
+
+    @property
+    def culprit_by(self) -> CulpritBy:
+        return CulpritBy(self.opts.culprit_by) if self.opts.culprit_by is not None else CulpritBy.PROCESS
+
+    def read_culprits(self):
+        return {}
+
+    def read_causes(self):
+        return {}
+
+    def why_counts(self):
         return {}
 
 

@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import affinity, contention_cpu, proc_state, schedstat, sysctl, unavailable, wait_for
+from helpers import affinity, contention_cpu, need_tool, proc_state, schedstat, sysctl, unavailable, wait_for
 from workload import BusyLoops, tracer_cli  # noqa: F401 (fixture)
 from runqlat import abi, bpf, hist
 from runqlat import tracer as tracer_mod
 from runqlat.abi import AggMode, Filter
 from runqlat.errors import KernelUnsupported
+from runqlat.model import Mode, Sources
+from runqlat.monitor import Monitor
 from runqlat.policy import FORCE_ENV as FORCE_FIELDS, LoadPolicy
 from runqlat.tracer import Options, Tracer
 
@@ -468,6 +470,89 @@ def test_everything_off_loads_the_maps_at_one_entry(tracers):
     assert tr.read_culprits() == {} and tr.read_causes() == {} and tr.kinds == {}
 
 
+# -- per thread: a sibling thread is "(self)" --
+
+# two threads spinning in C (no GIL: both always runnable), the main thread in pthread_join
+TWO_SPINNING_THREADS = r"""
+#include <pthread.h>
+static void *spin(void *arg)
+{
+	for (volatile unsigned long i = 0;; i++)
+		;
+	return arg;
+}
+int main(void)
+{
+	pthread_t t[2];
+	for (int i = 0; i < 2; i++)
+		pthread_create(&t[i], 0, spin, 0);
+	pthread_join(t[0], 0);
+	return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def two_threads(tmp_path_factory) -> Path:
+    import subprocess
+    cc = need_tool("cc", "gcc")
+    d = tmp_path_factory.mktemp("spin")
+    (d / "spin.c").write_text(TWO_SPINNING_THREADS)
+    r = subprocess.run([cc, "-O1", "-Wall", "-Werror", "-pthread", "-o", str(d / "spin"), str(d / "spin.c")],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"compiling the two-thread spinner failed:\n{r.stderr}")
+    return d / "spin"
+
+
+def test_a_sibling_thread_is_self_per_thread(tracers, cpu, two_threads):
+    """-L --culprits (Monitor in Mode.TID, culprits by process): a process with two
+    busy threads pinned to one CPU. Each thread waits behind its sibling, which is
+    its own process: "(self)", charged what the rest of its process ran (schedstat)
+    within 10% (a busy shared CPU, counting "(unknown)"), at least 90% of the
+    waiting on a quiet CPU; never the process by its pid."""
+    with BusyLoops(1, cpu, argv=[str(two_threads)]) as loops:
+        pid = loops.pid
+        wait_for(lambda: len(os.listdir(f"/proc/{pid}/task")) == 3, what="the two threads")
+        workers = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+        tr = tracers(Options(agg=AggMode.TID, initial_filter=Filter.PIDS, attribute=True))
+        mon = Monitor(tr, Mode.TID, Sources(pids=frozenset({pid})))
+        mon.refresh()
+
+        def read():
+            loops.stop()  # every thread off the run queue: no wait in progress
+            wait_for(lambda: all(proc_state(t) == "T" for t in workers), what="the threads to stop")
+            try:
+                snap = mon.snapshot()
+                ran = {t: schedstat(t)[0] for t in [pid, *workers]}
+            finally:
+                loops.cont()
+            mine = {int(lab[0]): lab for lab in snap.hists}
+            return ({t: snap.hists[mine[t]] for t in workers if t in mine},
+                    {t: snap.why.get(mine[t]) for t in workers if t in mine}, ran)
+
+        h0, w0, r0 = read()
+        time.sleep(2.0)
+        h1, w1, r1 = read()
+    for t in workers:
+        sibling = next(s for s in workers if s != t)
+        waited = h1[t].sum_ns - (h0[t].sum_ns if t in h0 else 0)
+        got = (w1[t] - w0[t]) if w0.get(t) is not None else w1[t]
+        ran = r1[sibling] - r0[sibling] + r1[pid] - r0[pid]  # the main thread: a little, at SIGCONT
+        own = got.culprits.get("(self)", (0, 0))[0]
+        unknown = got.culprits.get("(unknown)", (0, 0))[0]
+        ranked = sorted(got.culprits.items(), key=lambda kv: -kv[1][0])[:6]
+        detail = (f"thread {t}: waited {waited / MS:.1f} ms, sibling {sibling} (+ main) ran {ran / MS:.1f} ms, "
+                  f"top culprits {({k: round(v[0] / MS, 2) for k, v in ranked})}, (unknown) {unknown / MS:.2f}")
+        print(detail)  # (pytest -s)
+        assert waited > 200 * MS and ran > 100 * MS, f"too little contention: {detail}"
+        assert not [n for n in got.culprits if n.startswith(f"pid {pid}")], f"own process by pid: {detail}"
+        assert own <= 1.10 * ran, detail
+        assert own + unknown >= 0.90 * ran, detail
+        if ran >= 0.95 * waited:  # the sibling was all that ran there
+            assert own >= 0.90 * waited, detail
+
+
 # -- containers: culprits by cgroup --
 
 class _Task:
@@ -542,6 +627,42 @@ def test_cli_json_kinds_culprits_and_slow_waits(tracer_cli, cpu):
         ev = run.wait_for(lambda r: r.get("type") == "slow_wait", timeout=20)
         assert ev["pid"] == tracked.pid and ev["latency_ns"] > 5_000_000 and ev["kind"] in ("wakeup", "preempt")
         assert ev["culprit"]["type"] in ("task", "kernel", "idle", "unknown")
+
+
+@pytest.mark.parametrize("by_kind", [False, True], ids=["combined", "by-kind"])
+def test_cli_exited_process_keeps_its_last_culprits(tracer_cli, cpu, by_kind):
+    """-P -p PID --culprits -o json 1: a tracked process waits behind a hog and exits
+    between two prints. Its last JSON object (printed after the exit) still has
+    its culprits, adding up to its waiting, and its causes, with its final
+    histogram. (Which culprits: other users of a busy machine's CPU may outrank
+    the hog in a short last interval; the earlier tests check the hog.)"""
+    extra = ["--by-kind"] if by_kind else []
+    with BusyLoops(1, cpu):  # the hog
+        tracked = BusyLoops(1, cpu)
+        try:
+            pid = tracked.pid
+            run = tracer_cli("-P", "-p", pid, "--culprits", *extra, "-o", "json", "1")
+            first = run.wait_for(lambda r: r.get("pid") == pid and r.get("culprits"), timeout=20)
+            # exit half-way through an interval: it waits behind the hog until then
+            run.wait_for(lambda r: r["ts"] > first["ts"], timeout=20)
+            time.sleep(0.5)
+            n = len(run.records)
+        finally:
+            tracked.close()  # SIGKILL and reaped: gone from here on
+        dead = time.time()
+        time.sleep(3.5)  # three more prints: the exit is seen and its final values handed out
+        final = [r for r in list(run.records)[n:] if r.get("pid") == pid and r["ts"] > dead]
+    assert final, f"no object for pid {pid} after it exited; {run.describe()}"
+    assert len({r["ts"] for r in final}) == 1, f"objects for {pid} in more than one print after its exit: {final}"
+    for r in final:
+        assert "culprits" in r and "cause" in r and r["culprits"], f"the final object has no culprits: {r}"
+        assert r["cause"]["throttled_ns"] + r["cause"]["contention_ns"] == r["sum_ns"]
+        assert ("kind" in r) == by_kind
+    # the charges of its last waits: written up to one flush late (the first may
+    # belong to the previous interval, the last may not be written at exit)
+    charged = sum(c["wait_ns"] for r in final for c in r["culprits"])
+    waited = sum(r["sum_ns"] for r in final)
+    assert abs(charged - waited) <= 2 * abi.CULPRIT_FLUSH_NS + 0.02 * waited, final
 
 
 def test_cli_culprits_without_kinds(tracer_cli, cpu):

@@ -9,11 +9,15 @@ printer, the Prometheus collector), then its kernel entry is deleted so maps
 stay bounded. Several keys may share one label (the cgroups of one
 container): a retired key's final value is then carried in that label's
 series, which keeps going up.
+
+What the monitor adds to a histogram (why.Account: kinds, culprits, causes)
+goes with it the same way: read for the retired keys before they are deleted,
+handed out, carried or folded with their histograms' final values.
 """
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Mapping, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 from .hist import Histogram
 from .model import Labels
@@ -37,6 +41,13 @@ class Owners(Protocol):
         """Labels of a key whose owner was gone before it was first labelled."""
 
 
+class Collected(NamedTuple):
+    hists: dict[Labels, Histogram]  # cumulative, with what the consumer is handed
+    gone: set                       # labels shown for the last time
+    delete: list[int]               # kernel keys to delete
+    accounts: dict | None           # labels -> account (see collect's accounts_of); None without it
+
+
 class Ledger:
     def __init__(self, label_names: tuple[str, ...]):
         self.label_names = label_names
@@ -45,6 +56,10 @@ class Ledger:
         self._read_by: dict[str, set] = {}         # folding consumer -> labels it has read
         self._folded: dict[str, Histogram] = {}    # folding consumer -> owners it never read
         self._carried: dict[Labels, Histogram] = {}  # finals of retired keys whose label lives on
+        # the accounts (collect's accounts_of) that go with _pending, _folded and _carried
+        self._pending_acc: dict[str, dict[Labels, Any]] = {}
+        self._folded_acc: dict[str, Any] = {}
+        self._carried_acc: dict[Labels, Any] = {}
         self._labels: dict[int, Labels] = {}       # kernel key -> its labels at the last collection
         self._label_dicts: dict[Labels, dict] = {}  # Histogram.labels of each label, made once
         self._retired_at: dict[int, float] = {}    # keys retired within LATE_WAIT_S -> when
@@ -64,14 +79,17 @@ class Ledger:
         series labelled EXITED instead, so totals stay complete and bounded.
         """
         self._pending.setdefault(consumer, {})
+        self._pending_acc.setdefault(consumer, {})
         if fold_unseen:
             self._read_by[consumer] = set()
 
     def forget(self, consumer: str) -> None:
         """A consumer that went away: what it was owed is dropped with it."""
         self._pending.pop(consumer, None)
+        self._pending_acc.pop(consumer, None)
         self._read_by.pop(consumer, None)
         self._folded.pop(consumer, None)
+        self._folded_acc.pop(consumer, None)
 
     @property
     def exited_label(self) -> Labels:
@@ -84,21 +102,32 @@ class Ledger:
         return len(self._pending[consumer])
 
     def collect(self, raw: dict[int, Histogram], owners: Owners, consumer: str | None,
-                now: float, peek: bool = False) -> tuple[dict[Labels, Histogram], set, list[int]]:
+                now: float, peek: bool = False,
+                accounts_of: Callable[[Mapping[int, Labels]], dict[Labels, Any]] | None = None,
+                live_accounts: bool = True) -> Collected:
         """Labelled cumulative histograms now (plus, for a consumer, the final values
         of what retired since it last read), and retiring gone keys on the way.
 
-        Returns (histograms by labels, labels shown for the last time, kernel keys
-        to delete). raw: the tracer's histograms by kernel key, fresh objects.
-        peek: the consumer is shown what it is owed without it being handed over
-        (a filtered scrape must not take finals meant for the full one).
+        raw: the tracer's histograms by kernel key, fresh objects. peek: the
+        consumer is shown what it is owed without it being handed over (a
+        filtered scrape must not take finals meant for the full one).
+        accounts_of(kernel key -> labels): what else those keys hold, by label, as
+        values that add up (why.Account); asked for the keys retiring now (before
+        the caller deletes them) and, unless not live_accounts, the live ones.
         """
         hists, gone_keys, late_keys = self._label(raw, owners, now)
-        self._retire(raw, gone_keys, hists)
+        finals = accounts_of(gone_keys) if accounts_of is not None and gone_keys else {}
+        self._retire(raw, gone_keys, hists, finals)
         self._retired_at.update(dict.fromkeys(gone_keys, now))
-        gone = self._hand_to(consumer, hists, peek) if consumer is not None else set()
+        accounts = None
+        if live_accounts and accounts_of is not None:
+            accounts = accounts_of(self.key_labels)
+            for lab, a in self._carried_acc.items():
+                if lab in hists:
+                    accounts[lab] = accounts[lab] + a if lab in accounts else a
+        gone = self._hand_to(consumer, hists, peek, accounts) if consumer is not None else set()
         self._share_label_dicts(hists)
-        return hists, gone, list(gone_keys) + late_keys
+        return Collected(hists, gone, list(gone_keys) + late_keys, accounts)
 
     def _label(self, raw: dict[int, Histogram], owners: Owners, now: float):
         """(histograms by labels, gone keys -> their last labels, late keys)."""
@@ -131,9 +160,10 @@ class Ledger:
         return hists, gone_keys, late_keys
 
     def _retire(self, raw: dict[int, Histogram], gone_keys: dict[int, Labels],
-                hists: dict[Labels, Histogram]) -> None:
+                hists: dict[Labels, Histogram], accounts: dict[Labels, Any]) -> None:
         """A gone key's final value goes to every consumer once, or into its label's
-        series when that label lives on (another cgroup of the same container)."""
+        series when that label lives on (another cgroup of the same container);
+        accounts: the gone keys' final accounts by label, which go the same way."""
         finals: dict[Labels, Histogram] = {}
         for key, lab in gone_keys.items():
             h = raw[key]
@@ -143,40 +173,59 @@ class Ledger:
             else:
                 _add(finals, lab, h)
             self._labels.pop(key, None)
+        for lab, a in accounts.items():
+            if lab not in finals:
+                _add_acc(self._carried_acc, lab, a)
         for lab, h in finals.items():
             b = self._carried.pop(lab, None)
             if b is not None:
                 h = h + b
+            a = accounts.get(lab)
+            b = self._carried_acc.pop(lab, None)
+            if b is not None:
+                a = b if a is None else a + b
             for c, pending in self._pending.items():
                 read = self._read_by.get(c)
                 if read is not None and lab not in read:
                     self._folded[c] = self._folded[c] + h if c in self._folded else h
+                    if a is not None:
+                        _add_acc(self._folded_acc, c, a)
                     continue
                 if read is not None:
                     read.discard(lab)
                 if len(pending) < MAX_PENDING_FINALS or lab in pending:
                     _add(pending, lab, h)
+                    if a is not None:
+                        _add_acc(self._pending_acc[c], lab, a)
                 else:  # a consumer that does not read while thousands of processes exit
                     self.retired_dropped += 1
 
-    def _hand_to(self, consumer: str, hists: dict[Labels, Histogram], peek: bool = False) -> set:
-        """Add what the consumer is owed to hists; returns the labels shown for the last time."""
+    def _hand_to(self, consumer: str, hists: dict[Labels, Histogram], peek: bool = False,
+                 accounts: dict[Labels, Any] | None = None) -> set:
+        """Add what the consumer is owed to hists (and accounts, when given); returns
+        the labels shown for the last time."""
         gone = set()
         live_labels = set(hists)
         for lab, h in self._pending.get(consumer, {}).items():
             _add(hists, lab, h)
             if lab not in live_labels:
                 gone.add(lab)
+        if accounts is not None:
+            for lab, a in self._pending_acc.get(consumer, {}).items():
+                _add_acc(accounts, lab, a)
         if consumer in self._pending and not peek:
             self._pending[consumer] = {}
+            self._pending_acc[consumer] = {}
         read = self._read_by.get(consumer)
         if read is not None:
             if not peek:
                 read.update(lab for lab in hists if lab not in gone)
+            exited = self.exited_label
             if consumer in self._folded:
-                exited = self.exited_label
                 folded = self._folded[consumer]
                 hists[exited] = hists[exited] + folded if exited in hists else folded
+            if accounts is not None and consumer in self._folded_acc:
+                _add_acc(accounts, exited, self._folded_acc[consumer])
         return gone
 
     def _share_label_dicts(self, hists: dict[Labels, Histogram]) -> None:
@@ -194,3 +243,8 @@ class Ledger:
 
 def _add(d: dict, lab: Labels, h: Histogram) -> None:
     d[lab] = d[lab] + h if lab in d else Histogram(h.slots.copy(), h.count, h.sum_ns, dict(h.labels), h.key)
+
+
+def _add_acc(d: dict, k, a) -> None:
+    """Accounts add into new objects (a + b), so one held in two places is never changed."""
+    d[k] = d[k] + a if k in d else a

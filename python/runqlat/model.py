@@ -134,7 +134,8 @@ class Snapshot:
     # CPU throttling and pressure of each container's (or pod's) cgroup, cumulative:
     # Labels -> cpuctx.CpuContext (container and pod modes only)
     cpu: dict = field(default_factory=dict)
-    # why tasks waited (--by-kind, --culprits), cumulative, live labels only
+    # why tasks waited (--by-kind, --culprits), cumulative: the live labels and the final values
+    # handed out with this snapshot (a gone label has its last kinds and culprits, as its histogram)
     kinds: dict | None = None   # Labels -> (wakeup, preempt) Histograms (--by-kind)
     why: dict | None = None     # Labels (+ kind with --by-kind) -> why.Why, culprits by display name
     why_counts: dict = field(default_factory=dict)  # the why_counts map by name

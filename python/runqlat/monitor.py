@@ -101,9 +101,9 @@ class Monitor:
         """peek: show the consumer what is pending for it without handing it over
         (a filtered scrape must not take finals meant for the full one)."""
         with self.lock:
-            t = self.tracer
-            hists, gone = self._collect(consumer, peek)
-            kinds, accounts = self._why_view()
+            t, o = self.tracer, self.tracer.opts
+            hists, gone, accounts = self._collect(consumer, peek)
+            kinds, why_by_label = why.split(accounts or {}, o.by_kind, o.attributing)
             return Snapshot(
                 ts=time.time(), mode=self.mode, hists=hists,
                 tracked_processes=self.tracking.process_count(),
@@ -112,8 +112,8 @@ class Monitor:
                 progs=t.prog_stats(), features=dict(t.features), gone=gone,
                 retired_dropped=self.ledger.retired_dropped, label_names=self.ledger.label_names,
                 cpu=self._cpu_context(hists),
-                kinds=kinds, why=accounts,
-                why_counts=t.why_counts() if kinds is not None or accounts is not None else {},
+                kinds=kinds, why=why_by_label,
+                why_counts=t.why_counts() if o.by_kind or o.attributing else {},
                 consumer=consumer, peek=peek,
             )
 
@@ -136,31 +136,41 @@ class Monitor:
         return {lab: self._cpu_reader.for_group([(c.cgroup, c.init_pid) for c in cs], parent=pods)
                 for lab, cs in groups.items()}
 
-    def _why_view(self):
-        """(kinds, accounts) by label from the tracer's last read (None, None: not asked
-        for). A key retired by this collection is gone from the kernel with its
-        account: only its histogram's final value is handed out."""
-        o = getattr(self.tracer, "opts", None)  # (test doubles of the tracer have none)
-        if o is None or not (o.by_kind or o.attributing):
-            return None, None
-        labels = {0: ()} if self.mode == Mode.GLOBAL else self.ledger.key_labels
-        kinds, accounts = why.view(labels, self.tracer.kinds if o.by_kind else {}, self.tracer.read_culprits(),
-                                   self.tracer.read_causes(), self.tracking.culprit_name, o.by_kind, PREEMPT_KEY)
-        # None, not empty: a consumer splits by kind (or shows culprits) only when asked to
-        return (kinds if o.by_kind else None), (accounts if o.attributing else None)
+    def _accounts_reader(self):
+        """accounts_of for Ledger.collect (None: neither --by-kind nor --culprits): the
+        kinds, culprits and causes of the given keys, by label (why.Account). The
+        kernel's maps are read at most once per collection, and only when asked:
+        for retiring keys (before they are deleted with their accounts) and for a
+        consumer's live ones."""
+        t, o = self.tracer, self.tracer.opts
+        if not (o.by_kind or o.attributing):
+            return None
+        read: list = []
+
+        def accounts_of(key_labels):
+            if not read:
+                read.extend((t.read_culprits(), t.read_causes()))
+            if self.mode == Mode.GLOBAL:
+                key_labels = {0: ()}
+            return why.accounts(key_labels, t.kinds if o.by_kind else {}, *read,
+                                self.tracking.culprit_name, o.by_kind, PREEMPT_KEY)
+        return accounts_of
 
     def maintain(self) -> None:
         """Retire what is gone even when nobody reads (e.g. --quiet between scrapes),
         so the kernel's histogram map stays bounded under process churn."""
         with self.lock:
-            self._collect(None)
+            self._collect(None, view=False)
 
-    def _collect(self, consumer: str | None, peek: bool = False):
+    def _collect(self, consumer: str | None, peek: bool = False, view: bool = True):
+        """(histograms, labels gone, accounts by label or None) of one collection;
+        not view: only retiring (maintain), the live accounts are not read."""
         self.last_collect = time.monotonic()
         raw = self.tracer.read_hists()
         self.tracking.begin_collection(raw.keys(), self.last_collect)
         # a pending wait has ended and been seen within a second (ledger.LATE_WAIT_S)
-        hists, gone, retired = self.ledger.collect(raw, self.tracking, consumer, time.monotonic(), peek)
-        if retired:
-            self.tracer.delete_hists(retired)
-        return hists, gone
+        c = self.ledger.collect(raw, self.tracking, consumer, time.monotonic(), peek,
+                                accounts_of=self._accounts_reader(), live_accounts=view)
+        if c.delete:
+            self.tracer.delete_hists(c.delete)
+        return c.hists, c.gone, c.accounts

@@ -109,6 +109,19 @@ def _tgid(proc: str, tid: int) -> int | None:
     return None
 
 
+def _cgroup_path(proc: str, tid: int) -> str | None:
+    """A task's cgroup v2 path ("0::/a/b" in /proc/TID/cgroup), as CgroupTree.path_of gives it."""
+    try:
+        with open(f"{proc}/{tid}/cgroup", "rb") as f:
+            text = f.read(1 << 16).decode("utf-8", "surrogateescape")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
 class Warner:
     """Logs each distinct problem once, until it is cleared."""
 
@@ -144,7 +157,7 @@ class Tracking:
     """The user's sources, the kernel's tracked sets, and the owners of keys.
 
     tracer: what it needs of tracer.Tracer (set_targets, listed_pids,
-    kernel_tracked_pids, forget_exited); tests give a fake.
+    kernel_tracked_pids, forget_exited, opts, culprit_by); tests give a fake.
     """
 
     def __init__(self, tracer, mode: Mode, sources: Sources, proc: str = "/proc",
@@ -178,6 +191,10 @@ class Tracking:
         self._pid_namespaces: set[int] = set()
         self._next_pidns_scan = 0.0
         self._culprit_comms: dict[int, str] = {}  # culprit tgid -> comm (forgotten when many)
+        # PID/TID mode keys -> their process, their cgroup v2 path: to tell a "(self)"
+        # culprit (culprit_name); kept while the key is read from the kernel
+        self._victim_tgids: dict[int, int | None] = {}
+        self._victim_cgroups: dict[int, str | None] = {}
         self._comms: dict[int, str] = {}  # key -> its comm as /proc last said (PID/TID modes)
         self._comm_turn: list[int] = []   # keys still to re-read in this round
         self._comm_checked: float | None = None  # None: no collection yet
@@ -392,6 +409,12 @@ class Tracking:
             self._processes = {int(d) for d in os.listdir(self.proc) if d.isdigit()}
         if m in (Mode.PID, Mode.TID):
             self._recheck_comms(keys, now)
+            # a key retired at the last collection is gone from the kernel: its thread
+            # id may be reused by another process (a reuse within that second is missed)
+            if self._victim_tgids:
+                self._victim_tgids = {k: v for k, v in self._victim_tgids.items() if k in keys}
+            if self._victim_cgroups:
+                self._victim_cgroups = {k: v for k, v in self._victim_cgroups.items() if k in keys}
         if m == Mode.PIDNS:
             self._scan_pidns()
         if m in (Mode.CGROUP, *CONTAINER_MODES) and keys:
@@ -440,8 +463,13 @@ class Tracking:
     def _tid_labels(self, key: int, h: Histogram, last: Labels | None) -> Labels | None:
         if not os.path.exists(f"{self.proc}/{key}"):
             return None
-        if self._pids_only and _tgid(self.proc, key) not in self.tracked_pids:
-            return None  # left the tracked set: shown once more, then removed
+        if self._pids_only:
+            tgid = self._victim_tgids[key] = _tgid(self.proc, key)
+            if tgid not in self.tracked_pids:
+                return None  # left the tracked set: shown once more, then removed
+        elif key not in self._victim_tgids and self.tracer.opts.attributing:
+            # read while the thread lives: its final culprits are named after it exited
+            self._victim_tgids[key] = _tgid(self.proc, key)
         return self._with_comm(key, h, last)
 
     def _pidns_labels(self, key: int, h: Histogram, last: Labels | None) -> Labels | None:
@@ -462,23 +490,33 @@ class Tracking:
             return None  # a cgroup of a container that stopped
         return self._no_container
 
-    def culprit_name(self, typ: str, cid: int, victim: Labels) -> str:
-        """How a task culprit is shown: "(self)" (the victim's own process or
-        container), "pid N (comm)", a container's name, or a cgroup path."""
+    def culprit_name(self, typ: str, cid: int, key: int, victim: Labels) -> str:
+        """How a task culprit (a process or a cgroup: cid) is shown to a victim (its
+        kernel key and labels): "(self)" when the culprit is the victim's own unit
+        at the culprits' grain (README "Why it waited"): by process, the process
+        of -P's key or of -L's thread (sibling threads included); by cgroup, the
+        key's own cgroup, container or pod (or, for a process or thread key, the
+        cgroup it is in). Otherwise "pid N (comm)", a container's name, or a
+        cgroup path."""
+        m = self.mode
         if self.tracer.culprit_by == CulpritBy.CGROUP:
+            if m == Mode.CGROUP and cid == key:
+                return why.SELF
             if self.cgroups is None:
                 self.cgroups = CgroupTree()
             path = self.cgroups.path_of(cid) if self.cgroups.mount is not None else None
             if path is None:
                 return f"cgroup {cid}"
-            if self.mode == Mode.CONTAINER:
+            if m in CONTAINER_MODES:
                 for c in self.containers:
                     if c.cgroup and (path == c.cgroup or path.startswith(c.cgroup.rstrip("/") + "/")):
-                        return why.SELF if victim and victim[0] == c.id else (c.name or c.id[:12])
-            if self.mode == Mode.CGROUP and victim == (path,):
+                        own = (victim[:1] == (c.id,) if m == Mode.CONTAINER
+                               else bool(c.pod) and victim == pod_labels(c))
+                        return why.SELF if own else (c.name or c.id[:12])
+            if m in (Mode.PID, Mode.TID) and path == self._victim_cgroup(key):
                 return why.SELF
             return path
-        if self.mode == Mode.PID and victim and victim[0] == str(cid):
+        if (m == Mode.PID and cid == key) or (m == Mode.TID and cid == self._victim_tgid(key)):
             return why.SELF
         comm = self._culprit_comms.get(cid)
         if comm is None:
@@ -490,6 +528,17 @@ class Tracking:
                 self._culprit_comms.clear()
             self._culprit_comms[cid] = comm
         return f"pid {cid} ({comm})" if comm else f"pid {cid}"
+
+    def _victim_tgid(self, key: int) -> int | None:
+        if key not in self._victim_tgids:
+            self._victim_tgids[key] = _tgid(self.proc, key)
+        return self._victim_tgids[key]
+
+    def _victim_cgroup(self, key: int) -> str | None:
+        """Read once while the key lives: a move to another cgroup is not followed."""
+        if key not in self._victim_cgroups:
+            self._victim_cgroups[key] = _cgroup_path(self.proc, key)
+        return self._victim_cgroups[key]
 
     def fallback_labels(self, key: int, h: Histogram) -> Labels:
         """Labels of a key whose owner was gone before it was first labelled."""

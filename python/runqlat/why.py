@@ -112,34 +112,62 @@ class StickyTop:
 KINDS = ("wakeup", "preempt")
 
 
-def view(key_labels, kinds_by_key: dict, culprits_by_key: dict, causes_by_key: dict, name_of,
-         by_kind: bool, preempt_key: int) -> tuple[dict, dict]:
-    """The tracer's per-key reads as per-label accounts (several keys may share a
-    label). key_labels: kernel key -> Labels (a mapping; a key without labels is
-    left out). name_of(type, id, victim labels) names a task culprit.
+@dataclass
+class Account:
+    """What a key (or label) adds to its histogram: its wakeup and preemption
+    histograms (--by-kind) and its account of culprits and causes (--culprits),
+    one per kind with --by-kind. The ledger hands a retired key's final Account
+    out with its final histogram, so the last output or scrape of a process that
+    exited still says why it waited."""
 
-    Returns (kinds: Labels -> (wakeup, preempt) histograms, accounts: Labels ->
-    Why with culprits by display name); with by_kind an account's Labels end with
-    its kind, as the histograms split by kind do."""
-    kinds: dict = {}
-    for key, (w, p) in kinds_by_key.items():
+    kinds: tuple | None = None  # (wakeup, preempt) Histograms, --by-kind only
+    why: dict = field(default_factory=dict)  # () or (kind,) -> Why, culprits by display name
+
+    def __add__(self, other: "Account") -> "Account":
+        if self.kinds is None or other.kinds is None:
+            kinds = self.kinds if other.kinds is None else other.kinds
+        else:
+            kinds = (self.kinds[0] + other.kinds[0], self.kinds[1] + other.kinds[1])
+        w = dict(self.why)
+        for k, v in other.why.items():
+            w[k] = w[k] + v if k in w else v
+        return Account(kinds, w)
+
+
+def accounts(key_labels, kinds_by_key: dict, culprits_by_key: dict, causes_by_key: dict, name_of,
+             by_kind: bool, preempt_key: int) -> dict:
+    """The tracer's per-key reads as one Account per label (several keys may share
+    a label). key_labels: kernel key -> Labels (a mapping; a key without labels is
+    left out). name_of(type, id, key, victim labels) names a task culprit as seen
+    from that victim ("(self)" for its own process or cgroup).
+
+    With by_kind an Account's why is by (kind,), as the histograms split by kind."""
+    out: dict = {}
+    for key, pair in kinds_by_key.items():
         lab = key_labels.get(key)
         if lab is None:
             continue
-        if lab in kinds:
-            w0, p0 = kinds[lab]
-            w, p = w0 + w, p0 + p
-        kinds[lab] = (w, p)
-    accounts: dict = {}
+        a = Account(pair)
+        out[lab] = out[lab] + a if lab in out else a
     for key in set(culprits_by_key) | set(causes_by_key):
         base = key & ~preempt_key
         lab = key_labels.get(base)
         if lab is None:
             continue
-        if by_kind:
-            lab = lab + (KINDS[1] if key & preempt_key else KINDS[0],)
+        part = ((KINDS[1] if key & preempt_key else KINDS[0]),) if by_kind else ()
         raw = Why(culprits_by_key.get(key, {}), *causes_by_key.get(key, (0, 0)))
-        victim = lab[:-1] if by_kind else lab
-        acc = Why(named(raw, lambda typ, cid: name_of(typ, cid, victim)), raw.throttled_ns, raw.throttled_waits)
-        accounts[lab] = accounts[lab] + acc if lab in accounts else acc
-    return kinds, accounts
+        a = Account(why={part: Why(named(raw, lambda typ, cid: name_of(typ, cid, base, lab)),
+                                   raw.throttled_ns, raw.throttled_waits)})
+        out[lab] = out[lab] + a if lab in out else a
+    return out
+
+
+def split(accounts_by_label: dict, by_kind: bool, attributing: bool) -> tuple[dict | None, dict | None]:
+    """Accounts as a Snapshot carries them: (kinds: Labels -> (wakeup, preempt)
+    histograms, why: Labels (+ kind with by_kind) -> Why); None for what was not
+    asked for (a consumer splits by kind, or shows culprits, only when asked to)."""
+    kinds = ({lab: a.kinds for lab, a in accounts_by_label.items() if a.kinds is not None}
+             if by_kind else None)
+    why = ({lab + part: w for lab, a in accounts_by_label.items() for part, w in a.why.items()}
+           if attributing else None)
+    return kinds, why
