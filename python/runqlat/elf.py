@@ -9,9 +9,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from . import abi
 from .errors import ObjectInvalid
 
@@ -50,6 +47,8 @@ def inspect(path: Path) -> ObjectInfo:
                 raise ObjectInvalid(f"{path} is truncated ({size} bytes); {FIX}")
             raise ObjectInvalid(f"{path} is not an ELF file, so not a BPF object; {FIX}")
         f.seek(0)
+        from elftools.common.exceptions import ELFError  # imported when an object is parsed with it
+        from elftools.elf.elffile import ELFFile
         try:
             elf = ELFFile(f)
             info = _inspect(elf, path, size)
@@ -63,7 +62,7 @@ def inspect(path: Path) -> ObjectInfo:
     return info
 
 
-def _inspect(elf: ELFFile, path: Path, size: int) -> ObjectInfo:
+def _inspect(elf, path: Path, size: int) -> ObjectInfo:
     if elf["e_machine"] != "EM_BPF":
         raise ObjectInvalid(f"{path} is an ELF file for {elf['e_machine']}, not a BPF object; {FIX}")
     sections = {}
