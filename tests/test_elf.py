@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,33 @@ def test_valid_object_passes(obj):
     assert info.variables[abi.LIVE_VAR][0] == abi.LIVE_SECTION
     assert info.variables["agg_mode"][2] == 4
     assert info.variables[abi.LIVE_VAR][2] == abi.LIVE_CFG_SIZE
+
+
+def test_quick_reader_agrees_with_pyelftools(obj):
+    from elftools.elf.elffile import ELFFile
+    data = obj.read_bytes()
+    quick = elf._quick(data, obj)
+    with open(obj, "rb") as f:
+        full = elf._inspect(ELFFile(f), obj, len(data))
+    assert quick is not None  # the shipped object takes the quick path
+    assert quick == full
+
+
+def test_valid_object_does_not_import_pyelftools(obj):
+    code = ("import sys; from pathlib import Path; from runqlat import elf; "
+            f"elf.inspect(Path({str(obj)!r})); print('elftools' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=str(Path(elf.__file__).parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"
+
+
+def test_quick_reader_leaves_foreign_files_to_pyelftools(obj):
+    true = Path(shutil.which("true") or "/bin/true").resolve()
+    assert elf._quick(true.read_bytes(), true) is None
+    data = bytearray(obj.read_bytes())
+    data[4] = 1  # ELFCLASS32
+    assert elf._quick(bytes(data), obj) is None
+    assert elf._quick(obj.read_bytes()[:-1], obj) is None
 
 
 def test_program_sections(obj):

@@ -414,7 +414,6 @@ def _validate(cfg: RunConfig) -> None:
 def _warn_pidns_blind_spot(mode, sources, proc: str = "/proc") -> None:
     """--pidnss names, and container selection matches, the PID namespaces read
     from /proc/PID/ns/pid: one line when some of them cannot be read."""
-    from .doctor import pidns_blind_spot
     from .model import CONTAINER_MODES, Mode
     if mode == Mode.PIDNS:
         lost = f"{_flag('pidnss')} misses the namespaces only they are in"
@@ -422,6 +421,7 @@ def _warn_pidns_blind_spot(mode, sources, proc: str = "/proc") -> None:
         lost = "containers are matched by their cgroup only"
     else:
         return
+    from .doctor import pidns_blind_spot  # (doctor and its imports: only for these modes)
     blind = pidns_blind_spot(proc)
     if blind is not None:
         log.warning("without CAP_SYS_PTRACE the PID namespace of %d of %d processes cannot be read "

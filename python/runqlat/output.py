@@ -179,23 +179,30 @@ def summary_lines(counts: list[int], sums: list[int], pcts: np.ndarray, unit_ns:
 # heap and is reused: no fresh mapping, page faults and unmap for each array
 # every second, and nothing multi-MB kept between intervals.
 CHUNK = max(16, (768 << 10) // (HIST_SLOTS * 8))
+# The first chunk is small and flushed at once: the first lines of an interval
+# of 10,000 histograms appear after a few ms of formatting, not after all of it.
+FIRST_CHUNK = 32
 _ZERO = np.zeros(HIST_SLOTS, dtype=np.uint64)
 
 
 class _Interval:
     """What one interval prints, column by column, in print order: labels,
-    header text (or JSON label fields), cumulative slots now and at the last
-    print (zeros for a new key), and the event count and sum gained."""
+    cumulative slots now and at the last print (zeros for a new key), and the
+    event count and sum gained. heads(part) gives the header texts (or JSON
+    label fields) of a part, made when that part is printed."""
 
-    def __init__(self, rows: list[tuple]):
+    def __init__(self, rows: list[tuple], heads):
         self.n = len(rows)
-        _, self.labels, self.heads, self.slots, self.olds, self.counts, self.sums = (
-            zip(*rows) if rows else ((),) * 7)
+        self.heads = heads
+        _, self.labels, self.slots, self.olds, self.counts, self.sums = (
+            zip(*rows) if rows else ((),) * 6)
 
     def chunks(self):
-        """(slice, slots gained) per CHUNK histograms."""
-        for i in range(0, self.n, CHUNK):
-            part = slice(i, min(i + CHUNK, self.n))
+        """(slice, slots gained): FIRST_CHUNK histograms, then CHUNK at a time."""
+        i = 0
+        while i < self.n:
+            part = slice(i, min(i + (CHUNK if i else FIRST_CHUNK), self.n))
+            i = part.stop
             k = part.stop - part.start
             slots = np.concatenate(self.slots[part]).reshape(k, HIST_SLOTS)
             np.subtract(slots, np.concatenate(self.olds[part]).reshape(k, HIST_SLOTS), out=slots)
@@ -211,7 +218,8 @@ class Printer:
         self.unit_ns = unit_ns
         self.timestamp = timestamp
         self.prev: dict = {}     # labels -> the cumulative histogram last seen
-        self._meta: dict = {}    # labels -> (sort key, header or JSON labels), while they live
+        self._order: dict = {}   # labels -> sort key, while they live
+        self._heads: dict = {}   # labels -> header or JSON labels, while they live
         self._lines = _Strings(_table_line)
         self._buckets = _Strings(_json_bucket)
         self._cpu: dict = {}  # the interval's CPU context per label (containers, pods)
@@ -220,9 +228,9 @@ class Printer:
 
     def _interval(self, snap) -> _Interval:
         keyed = snap.mode != Mode.GLOBAL or snap.kinds is not None
-        prev, meta = self.prev, self._meta
+        prev, order = self.prev, self._order
         rows = []
-        append, prev_of, meta_of = rows.append, prev.get, meta.get
+        append, prev_of, order_of = rows.append, prev.get, order.get
         for lab, h in snap.hists.items():
             old = prev_of(lab)
             count = h.count
@@ -234,22 +242,37 @@ class Printer:
                 continue  # nothing new: keyed modes show only what had events
             else:
                 old_slots, old_count, old_sum = old.slots, old.count, old.sum_ns
-            m = meta_of(lab)
-            if m is None:
-                m = meta[lab] = (sort_key(lab), self._describe(snap, lab))
-            append((m[0], lab, m[1], h.slots, old_slots, count - old_count, h.sum_ns - old_sum))
+            key = order_of(lab)
+            if key is None:
+                key = order[lab] = sort_key(lab)
+            append((key, lab, h.slots, old_slots, count - old_count, h.sum_ns - old_sum))
         prev.update(snap.hists)  # each one is the last seen now
         for lab in snap.gone:
             prev.pop(lab, None)
-        if len(meta) > 2 * len(prev) + 64:
-            self._meta = {lab: m for lab, m in meta.items() if lab in prev}
+        if len(order) > 2 * len(prev) + 64:
+            self._order = {lab: k for lab, k in order.items() if lab in prev}
+        if len(self._heads) > 2 * len(prev) + 64:
+            self._heads = {lab: t for lab, t in self._heads.items() if lab in prev}
         if not keyed and not rows:  # the global histogram is printed even when empty
-            rows.append(((), (), "", _ZERO, _ZERO, 0, 0))
+            rows.append(((), (), _ZERO, _ZERO, 0, 0))
         if snap.kinds is not None and snap.mode == Mode.GLOBAL and not rows:  # both kinds, even empty
             for k in KINDS:
-                rows.append(((k,), (k,), self._describe(snap, (k,)), _ZERO, _ZERO, 0, 0))
+                rows.append(((k,), (k,), _ZERO, _ZERO, 0, 0))
         rows.sort(key=itemgetter(0))
-        return _Interval(rows)
+        iv = _Interval(rows, None)
+        heads = self._heads
+
+        def heads_of(part: slice) -> list:
+            # described when printed: escaping 10,000 names is not done before the first line
+            out = []
+            for lab in iv.labels[part]:
+                t = heads.get(lab)
+                if t is None:
+                    t = heads[lab] = self._describe(snap, lab) if lab else ""
+                out.append(t)
+            return out
+        iv.heads = heads_of
+        return iv
 
     def _describe(self, snap, lab: Labels):
         # comm, cgroup and container names are chosen by others: escaped (escape.py)
@@ -271,10 +294,14 @@ class Printer:
                     f'"mode": "{snap.mode.value}"')
             for part, slots in iv.chunks():
                 write(self._json(head, iv, part, slots))
+                if not part.start:
+                    self.out.flush()
         else:  # an interval without events (keyed modes) prints its blank line and time only
             write("\n" + (time.strftime("%H:%M:%S\n", time.localtime(snap.ts)) if self.timestamp else ""))
             for part, slots in iv.chunks():
                 write(self._text(iv, part, slots))
+                if not part.start:
+                    self.out.flush()
         self.out.flush()
 
     def _text(self, iv: _Interval, part: slice, slots: np.ndarray) -> str:
@@ -286,7 +313,7 @@ class Printer:
         if self._why:
             summaries = [s + self._why_text(lab, total) for s, lab, total in
                          zip(summaries, iv.labels[part], iv.sums[part])]
-        heads = iv.heads[part]
+        heads = iv.heads(part)
         lead = 2 if heads[0] else 0  # "" and the header; none for the global histogram
         # every line of the chunk in place: lead, column titles, bucket lines, summary
         size = lengths + (lead + 2)
@@ -323,7 +350,7 @@ class Printer:
         ends = np.searchsorted(rows, np.arange(1, part.stop - part.start + 1)).tolist()
         parts, start = [], 0
         cpu = self._cpu
-        for lab, fields, c, s, (p50, p90, p99), end in zip(iv.labels[part], iv.heads[part], iv.counts[part],
+        for lab, fields, c, s, (p50, p90, p99), end in zip(iv.labels[part], iv.heads(part), iv.counts[part],
                                                            iv.sums[part], pcts, ends):
             mean = round(s / c if c else 0.0, 1)
             extra = self._why_json(lab, s) if self._why else ""

@@ -6,7 +6,6 @@ later process with the same number is not the one the user meant.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import time
@@ -291,6 +290,7 @@ class FileWatch:
             st = os.fstat(fd)
             digest = b""
             if stat.S_ISREG(st.st_mode) and st.st_size <= self.MAX_HASHED:
+                import hashlib  # only runs watching a pids file pay for its import
                 digest = hashlib.blake2b(read_bounded(fd, self.MAX_HASHED), digest_size=16).digest()
         except OSError:
             return None
