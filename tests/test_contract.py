@@ -367,3 +367,14 @@ def test_cdef_bpf_prog_info_matches_the_kernel():
             continue
         assert ours.offsetof("struct bpf_prog_info", name) == kernel.offsetof("struct kernel_prog_info", name), name
     assert ours.sizeof("struct bpf_prog_info") <= kernel.sizeof("struct kernel_prog_info")
+
+
+def test_pre_parsed_declarations_match_the_cdef():
+    """python/runqlat/_libbpf_abi.py is what scripts/gen_ffi.py makes of libbpf.cdef
+    now (run it after an edit of the cdef), and _ffi uses it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gen_ffi", ROOT / "scripts" / "gen_ffi.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.OUT.read_text() == gen.render(gen.CDEF.read_text()), "run: python3 scripts/gen_ffi.py"
+    assert type(_ffi.ffi).__module__ != "cffi.api", "the declarations were parsed at start"

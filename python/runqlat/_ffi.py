@@ -2,6 +2,8 @@
 
 Nothing is compiled, on the host or at install time; the declarations in
 libbpf.cdef are the subset of libbpf 1.1 this package calls.
+They are parsed once, by scripts/gen_ffi.py, into _libbpf_abi.py (cffi's
+out-of-line ABI mode): a start does not import pycparser.
 
 The callbacks (libbpf's message printer, bpf.RingBuffer's sample function) are ctypes functions, not
 ffi.callbacks: cffi's ABI-mode callbacks need memory that is writable and
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from importlib import resources
 
 from .errors import LibraryMissing
 
@@ -24,8 +25,23 @@ except ImportError as exc:  # pragma: no cover - packaging error
 
 LIBBPF_SONAME = "libbpf.so.1"
 
-ffi = cffi.FFI()
-ffi.cdef(resources.files(__package__).joinpath("libbpf.cdef").read_text())
+
+def _declarations():
+    """libbpf.cdef's declarations, pre-parsed into _libbpf_abi.py by
+    scripts/gen_ffi.py; parsed here (pycparser, about 0.1 s at every start)
+    only when that module is missing."""
+    try:
+        from ._libbpf_abi import ffi as parsed
+        return parsed
+    except ImportError:
+        from importlib import resources
+
+        parsed = cffi.FFI()
+        parsed.cdef(resources.files(__package__).joinpath("libbpf.cdef").read_text())
+        return parsed
+
+
+ffi = _declarations()
 
 _lib = None
 _lock = threading.Lock()
