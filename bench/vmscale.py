@@ -77,6 +77,43 @@ def pairs_text(runs: list[dict], key: str) -> tuple[str, list[float]]:
             f"({', '.join(f'{r:.2f}' for r in ratios)})"), ratios
 
 
+def report(runs: list[dict], profiles: list[dict], a, memory: int, stamp) -> str:
+    L = [f"runqlat-core vmscale benchmark (issue 13, item 2), {stamp:%Y-%m-%d %H:%M} UTC, host {machine()}",
+         f"Debian 6.1 guests under qemu TCG ({memory} MiB), {a.processes:,} sleepers waking every "
+         f"{a.wake[0]}-{a.wake[1]} ms, `runqlat-core run 1 -P --pids-file ... -o json --output-file ...`, "
+         f"CPU of the CLI over {a.measure_s:.0f} s after its first output + 5 s; guests in this order:"]
+    L.append("| guest | possible CPUs | CPU ms per interval | ms per s | user / sys ms per s | intervals "
+             "| first output | Percpu growth | host load (5 min) | exit |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for i, r in enumerate(runs):
+        L.append(f"| {i + 1} | {r.get('possible', '?'):.0f} | {r.get('cpu_ms_per_interval', '-')} "
+                 f"| {r.get('cpu_ms_per_s', '-')} | {r.get('user_ms_per_s', '-')} / {r.get('sys_ms_per_s', '-')} "
+                 f"| {r.get('intervals', '-')} | {r.get('first_output_s', '-')} s "
+                 f"| {r.get('percpu_growth_mb', '-')} MiB | {r['host_load']} | {r['exit']} |" if "possible" in r else
+                 f"| {i + 1} | {r['smp']} | no result (exit {r['exit']}, {r['wall_s']} s) |||||| {r['host_load']} ||")
+    slow = [str(i + 1) for i, r in enumerate(runs) if r.get("intervals", 0) < a.measure_s / 2]
+    if slow:
+        L.append(f"NOT VALID: guest(s) {', '.join(slow)} printed fewer than one interval per 2 s: the CLI did "
+                 f"not keep up, the guest was starved (TCG has no steal time: a vCPU the host did not run "
+                 f"counts as the task's CPU). Rerun on a quiet host.")
+    for name, _ in CONFIGS:
+        vals = [r["cpu_ms_per_interval"] for r in runs if r.get("possible") == float(name)
+                and r.get("cpu_ms_per_interval")]
+        if vals:
+            L.append(f"{name:>2} possible CPUs: median {statistics.median(vals):.1f} ms per interval "
+                     f"({', '.join(f'{v:.1f}' for v in vals)})")
+    text, _ = pairs_text(runs, "cpu_ms_per_interval")
+    L.append(f"ratio 64/2 of CPU per interval, by neighbouring pair: {text}")
+    for key, what in (("user_ms_per_s", "user"), ("sys_ms_per_s", "system")):
+        text, _ = pairs_text(runs, key)
+        L.append(f"ratio 64/2 of {what} time per second, by pair: {text}")
+    for p in profiles:
+        L.append(f"\n--- cProfile of the CLI at {p.get('possible', p['smp'])} possible CPUs "
+                 f"(CPU {p.get('cpu_ms_per_interval', '-')} ms per interval under the profiler) ---")
+        L.append(p.get("profile", "").strip())
+    return "\n".join(L)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--processes", type=int, default=1000)
@@ -99,48 +136,23 @@ def main() -> int:
     vmrun.fetch_kernel("6.1")
     stamp = dt.datetime.now(dt.timezone.utc)
     runs: list[dict] = []
-    for i in range(a.pairs):
-        for name, smp in CONFIGS:
-            log(f"vmscale: pair {i + 1}/{a.pairs}, {name} possible CPUs, {a.processes:,} processes")
-            r = one_guest(smp, a.processes, a.measure_s, memory, timeout, tuple(a.wake), False, logdir,
-                          f"{stamp:%H%M%S}-{i}-{name}")
-            log(f"vmscale:   {json.dumps(r)}")
-            runs.append(r)
-    profiles = []
-    if a.profile:
-        for name, smp in CONFIGS:
-            log(f"vmscale: profile, {name} possible CPUs")
-            profiles.append(one_guest(smp, a.processes, a.measure_s, memory, timeout, tuple(a.wake), True,
-                                      logdir, f"{stamp:%H%M%S}-prof-{name}"))
-    L = [f"runqlat-core vmscale benchmark (issue 13, item 2), {stamp:%Y-%m-%d %H:%M} UTC, host {machine()}",
-         f"Debian 6.1 guests under qemu TCG ({memory} MiB), {a.processes:,} sleepers waking every "
-         f"{a.wake[0]}-{a.wake[1]} ms, `runqlat-core run 1 -P --pids-file ... -o json --output-file ...`, "
-         f"CPU of the CLI over {a.measure_s:.0f} s after its first output + 5 s; guests in this order:"]
-    L.append("| guest | possible CPUs | CPU ms per interval | ms per s | user / sys ms per s | intervals "
-             "| first output | Percpu growth | host load (5 min) | exit |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
-    for i, r in enumerate(runs):
-        L.append(f"| {i + 1} | {r.get('possible', '?'):.0f} | {r.get('cpu_ms_per_interval', '-')} "
-                 f"| {r.get('cpu_ms_per_s', '-')} | {r.get('user_ms_per_s', '-')} / {r.get('sys_ms_per_s', '-')} "
-                 f"| {r.get('intervals', '-')} | {r.get('first_output_s', '-')} s "
-                 f"| {r.get('percpu_growth_mb', '-')} MiB | {r['host_load']} | {r['exit']} |" if "possible" in r else
-                 f"| {i + 1} | {r['smp']} | no result (exit {r['exit']}, {r['wall_s']} s) |||||| {r['host_load']} ||")
-    for name, _ in CONFIGS:
-        vals = [r["cpu_ms_per_interval"] for r in runs if r.get("possible") == float(name)
-                and r.get("cpu_ms_per_interval")]
-        if vals:
-            L.append(f"{name:>2} possible CPUs: median {statistics.median(vals):.1f} ms per interval "
-                     f"({', '.join(f'{v:.1f}' for v in vals)})")
-    text, _ = pairs_text(runs, "cpu_ms_per_interval")
-    L.append(f"ratio 64/2 of CPU per interval, by neighbouring pair: {text}")
-    for key, what in (("user_ms_per_s", "user"), ("sys_ms_per_s", "system")):
-        text, _ = pairs_text(runs, key)
-        L.append(f"ratio 64/2 of {what} time per second, by pair: {text}")
-    for p in profiles:
-        L.append(f"\n--- cProfile of the CLI at {p.get('possible', p['smp'])} possible CPUs "
-                 f"(CPU {p.get('cpu_ms_per_interval', '-')} ms per interval under the profiler) ---")
-        L.append(p.get("profile", "").strip())
-    text = "\n".join(L)
+    profiles: list[dict] = []
+    try:
+        for i in range(a.pairs):
+            for name, smp in CONFIGS:
+                log(f"vmscale: pair {i + 1}/{a.pairs}, {name} possible CPUs, {a.processes:,} processes")
+                r = one_guest(smp, a.processes, a.measure_s, memory, timeout, tuple(a.wake), False, logdir,
+                              f"{stamp:%H%M%S}-{i}-{name}")
+                log(f"vmscale:   {json.dumps(r)}")
+                runs.append(r)
+        if a.profile:
+            for name, smp in CONFIGS:
+                log(f"vmscale: profile, {name} possible CPUs")
+                profiles.append(one_guest(smp, a.processes, a.measure_s, memory, timeout, tuple(a.wake), True,
+                                          logdir, f"{stamp:%H%M%S}-prof-{name}"))
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the guests so far are still reported
+        log("vmscale: interrupted; reporting the guests that finished")
+    text = report(runs, profiles, a, memory, stamp)
     print(text)
     name = f"{stamp:%Y%m%dT%H%M%SZ}"
     (OUT / f"vmscale-{name}.txt").write_text(text + "\n")
