@@ -94,8 +94,9 @@ def report(runs: list[dict], profiles: list[dict], a, memory: int, stamp) -> str
     slow = [str(i + 1) for i, r in enumerate(runs) if r.get("intervals", 0) < a.measure_s / 2]
     if slow:
         L.append(f"NOT VALID: guest(s) {', '.join(slow)} printed fewer than one interval per 2 s: the CLI did "
-                 f"not keep up, the guest was starved (TCG has no steal time: a vCPU the host did not run "
-                 f"counts as the task's CPU). Rerun on a quiet host.")
+                 f"not keep up (a guest the host starved: TCG has no steal time, a vCPU the host did not run "
+                 f"counts as the task's CPU; or the CLI waiting on something), so its CPU per interval is "
+                 f"not comparable. Compare the ms per s and intervals columns; rerun on a quiet host.")
     for name, _ in CONFIGS:
         vals = [r["cpu_ms_per_interval"] for r in runs if r.get("possible") == float(name)
                 and r.get("cpu_ms_per_interval")]
