@@ -7,7 +7,7 @@ Starts PROCS sleepers (bench/procs.c, waking every MIN-MAX ms), then the CLI as
 a user runs it, `run 1 -P --pids-file ... -o json --output-file ...`, waits
 for its first output and a few intervals, and measures its CPU time (all
 threads, schedstat) over MEASURE_S seconds, split into user and system time
-(clock ticks). Prints one `VMSCALE k=v ...` line. With --profile the CLI runs
+(clock ticks), and the time it waited for a CPU (schedstat run_delay). Prints one `VMSCALE k=v ...` line. With --profile the CLI runs
 under cProfile and the functions with the most own time are printed after it.
 """
 from __future__ import annotations
@@ -23,6 +23,17 @@ from pathlib import Path
 from common import REPO, Procs, cpu_ns, cpu_times, meminfo_kb, runqlat_core, spawn_sleepers, status_kb
 
 SETTLE_S = 5  # intervals after the first output: every sleeper has its histogram
+
+
+def run_delay_ns(pid: int) -> int:
+    """Time pid's threads spent runnable but waiting for a CPU (schedstat's second field)."""
+    total = 0
+    for f in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(f.read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 def intervals_between(path: Path, t0: float, t1: float) -> int:
@@ -73,9 +84,9 @@ def main() -> int:
             time.sleep(0.1)
         first = time.monotonic() - t1
         time.sleep(SETTLE_S)
-        c0, k0, w0, e0 = cpu_ns(cli.pid), cpu_times(cli.pid), time.monotonic(), time.time()
+        c0, k0, d0, w0, e0 = cpu_ns(cli.pid), cpu_times(cli.pid), run_delay_ns(cli.pid), time.monotonic(), time.time()
         time.sleep(a.measure_s)
-        c1, k1, w1, e1 = cpu_ns(cli.pid), cpu_times(cli.pid), time.monotonic(), time.time()
+        c1, k1, d1, w1, e1 = cpu_ns(cli.pid), cpu_times(cli.pid), run_delay_ns(cli.pid), time.monotonic(), time.time()
         rss = status_kb(cli.pid, "VmRSS")
         percpu = meminfo_kb("Percpu") - percpu0
         procs.stop(cli)
@@ -87,6 +98,8 @@ def main() -> int:
              "cpu_ms_per_interval": round((c1 - c0) / 1e6 / n, 1) if n else None,
              "user_ms_per_s": round(1000 * (k1[0] - k0[0]) / tck / (w1 - w0), 1),
              "sys_ms_per_s": round(1000 * (k1[1] - k0[1]) / tck / (w1 - w0), 1),
+             # runnable, waiting for a guest CPU: the other half of an interval's wall time
+             "run_delay_ms_per_s": round((d1 - d0) / 1e6 / (w1 - w0), 1),
              "rss_mb": round(rss / 1024), "percpu_growth_mb": round(percpu / 1024, 1)}
         print("VMSCALE " + " ".join(f"{k}={v}" for k, v in r.items()), flush=True)
         if a.profile and prof.exists():
