@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -24,8 +23,8 @@ import time
 from pathlib import Path
 
 from common import (BENCH, OUT, Procs, Sysctl, cpu_busy, cpu_ns, exit_on_signals,
-                    free_port, log, machine, map_fill, parse_metrics, prog_counters, prog_names, role,
-                    runqlat_core, scrape_text, status_kb, wait_attached)
+                    free_port, log, machine, map_fill, parse_metrics, pipe_run, role,
+                    runqlat_core, scrape_text, spawn_sleepers, status_kb, wait_attached)
 
 # CPU 1 and 0 unless the machine is busier on CPU 1 (see main)
 WORKLOAD_CPU = "1"
@@ -88,43 +87,14 @@ def recorded_events(log_path: Path) -> int | None:
 
 def one_run(procs: Procs, cfg: str, loops: int, idle_pid: int, tag: str) -> dict:
     """The workload once under cfg's tracer: ops/s and each program's counter deltas."""
-    # The gate holds the workload until the tracer is attached; its PID is the
-    # workload's, so "inside" can name it before it runs.
-    gate = procs.start(["sh", "-c", f"read _ && exec taskset -c {WORKLOAD_CPU} "
-                                    f"perf bench sched pipe -l {loops}"],
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    argv = tracer_argv(cfg, gate.pid, idle_pid)
-    tracer, log_path, rec = None, OUT / "logs" / f"{tag}-{cfg}.log", {"cfg": cfg, "loops": loops}
-    try:
-        if argv:
-            with open(log_path, "w") as lf:
-                tracer = procs.start(argv, stdout=lf, stderr=subprocess.STDOUT)
-            wait_attached(tracer)
-            time.sleep(SETTLE_S)
-            before = prog_counters(tracer.pid)
-        gate.stdin.write("\n")
-        gate.stdin.close()
-        out = gate.stdout.read()
-        gate.wait()
-        if tracer:
-            after = prog_counters(tracer.pid)
-            names = prog_names(after)  # while the programs exist
-            rec["tracer_rc"] = procs.stop(tracer)
-            progs = {}
-            for pid_, (rt, cnt) in after.items():
-                rt0, cnt0 = before.get(pid_, (0, 0))
-                progs[names.get(pid_, str(pid_))] = (rt - rt0, cnt - cnt0)
-            rec["progs"] = progs
-            if cfg in OURS:
-                rec["recorded"] = recorded_events(log_path)
-    finally:
-        if tracer:
-            procs.stop(tracer)
-        procs.stop(gate, signal.SIGKILL, 0)
-    m = re.search(r"(\d+)\s+ops/sec", out)
-    if not m:
-        raise RuntimeError(f"perf bench printed no ops/sec under {cfg}:\n{out}")
-    rec["ops"] = int(m.group(1))
+    log_path = OUT / "logs" / f"{tag}-{cfg}.log"
+    with open(log_path, "w") as lf:
+        rec = pipe_run(procs, f"taskset -c {WORKLOAD_CPU} perf bench sched pipe -l {loops}",
+                       lambda gate_pid: tracer_argv(cfg, gate_pid, idle_pid), SETTLE_S,
+                       stdout=lf, stderr=subprocess.STDOUT)
+    rec.update(cfg=cfg, loops=loops)
+    if cfg in OURS:
+        rec["recorded"] = recorded_events(log_path)
     return rec
 
 
@@ -289,21 +259,6 @@ def target_updates(n_rounds: int = 5) -> dict:
     out = {k: statistics.median(v) for k, v in times.items()}
     out["tracked_pids_max_entries"] = max_tracked
     return out
-
-
-def spawn_sleepers(procs: Procs, n: int, lo_ms: int, hi_ms: int, pidfile: Path):
-    if pidfile.exists():
-        pidfile.unlink()
-    p = procs.start([str(OUT / "procs"), "sleepers", str(n), str(lo_ms), str(hi_ms), str(pidfile)])
-    t0 = time.monotonic()
-    while not pidfile.exists():
-        if p.poll() is not None or time.monotonic() - t0 > 300:
-            raise RuntimeError(f"procs sleepers {n} did not start")
-        time.sleep(0.1)
-    got = len(pidfile.read_text().split())
-    if got != n:
-        raise RuntimeError(f"procs sleepers: {got} of {n} processes started")
-    return p
 
 
 def measure_tracer(p, seconds: float) -> dict:

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: (GPL-2.0 OR MIT)
-"""What bench.py and soak.py share: processes they start and always stop,
+"""What the bench scripts share: processes they start and always stop,
 BPF programs and maps of a process (from /proc/PID/fdinfo), sysctls put back,
 /proc figures of a process, and a Prometheus text scrape."""
 from __future__ import annotations
@@ -234,6 +234,65 @@ def wait_attached(p: subprocess.Popen, timeout=30.0, poll=0.002) -> float:
     raise RuntimeError(f"{' '.join(map(str, p.args))}: no attached sched_switch program after {timeout:.0f} s")
 
 
+def spawn_sleepers(procs: Procs, n: int, lo_ms: int, hi_ms: int, pidfile: Path,
+                   procs_bin: Path = OUT / "procs", timeout: float = 300) -> subprocess.Popen:
+    """n processes of bench/procs.c, each waking every lo_ms-hi_ms; returns once
+    all n have started and written their PIDs to pidfile."""
+    pidfile.unlink(missing_ok=True)
+    p = procs.start([str(procs_bin), "sleepers", str(n), str(lo_ms), str(hi_ms), str(pidfile)])
+    t0 = time.monotonic()
+    while not pidfile.exists():
+        if p.poll() is not None or time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"procs sleepers {n} did not start")
+        time.sleep(0.1)
+    got = len(pidfile.read_text().split())
+    if got != n:
+        raise RuntimeError(f"procs sleepers: {got} of {n} processes started")
+    return p
+
+
+def pipe_run(procs: Procs, workload: str, tracer_argv, settle_s: float = 0.5, **tracer_kw) -> dict:
+    """A `perf bench sched pipe` command line once, started only when the tracer is
+    attached: {"ops": ops/s, "progs": {program name: (run_time_ns, run_cnt) over
+    the run}, "tracer_rc"}.
+
+    tracer_argv(workload_pid) gives the tracer's argv (None: no tracer): the
+    workload is exec'd by a gate shell that waits for a line, so its PID is known
+    before it runs. tracer_kw go to Popen (stdout, env, ...)."""
+    gate = procs.start(["sh", "-c", f"read _ && exec {workload}"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = tracer_argv(gate.pid)
+    tracer, rec = None, {}
+    try:
+        if argv:
+            tracer = procs.start(argv, **tracer_kw)
+            wait_attached(tracer)
+            time.sleep(settle_s)
+            before = prog_counters(tracer.pid)
+        gate.stdin.write("\n")
+        gate.stdin.close()
+        out = gate.stdout.read()
+        gate.wait()
+        if tracer:
+            after = prog_counters(tracer.pid)
+            names = prog_names(after)  # while the programs exist
+            rec["tracer_rc"] = procs.stop(tracer)
+            progs = {}
+            for pid_, (rt, cnt) in after.items():
+                rt0, cnt0 = before.get(pid_, (0, 0))
+                progs[names.get(pid_, str(pid_))] = (rt - rt0, cnt - cnt0)
+            rec["progs"] = progs
+    finally:
+        if tracer:
+            procs.stop(tracer)
+        procs.stop(gate, signal.SIGKILL, 0)
+    m = re.search(r"(\d+)\s+ops/sec", out)
+    if not m:
+        raise RuntimeError(f"{workload} printed no ops/sec under {' '.join(map(str, argv or ['no tracer']))}:\n{out}")
+    rec["ops"] = int(m.group(1))
+    return rec
+
+
 # -- /proc figures --
 
 def cpu_ns(pid: int) -> int:
@@ -249,11 +308,24 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of pid, in clock ticks."""
+def cpu_times(pid: int) -> tuple[int, int]:
+    """(utime, stime) of pid, in clock ticks."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     rest = stat[stat.rindex(")") + 2:].split()
-    return int(rest[11]) + int(rest[12])
+    return int(rest[11]), int(rest[12])
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of pid, in clock ticks."""
+    return sum(cpu_times(pid))
+
+
+def meminfo_kb(key: str) -> int:
+    """A /proc/meminfo figure (kB)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 def cpu_busy(seconds: float = 1.0) -> dict[int, float]:

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 from common import (OUT, REPO, Procs, Sysctl, cpu_ns, exit_on_signals, free_port, log, machine,
-                    map_fill, parse_metrics, prog_counters, prog_names, role, runqlat_core,
-                    scrape_text, wait_attached)
+                    map_fill, meminfo_kb, parse_metrics, pipe_run, role, runqlat_core,
+                    scrape_text, spawn_sleepers, wait_attached)
 from scrape import compare as compare_exposition
 
 OLD_COMMIT = "567f52f"
@@ -77,13 +77,6 @@ def baseline_tree(ref: str) -> tuple[str, Path]:
     tree = OUT / f"tree-{sha}"
     build_tree(sha, tree)
     return sha, tree
-
-
-def meminfo_kb(key: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def schedstat_delay(pid: int) -> int:
@@ -245,39 +238,18 @@ def many_keys(procs: Procs, which: str, pids: list[int], sample: list[int], meas
 def contention_run(procs: Procs, which: str | None, loops: int) -> dict:
     """perf bench sched pipe -T (two threads of one process waking each other on
     both CPUs), under -P -p of that process, or no tracer."""
-    gate = procs.start(["sh", "-c", f"read _ && exec perf bench sched pipe -T -l {loops}"],
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tracer, rec = None, {"which": which or "none"}
-    try:
-        if which:
-            argv0, env = tracer_cmd(which)
-            tracer = procs.start(argv0 + ["run", "-P", "-p", str(gate.pid), "--output", "json"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-            wait_attached(tracer)
-            time.sleep(0.5)
-            before = prog_counters(tracer.pid)
-        gate.stdin.write("\n")
-        gate.stdin.close()
-        out = gate.stdout.read()
-        gate.wait()
-        if tracer:
-            after = prog_counters(tracer.pid)
-            names = prog_names(after)
-            rt = cnt = 0
-            for pid_, (a_rt, a_cnt) in after.items():
-                if role(names.get(pid_, "")) in ("wakeup", "wakeup_new", "switch"):
-                    b_rt, b_cnt = before.get(pid_, (0, 0))
-                    rt += a_rt - b_rt
-                    cnt += a_cnt - b_cnt
-            rec["ns_per_event"] = rt / cnt if cnt else None
-    finally:
-        if tracer:
-            procs.stop(tracer)
-        procs.stop(gate, signal.SIGKILL, 0)
-    m = re.search(r"(\d+)\s+ops/sec", out)
-    if not m:
-        raise RuntimeError(f"perf bench printed no ops/sec:\n{out}")
-    rec["ops"] = int(m.group(1))
+    argv0, env = tracer_cmd(which) if which else ([], None)
+    rec = pipe_run(procs, f"perf bench sched pipe -T -l {loops}",
+                   lambda gate_pid: which and argv0 + ["run", "-P", "-p", str(gate_pid), "--output", "json"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    rec["which"] = which or "none"
+    if which:
+        rt = cnt = 0
+        for name, (d_rt, d_cnt) in rec["progs"].items():
+            if role(name) in ("wakeup", "wakeup_new", "switch"):
+                rt += d_rt
+                cnt += d_cnt
+        rec["ns_per_event"] = rt / cnt if cnt else None
     return rec
 
 
@@ -389,12 +361,7 @@ def main() -> int:
         with Sysctl("kernel.bpf_stats_enabled", "1"), Sysctl("kernel.task_delayacct", "1"):
             if "keys" not in a.skip or "start" not in a.skip:
                 pidfile = OUT / "scale-pids"
-                pidfile.unlink(missing_ok=True)
-                sl = procs.start([str(OUT / "procs"), "sleepers", str(a.processes), "500", "1500", str(pidfile)])
-                while not pidfile.exists():
-                    if sl.poll() is not None:
-                        raise RuntimeError("procs sleepers failed")
-                    time.sleep(0.1)
+                sl = spawn_sleepers(procs, a.processes, 500, 1500, pidfile)
                 pids = [int(x) for x in pidfile.read_text().split()]
             if "start" not in a.skip:
                 start = start_figures(procs, pidfile, base, a.start_rounds)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 import vmrun  # tests/vm is on pytest's pythonpath
@@ -47,3 +49,19 @@ def test_no_archive_configured_is_one_clear_error():
 def test_this_machine_has_an_archive():
     line = vmrun.backports_line()
     assert line.startswith("deb ") and line.endswith("-backports main")
+
+
+def test_a_guest_out_of_time_is_asked_where_it_is(tmp_path):
+    """Before a timed-out guest is killed, its console gets Ctrl-A b (qemu: a
+    break on the serial line) and a SysRq key each for the log level, the CPUs'
+    backtraces and the blocked tasks (their output is the only clue a stalled
+    guest leaves)."""
+    got = tmp_path / "console-in"
+    fake_qemu = subprocess.Popen(["sh", "-c", f"cat > {got}"], stdin=subprocess.PIPE)
+    try:
+        vmrun._sysrq_dump(fake_qemu, wait_s=0.05)
+    finally:
+        fake_qemu.stdin.close()
+        fake_qemu.wait(10)
+    assert got.read_bytes() == b"\x01b8\x01bl\x01bw"
+    assert "sysrq_always_enabled" in vmrun.SYSRQ_CMDLINE

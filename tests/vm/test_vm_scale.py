@@ -42,10 +42,14 @@ def test_per_key_memory_at_64_possible_cpus(host_ready, record_property):
         unavailable(f"cannot fetch Debian kernel 6.1: {e}")
     t0 = time.monotonic()
     argv = [sys.executable, str(HERE / "guest_scale.py"), str(PROCS), str(procs_bin)]
-    # Under qemu TCG a guest now and then stops making progress while kernel text is
-    # patched (seen once in three CI runs: silent after the sleepers started, and a
-    # 6.12 guest's "Oops: int3" at a tracepoint's static key). 420 s is twice the
-    # slowest good run on a saturated host; a guest that timed out is tried once more.
+    # A guest now and then falls silent after its sleepers started (once in three CI
+    # runs). Seen twice more while other benches ran 10,000 processes on the host (load
+    # average 280-390): the same guest with -smp 2 took 243-374 s to the CLI's first
+    # output then, and no hung-task or RCU-stall message came: a starved guest, not a
+    # hung one. vmrun now dumps every CPU's backtrace into the console log before it
+    # kills a guest that ran out of time, so a real hang would show where it is.
+    # 420 s is twice the slowest good run on a saturated host; a guest that timed out
+    # is tried once more.
     for attempt in (1, 2):
         code, console = vmrun.run_in_guest("6.1", argv, timeout=420, smp=SMP, memory_mb=2048)
         if "[vmrun] timeout after" not in console or attempt == 2:

@@ -615,6 +615,36 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# SysRq from the serial console whatever the guest's kernel.sysrq default (_sysrq_dump)
+SYSRQ_CMDLINE = "sysrq_always_enabled"
+
+
+def _sysrq_dump(proc: subprocess.Popen, keys: str = "8lw", wait_s: float = 8.0) -> None:
+    """Ask the kernel of a guest that ran out of time where it is, before it is
+    killed: a break on the serial console (qemu's -nographic escape, Ctrl-A b)
+    followed by a key is a magic SysRq (the kernel runs with
+    sysrq_always_enabled): 8, console log level 8 (the dumps print below the
+    loglevel=4 the guest boots with); l, a backtrace of every CPU; w, the
+    blocked tasks. Their output ends up in the console log. A guest stalled
+    under TCG otherwise leaves only its last line behind."""
+    for k in keys:
+        try:
+            proc.stdin.write(b"\x01b")
+            proc.stdin.flush()
+            time.sleep(0.5)
+            proc.stdin.write(k.encode())
+            proc.stdin.flush()
+        except OSError:  # qemu is gone
+            return
+        if k.isdigit():  # a log level: nothing to wait for
+            continue
+        try:
+            proc.wait(timeout=wait_s)
+            return  # the guest ended meanwhile
+        except subprocess.TimeoutExpired:
+            pass  # the usual case: it is still there, printing
+
+
 def _remove_stale_initrds(kdir: Path) -> None:
     """Per-run initrds of harness processes that died before cleaning up."""
     for f in kdir.glob("initrd-*-*.img"):
@@ -668,12 +698,12 @@ def run_in_guest(series: str, argv: list[str], timeout: float = 300,
            "-smp", str(smp), "-nographic", "-no-reboot", "-nic", "none",
            "-kernel", str(kdir / "vmlinuz"), "-initrd", initrd,
            "-append", "console=ttyS0 panic=-1 quiet loglevel=4 "
-                      "mitigations=off tsc=unstable",
+                      "mitigations=off tsc=unstable " + SYSRQ_CMDLINE,
            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
                       "readonly=on,multidevs=remap"]
     lines: list[str] = []
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=_die_with_parent)
 
@@ -694,6 +724,7 @@ def run_in_guest(series: str, argv: list[str], timeout: float = 300,
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
+        _sysrq_dump(proc)
     finally:
         # Also on KeyboardInterrupt or a failing echo: never leave qemu behind.
         if proc.poll() is None:
