@@ -877,22 +877,22 @@ def _metrics_app(collector: Collector):
     """The WSGI app prometheus_client's make_wsgi_app would be (methods, content
     negotiation, gzip, ?name[]=), writing the page with Collector.exposition."""
 
-    def app(environ, start_response):
-        method = environ.get("REQUEST_METHOD", "GET")
+    def app(request, start_response):
+        method = request.get("REQUEST_METHOD", "GET")
         if method == "OPTIONS":
             start_response("200 OK", [("Allow", "OPTIONS,GET")])
             return [b""]
         if method != "GET":
             start_response("405 Method Not Allowed", [("Allow", "OPTIONS,GET")])
             return [f"# HTTP 405 Method Not Allowed: {escape.excerpt(method, 20)}; use OPTIONS or GET\n".encode()]
-        if environ.get("PATH_INFO") == "/favicon.ico":
+        if request.get("PATH_INFO") == "/favicon.ico":
             start_response("200 OK", [])
             return [b""]
-        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT"))
-        params = parse_qs(environ.get("QUERY_STRING", ""))
+        encoder, content_type = choose_encoder(request.get("HTTP_ACCEPT"))
+        params = parse_qs(request.get("QUERY_STRING", ""))
         output = collector.exposition(encoder, params.get("name[]"))
         headers = [("Content-Type", content_type)]
-        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING")):
+        if gzip_accepted(request.get("HTTP_ACCEPT_ENCODING")):
             output = gzip.compress(output, compresslevel=1)  # a 30 MB page: level 9 would take seconds
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
