@@ -38,18 +38,28 @@ def test_cpu_max_waits_are_throttled(series, host_ready, record_property):
     except Exception as e:  # noqa: BLE001
         unavailable(f"cannot fetch Debian kernel {series}: {e}")
     t0 = time.monotonic()
-    code, console = vmrun.run_in_guest(series, [sys.executable, str(HERE / "guest_throttle.py")],
-                                       timeout=GUEST_TIMEOUT)
-    record_property("vm_timing", f"guest {time.monotonic() - t0:.1f}s")
     log = vmrun.BUILD / "logs" / f"{series}-throttle.console.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(console + "\n")
+    for attempt in (1, 2):
+        code, console = vmrun.run_in_guest(series, [sys.executable, str(HERE / "guest_throttle.py")],
+                                           timeout=GUEST_TIMEOUT)
+        log.write_text(console + "\n")
+        if attempt == 1 and re.search(r"^.*Oops: int3:", console, re.M):
+            # The guest kernel's own crash under TCG (twice in about 16 runs of 6.12, at
+            # a tracepoint's static-key site while the attach patches text), not a
+            # verdict on us: one more guest, the first console kept. A second crash fails.
+            log.rename(log.with_suffix(".int3.log"))
+            print(f"the {series} guest kernel crashed (Oops: int3); one more guest, "
+                  f"first console in {log.with_suffix('.int3.log')}")
+            continue
+        break
+    record_property("vm_timing", f"guest {time.monotonic() - t0:.1f}s")
     out = vmrun.guest_output(console)
     print(out)
     tail = f"\n--- console tail (all of it in {log}) ---\n{console[-6000:]}"
     assert "guest_throttle: uname -r" in out, f"guest_throttle did not start{tail}"
     oops = re.search(r"^.*(?:Oops:|Kernel panic|BUG:).*$(?:\n.*$){0,3}", console, re.M)
-    assert not oops, (f"the {series} guest kernel crashed (seen once in 14 runs of 6.12 here: "
+    assert not oops, (f"the {series} guest kernel crashed (seen in about 1 of 8 runs of 6.12 here, and again after one more guest: "
                       f"'Oops: int3' at a tracepoint's static-key site, while text is patched):\n"
                       f"{oops.group(0)}{tail}")
     fails = [line for line in out.splitlines() if line.startswith("FAIL")]
