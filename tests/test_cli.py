@@ -381,17 +381,49 @@ def test_metrics_top_from_the_config_file(tmp_path):
     conf.write_text("per_process = true\nmetrics_top = 'ten'\n")
     assert_one_line_error(invoke("run", "--config", str(conf), "1", "1"), 1, "metrics_top must be an integer")
 
-def test_listed_pids_are_looked_at_while_loading(tmp_path):
-    """The start's head start (cli._observe_pids): the command line's PIDs and the
-    pids file's, looked at in a thread; a bad file is the main thread's to report."""
-    from runqlat.model import Sources
-    f = tmp_path / "pids"
-    f.write_text(f"{os.getppid()}\n")
-    identity, thread = cli._observe_pids(Sources(pids=frozenset({os.getpid()}), pids_file=f))
+def test_listed_pids_are_looked_at_while_loading():
+    """The start's head start (cli._observe_pids): the listed PIDs looked at in a thread."""
+    identity, thread = cli._observe_pids({os.getpid(), os.getppid()})
     thread.join(10)
     assert not thread.is_alive()
     assert set(identity._seen) == {os.getpid(), os.getppid()}
     assert identity._seen[os.getpid()][1] is True
-    identity, thread = cli._observe_pids(Sources(pids_file=tmp_path / "missing"))
-    thread.join(10)
-    assert identity._seen == {}
+
+
+def test_a_start_reads_the_pids_file_once(tmp_path, monkeypatch):
+    """`run -P --pids-file F` opens F once before the first output: the usage
+    checks, the early look at its PIDs, sizing and Tracking with its FileWatch
+    all take that one read (a settled file: the watch's later looks need only
+    stat). The tracer is a fake; the rest is the real start."""
+    import time
+    from runqlat import targets
+    from test_monitor import FakeTracer
+
+    class StartTracer(FakeTracer):
+        def __init__(self, opts, policy):
+            super().__init__(opts)
+            made.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    made = []
+    monkeypatch.setattr(tracer, "Tracer", StartTracer)
+    f = tmp_path / "pids"
+    f.write_text(f"{os.getpid()}\n# a comment\n{os.getppid()}\nnot a pid\n")
+    later = time.time_ns() + 5 * targets.FileWatch.SETTLED_NS  # as if written long ago
+    monkeypatch.setattr(targets.time, "time_ns", lambda: later)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **kw: (
+        opened.append(p) if os.fspath(p) == str(f) else None) or real_open(p, *a, **kw))
+    res = invoke("run", "-P", "--pids-file", str(f), "0.05", "1")
+    assert res.exit_code == 0, res.output
+    assert len(opened) == 1, f"the pids file was opened {len(opened)} times"
+    assert made and made[0].opts.expected_keys == 2  # sizing took the read
+    assert made[0].listed == {os.getpid(), os.getppid()}
+    assert "pids:4: 'not a pid' is not a PID" in res.output  # its bad line, said once
+    assert res.output.count("is not a PID") == 1

@@ -14,6 +14,7 @@ from runqlat.targets import (
     PID_MAX_LIMIT,
     FileWatch,
     Identity,
+    listed_pids,
     parse_pids,
     read_pids_file,
     start_time,
@@ -293,7 +294,98 @@ def test_identity_gone(proc):
     assert ident.gone(set()) == set()
 
 
+# -- listed_pids --
+
+class _Sources:
+    """What listed_pids needs of model.Sources."""
+
+    def __init__(self, pids=(), pids_file=None):
+        self.pids, self.pids_file = frozenset(pids), pids_file
+
+
+def _count_opens(monkeypatch, path: Path) -> list:
+    """Every os.open of path from now on (any module: os is one module)."""
+    opened = []
+    real_open = os.open
+
+    def counting_open(p, *a, **kw):
+        if os.fspath(p) == os.fspath(path):
+            opened.append(p)
+        return real_open(p, *a, **kw)
+    monkeypatch.setattr(targets.os, "open", counting_open)
+    return opened
+
+
+def test_listed_pids_takes_the_read_it_is_given(tmp_path, monkeypatch):
+    f = tmp_path / "pids"
+    f.write_text("5\n6\n# seven\nx\n")
+    pf = read_pids_file(f)
+    opened = _count_opens(monkeypatch, f)
+    assert listed_pids(_Sources({1, 5}, f), pf) == {1, 5, 6}
+    assert opened == [], "the file was read again"
+    assert listed_pids(_Sources({1}), pf) == {1}  # no pids file among the sources: its read is not theirs
+
+
+def test_listed_pids_reads_the_file_when_not_given_and_ignores_its_errors(tmp_path, monkeypatch):
+    f = tmp_path / "pids"
+    f.write_text("5\n6\n")
+    opened = _count_opens(monkeypatch, f)
+    assert listed_pids(_Sources({1}, f)) == {1, 5, 6}
+    assert len(opened) == 1
+    assert listed_pids(_Sources({1}, tmp_path / "missing")) == {1}
+    assert listed_pids(_Sources({1}, tmp_path)) == {1}  # a directory
+    assert listed_pids(_Sources()) == set()
+
+
 # -- FileWatch --
+
+def test_filewatch_starts_from_a_read_of_the_file(tmp_path, monkeypatch):
+    """FileWatch.seen: the run's one read of the pids file is the watch's first
+    look; no read of its own while the file is settled, and a change after the
+    read began is seen."""
+    f = tmp_path / "pids"
+    f.write_text("111\n")
+    later = time.time_ns() + 5 * FileWatch.SETTLED_NS  # as if the file was written long ago
+    monkeypatch.setattr(targets.time, "time_ns", lambda: later)
+    pf = read_pids_file(f)
+    opened = _count_opens(monkeypatch, f)
+    w = FileWatch(f)
+    w.seen(pf)
+    assert pf.signature == w.signature(), "a read's signature is the watch's own"
+    opened.clear()
+    assert not w.changed()
+    assert opened == []
+    with open(f, "r+") as fh:
+        fh.write("222\n")  # same size, in place, after the read
+    assert w.changed()
+    assert not w.changed()
+
+
+def test_filewatch_seen_notices_a_change_between_the_read_and_the_watch(tmp_path):
+    f = tmp_path / "pids"
+    f.write_text("1\n")
+    pf = read_pids_file(f)
+    tmp = tmp_path / "pids.new"
+    tmp.write_text("2\n")
+    os.replace(tmp, f)  # before the watch is made
+    w = FileWatch(f)
+    w.seen(pf)
+    assert w.changed()
+    assert not w.changed()
+
+
+def test_filewatch_seen_notices_a_symlink_swapped_in(tmp_path):
+    f = tmp_path / "pids"
+    f.write_text("1\n")
+    pf = read_pids_file(f)
+    real = tmp_path / "real"
+    os.replace(f, real)
+    f.symlink_to(real)  # the same file, content and stat, behind a link now
+    w = FileWatch(f)
+    w.seen(pf)
+    assert w.changed()
+
+
 
 def test_filewatch_first_look_is_a_change(tmp_path):
     f = tmp_path / "pids"

@@ -495,34 +495,41 @@ def _policy():
     return LoadPolicy.from_env(os.environ)
 
 
-def _observe_pids(sources) -> tuple:
+def _observe_pids(pids: set[int]) -> tuple:
     """(Identity, thread) : the listed PIDs looked at in a thread while the rest
     starts (imports, loading), which needs the CPU and the GIL far less than
     10,000 reads of /proc do each. Join the thread before using the Identity.
-    The pids file is read here too, without a word: its errors are the main
-    thread's to report, and the reads are only a head start (Identity.observe)."""
-    from .targets import Identity, read_pids_file
+    The reads are only a head start (Identity.observe)."""
+    from .targets import Identity
 
     identity = Identity()
-
-    def look():
-        pids = set(sources.pids)
-        if sources.pids_file:
-            try:
-                pids |= read_pids_file(sources.pids_file).pids
-            except InputError:
-                pass
-        identity.observe(pids)
-
-    thread = threading.Thread(target=look, name="runqlat-observe", daemon=True)
+    thread = threading.Thread(target=identity.observe, args=(pids,), name="runqlat-observe", daemon=True)
     thread.start()
     return identity, thread
+
+
+def _read_pids_file(sources) -> tuple:
+    """(PidsFile or None, its InputError or None): the run's one read of the pids
+    file. Sizing (expected_keys), the early look at its PIDs (_observe_pids) and
+    Tracking with its watch of the file all take this read."""
+    if not sources.pids_file:
+        return None, None
+    from .targets import read_pids_file
+    try:
+        return read_pids_file(sources.pids_file), None
+    except InputError as exc:
+        return None, exc
 
 
 def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> int:
     mode = _pick_mode(cfg)
     sources = _sources(cfg)
-    identity, observer = _observe_pids(sources) if sources.uses_pids else (None, None)
+    # a file that cannot be read is an error after the usage checks, before anything loads
+    pids_file, pids_file_error = _read_pids_file(sources)
+    identity = observer = None
+    if sources.uses_pids and pids_file_error is None:
+        from .targets import listed_pids
+        identity, observer = _observe_pids(listed_pids(sources, pids_file))
 
     from .monitor import SCRAPE, Monitor
     from .tracking import agg_mode, expected_keys, kernel_filter, uses_cgroup_tree
@@ -557,9 +564,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
             raise UsageError("--metrics-top keeps the keys with the most waited time: use it with a "
                              "per-key mode (-P, -L, --pidnss, --per-container, --per-pod, --per-cgroup)")
     _warn_pidns_blind_spot(mode, sources)
-    if sources.pids_file:
-        from .targets import read_pids_file
-        read_pids_file(sources.pids_file)  # a missing file is an error before anything loads
+    if pids_file_error is not None:
+        raise pids_file_error  # a missing file is an error before anything loads
     if sources.cgroups:
         from .cgroups import CgroupTree
         tree = CgroupTree()
@@ -591,7 +597,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
             opts = Options(agg=agg_mode(mode), follow_children=cfg.follow_children,
                            watch_cgroup_moves=uses_cgroup_tree(mode, sources),
                            max_tracked=cfg.max_tracked or 0, initial_filter=kernel_filter(sources),
-                           expected_keys=expected_keys(mode, sources), by_kind=cfg.by_kind,
+                           expected_keys=expected_keys(mode, sources, pids_file=pids_file), by_kind=cfg.by_kind,
                            attribute=cfg.culprits,
                            slower_than_ns=parse_duration_ns(cfg.slower_than) if cfg.slower_than else 0)
             sink = _Sink(sys.stdout, "standard output")
@@ -611,7 +617,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                 observer.join()
             monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs,
                               docker_roots=policy.docker_roots, storage_roots=policy.storage_roots,
-                              identity=identity)
+                              identity=identity, pids_file=pids_file)
             printing = not cfg.quiet
             if printing:
                 monitor.register("print")

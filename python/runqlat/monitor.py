@@ -27,14 +27,16 @@ SCRAPE = "scrape"  # the exporter's consumer registered at start
 
 class Monitor:
     def __init__(self, tracer, mode: Mode, sources: Sources, proc: str = "/proc",
-                 containerd_state_dirs=None, docker_roots=None, storage_roots=None, identity=None):
+                 containerd_state_dirs=None, docker_roots=None, storage_roots=None, identity=None,
+                 pids_file=None):
         self.tracer = tracer
         self.mode = mode
         self.lock = threading.RLock()
         self.last_collect = 0.0  # monotonic time of the last collection
         self.ledger = Ledger(label_names(mode, context_of(mode)))
         self.tracking = Tracking(tracer, mode, sources, proc, containerd_state_dirs,
-                                 docker_roots=docker_roots, storage_roots=storage_roots, identity=identity)
+                                 docker_roots=docker_roots, storage_roots=storage_roots, identity=identity,
+                                 pids_file=pids_file)
         self._cpu_reader: CpuContextReader | None = None
         self._scrapers: dict[str, list] = {}  # client host -> [consumer, last scrape (monotonic)]
 

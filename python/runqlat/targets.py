@@ -37,6 +37,11 @@ class PidsFile:
     problems: list[str]  # "pids.txt:3: 'abc' is not a PID", one per bad line, at most MAX_PROBLEMS
     more_problems: int = 0  # bad lines beyond those
     size: int = 0  # bytes read
+    # What read_pids_file read, as FileWatch tells files apart, and the wall clock
+    # when the read began: a watch starts from this read (FileWatch.seen) instead
+    # of reading the file again.
+    signature: tuple | None = None
+    read_ns: int = 0
 
 
 def parse_pids(text: str, name: str = "<pids>") -> PidsFile:
@@ -64,21 +69,25 @@ def parse_pids(text: str, name: str = "<pids>") -> PidsFile:
     return PidsFile(pids, problems, more)
 
 
-def _symlink_chain(path: Path) -> tuple[list[int], Path]:
+def _symlink_chain(path: Path) -> tuple[list[int], Path, int]:
     """Owners of the symlinks `path` goes through (last component only, as often
-    as it is a link), and the file at the end."""
-    owners, p = [], path
+    as it is a link), the file at the end, and the inode of path itself (a link
+    swapped in for the file is a change to FileWatch)."""
+    owners, p, first = [], path, None
     for _ in range(40):  # the kernel's MAXSYMLINKS
         st = os.lstat(p)
+        if first is None:
+            first = st.st_ino
         if not stat.S_ISLNK(st.st_mode):
-            return owners, p
+            return owners, p, first
         owners.append(st.st_uid)
         p = p.parent / os.readlink(p)
     raise InputError(f"pids file {escape.name(str(path))}: too many levels of symbolic links")
 
 
-def open_pids_file(path: Path) -> tuple[int, os.stat_result]:
-    """An open descriptor of the pids file and its stat, or InputError saying why not.
+def open_pids_file(path: Path) -> tuple[int, os.stat_result, int]:
+    """An open descriptor of the pids file, its stat and the inode of the path
+    itself (lstat), or InputError saying why not.
 
     Never blocks: opened with O_NONBLOCK, so a FIFO (or a device) put at the
     path is refused instead of waiting for a writer forever. Only a regular
@@ -91,7 +100,7 @@ def open_pids_file(path: Path) -> tuple[int, os.stat_result]:
     """
     shown = escape.name(str(path))
     try:
-        owners, target = _symlink_chain(path)
+        owners, target, link_ino = _symlink_chain(path)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise InputError(f"pids file {shown} does not exist; create it with one PID per line") from None
@@ -122,7 +131,7 @@ def open_pids_file(path: Path) -> tuple[int, os.stat_result]:
     except BaseException:
         os.close(fd)
         raise
-    return fd, st
+    return fd, st, link_ino
 
 
 def read_bounded(fd: int, limit: int) -> bytes:
@@ -138,8 +147,11 @@ def read_bounded(fd: int, limit: int) -> bytes:
 
 
 def read_pids_file(path: Path) -> PidsFile:
+    """The pids file, read once (a run reads it at start and hands the result
+    on: sizing, the early look at the PIDs, Tracking and its FileWatch)."""
     path = Path(path)
-    fd, _ = open_pids_file(path)
+    began = time.time_ns()
+    fd, st, link_ino = open_pids_file(path)
     try:
         data = read_bounded(fd, MAX_PIDS_FILE_BYTES)
     except OSError as exc:
@@ -155,7 +167,23 @@ def read_pids_file(path: Path) -> PidsFile:
                          f"can have ({MAX_PIDS_FILE_LINES}); not read")
     pf = parse_pids(data.decode("utf-8", errors="replace"), str(path))
     pf.size = len(data)
+    pf.signature, pf.read_ns = _file_signature(st, link_ino, data), began
     return pf
+
+
+def listed_pids(sources, pids_file: PidsFile | None = None) -> set[int]:
+    """The PIDs the user listed: those of the command line and of the pids file,
+    as read at start (pids_file; read here when not given). A pids file that
+    cannot be read adds none: its error is reported where the run reads it."""
+    pids = set(sources.pids)
+    if sources.pids_file:
+        if pids_file is None:
+            try:
+                pids_file = read_pids_file(sources.pids_file)
+            except InputError:
+                return pids
+        pids |= pids_file.pids
+    return pids
 
 
 # Every id the user lists is looked at once at start: 10,000 of them must cost
@@ -260,6 +288,19 @@ class Identity:
         return {p for p in pids if start_time(p, self.proc) != self.known.get(p)}
 
 
+def _file_signature(st: os.stat_result, link_ino: int, data: bytes | None) -> tuple:
+    """How FileWatch tells two states of a file apart: its stat (st, taken before
+    data was read from the same descriptor), a digest of its content (data; None
+    for what is not read), and the inode of the path itself, so that a symlink
+    swapped in for the file it points at is a change."""
+    digest = b""
+    if data is not None:
+        import hashlib  # only runs watching a pids file pay for its import
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest,
+            link_ino, stat.S_IFMT(st.st_mode))
+
+
 class FileWatch:
     """Notices any change of a file: rewrite in place, rename over it, delete, recreate.
 
@@ -271,7 +312,9 @@ class FileWatch:
     have moved ctime (which is taken from the clock when the file changes).
     """
 
-    MAX_HASHED = 16 << 20  # bigger files (not a plausible pids file) rely on stat alone
+    # bigger files (not a plausible pids file) rely on stat alone; as big as a pids
+    # file can be, so that a read_pids_file's signature is the watch's own
+    MAX_HASHED = MAX_PIDS_FILE_BYTES
     SETTLED_NS = 1_000_000_000  # far more than the jiffy file times can lag the clock by
 
     def __init__(self, path: Path):
@@ -288,17 +331,20 @@ class FileWatch:
             return None
         try:
             st = os.fstat(fd)
-            digest = b""
+            data = None
             if stat.S_ISREG(st.st_mode) and st.st_size <= self.MAX_HASHED:
-                import hashlib  # only runs watching a pids file pay for its import
-                digest = hashlib.blake2b(read_bounded(fd, self.MAX_HASHED), digest_size=16).digest()
+                data = read_bounded(fd, self.MAX_HASHED)
         except OSError:
             return None
         finally:
             os.close(fd)
-        # the link itself too: a symlink swapped in for the file it points at is a change
-        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest,
-                lst.st_ino, stat.S_IFMT(st.st_mode))
+        return _file_signature(st, lst.st_ino, data)
+
+    def seen(self, pf: PidsFile) -> None:
+        """Take a read of the file (read_pids_file) as this watch's last look: a
+        change after that read began is a change, and the file is not read again
+        to learn what was just read."""
+        self._sig, self._looked_ns = pf.signature, pf.read_ns
 
     def _settled(self, last_ns: int) -> bool:
         try:

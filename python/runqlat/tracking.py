@@ -27,7 +27,7 @@ from .cgroups import CgroupTree
 from .errors import InputError
 from .hist import Histogram
 from .model import CONTAINER_MODES, Labels, Mode, Sources, context_of, label_names
-from .targets import FileWatch, Identity, read_pids_file
+from .targets import FileWatch, Identity, PidsFile, listed_pids, read_pids_file
 
 log = logging.getLogger("runqlat")
 
@@ -68,18 +68,14 @@ def uses_cgroup_tree(mode: Mode, sources: Sources) -> bool:
     return sources.uses_groups or mode in (Mode.CGROUP, *CONTAINER_MODES)
 
 
-def expected_keys(mode: Mode, sources: Sources, proc: str = "/proc") -> int:
-    """Histogram keys to expect at start (sizes the kernel's array rows; more still fit)."""
+def expected_keys(mode: Mode, sources: Sources, proc: str = "/proc", pids_file: PidsFile | None = None) -> int:
+    """Histogram keys to expect at start (sizes the kernel's array rows; more still fit).
+    pids_file: the pids file as the run read it (targets.listed_pids)."""
     if mode not in (Mode.PID, Mode.TID):
         return 0  # a few namespaces or cgroups: the minimum is plenty
     pids: set[int] | None = None
     if sources.uses_pids and not sources.uses_groups:
-        pids = set(sources.pids)
-        if sources.pids_file:
-            try:
-                pids |= read_pids_file(sources.pids_file).pids
-            except InputError:
-                pass
+        pids = listed_pids(sources, pids_file)
     if mode == Mode.PID:
         if pids is not None:
             return len(pids)
@@ -162,9 +158,11 @@ class Tracking:
 
     def __init__(self, tracer, mode: Mode, sources: Sources, proc: str = "/proc",
                  containerd_state_dirs=None, docker_roots=None, storage_roots=None,
-                 identity: Identity | None = None):
+                 identity: Identity | None = None, pids_file: PidsFile | None = None):
         """identity: the PIDs' Identity, when the caller has looked at them already
-        (Identity.observe, at start while loading)."""
+        (Identity.observe, at start while loading). pids_file: sources.pids_file
+        as the caller read it at start (read here when not given); the watch of
+        the file starts from that read."""
         self.tracer = tracer
         self.mode = mode
         self.proc = proc
@@ -204,13 +202,14 @@ class Tracking:
                           Mode.CGROUP: self._cgroup_labels}[mode]
         # the labels of what is tracked outside any container (e.g. -p with --per-container)
         self._no_container: Labels = ("",) * len(label_names(mode, context_of(mode)))
-        self.set_sources(sources, initial=True)
+        self.set_sources(sources, initial=True, pids_file=pids_file)
 
     # -- what to track --
-    def set_sources(self, sources: Sources, initial: bool = False) -> None:
+    def set_sources(self, sources: Sources, initial: bool = False, pids_file: PidsFile | None = None) -> None:
         """New sources (start, SIGHUP). At start a missing pids file is an error;
         at SIGHUP it keeps the last good set (one warning). The Identity is kept:
-        a PID stays pinned to the process first listed under it."""
+        a PID stays pinned to the process first listed under it. pids_file: the
+        start's read of the file (see __init__)."""
         last_good = self._file_pids
         self.sources = sources
         self._cli_pids = set(sources.pids)
@@ -218,8 +217,11 @@ class Tracking:
         self.listed_pids = set()
         self._watch = FileWatch(sources.pids_file) if sources.pids_file else None
         if self._watch and initial:
-            self._file_pids = self._parse_file(read_pids_file(sources.pids_file))
-            self._watch.changed()
+            pf = pids_file if pids_file is not None else read_pids_file(sources.pids_file)
+            self._file_pids = self._parse_file(pf)
+            # what was read is where the watch starts: a change since is seen at the
+            # next refresh (a watch's own first look, after the read, would miss it)
+            self._watch.seen(pf)
         elif self._watch:
             self._watch.changed()
             try:
