@@ -163,6 +163,23 @@ def test_struct_hist_layout(btf):
     assert comm["nr_elems"] == abi.TASK_COMM_LEN
 
 
+def test_sizes_the_loader_uses_without_numpy():
+    """abi's sizes and tracer's word offsets, written out so that a start loads
+    before it imports numpy, are the dtypes' (which the tests here check against
+    the header and the object)."""
+    from runqlat import tracer
+    assert abi.HIST_SIZE == abi.HIST_DTYPE.itemsize
+    assert abi.TASK_CTX_SIZE == abi.TASK_CTX_DTYPE.itemsize
+    assert abi.TASK_SLOT_SIZE == abi.TASK_SLOT_DTYPE.itemsize
+    assert abi.WAIT_SLOT_SIZE == abi.WAIT_SLOT_DTYPE.itemsize
+    assert tracer._WORDS * 8 == abi.HIST_DTYPE.itemsize
+    assert (tracer._COUNT, tracer._SUM, tracer._COMM) == tuple(
+        abi.HIST_DTYPE.fields[f][1] // 8 for f in ("count", "sum_ns", "comm"))
+    assert all(isinstance(getattr(abi, n), np.dtype) for n in abi.DTYPES)
+    with pytest.raises(AttributeError):
+        abi.NO_SUCH_DTYPE  # noqa: B018
+
+
 def test_small_structs(btf):
     assert _named(btf, "STRUCT", "live_cfg")["size"] == abi.LIVE_CFG_SIZE
     live = {m["name"]: m["bits_offset"] for m in _named(btf, "STRUCT", "live_cfg")["members"]}

@@ -37,6 +37,26 @@ def test_model_imports_only_the_standard_library():
     assert r.stdout.strip() == "['runqlat', 'runqlat.model']"
 
 
+# What a start needs before its programs are attached: numpy blocked (its import
+# is done during the first interval, cli._run), the tracer built and its sizes read.
+_BEFORE_ATTACH = """
+import sys
+sys.modules["numpy"] = None
+import runqlat.cli, runqlat.monitor, runqlat.tracking, runqlat.tracer, runqlat.events, runqlat.targets
+from runqlat.abi import AggMode
+from runqlat.tracer import Options, Tracer
+t = Tracer(Options(agg=AggMode.PID, expected_keys=10))
+assert t._row_count(10 ** 6) > 10 and t._task_slot_count(4096) > 0
+print("ok")
+"""
+
+
+def test_a_start_loads_and_attaches_without_numpy():
+    r = subprocess.run([sys.executable, "-c", _BEFORE_ATTACH], cwd=PYTHON, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_label_names_put_context_after_the_owner_and_dimensions_last():
     assert label_names(Mode.PID) == ("pid", "comm")
     assert label_names(Mode.CONTAINER, context=("namespace", "pod"), dims=("kind",)) == (

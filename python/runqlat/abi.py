@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import enum
 
-import numpy as np
-
 TASK_COMM_LEN = 16
 HIST_SUB_BITS = 3
 HIST_SUB_COUNT = 1 << HIST_SUB_BITS
@@ -95,37 +93,62 @@ class WhyCounter(enum.IntEnum):
 
 WHY_COUNTERS = len(WhyCounter)
 
-CULPRIT_KEY_DTYPE = np.dtype([("victim", "<u8"), ("culprit", "<u8"), ("type", "<u4"), ("pad", "<u4")])
-CULPRIT_VAL_DTYPE = np.dtype([("wait_ns", "<u8"), ("count", "<u8")])
-CAUSE_VAL_DTYPE = np.dtype([("throttled_ns", "<u8"), ("throttled_waits", "<u8")])
-RUN_ENTRY_DTYPE = np.dtype([("end_ns", "<u8"), ("cgroup", "<u8"), ("tgid", "<u4"), ("tid", "<u4"),
-                            ("type", "<u4"), ("pad", "<u4"), ("comm", f"S{TASK_COMM_LEN}")])
-CPU_RUNS_DTYPE = np.dtype([("own", "<i8"), ("foreign", "<i8"), ("rate_start", "<u8"), ("rate_sent", "<u4"),
-                           ("head", "<u4"), ("best_ns", "<u8"), ("best", "<u4"), ("best_type", "<u4"),
-                           ("runs", RUN_ENTRY_DTYPE, (RUN_LOG_LEN,))])
-WAIT_SLOT_DTYPE = np.dtype([("owner", "<u8"), ("throttled_base", "<u8"), ("cul_victim", "<u8"),
-                            ("cul_id", "<u8"), ("cul_ns", "<u8"), ("cul_count", "<u4"), ("cul_type", "<u4"),
-                            ("wait_cpu", "<u4"), ("flags", "<u4")])
-SLOW_EVENT_DTYPE = np.dtype([
-    ("ts_ns", "<u8"), ("latency_ns", "<u8"), ("throttled_ns", "<u8"), ("cgroup", "<u8"),
-    ("culprit_cgroup", "<u8"), ("culprit_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("cpu", "<u4"),
-    ("kind", "<u4"), ("culprit_type", "<u4"), ("culprit_pid", "<u4"), ("culprit_tid", "<u4"), ("pad", "<u4"),
-    ("comm", f"S{TASK_COMM_LEN}"), ("culprit_comm", f"S{TASK_COMM_LEN}")])
-
-# struct hist, as numpy lays it out (same order, no padding: all 8-byte fields then chars)
-HIST_DTYPE = np.dtype(
-    [("slots", "<u8", (HIST_SLOTS,)), ("count", "<u8"), ("sum_ns", "<u8"), ("comm", f"S{TASK_COMM_LEN}")]
-)
-HIST_SIZE = HIST_DTYPE.itemsize
+# The structs user space reads, as numpy dtypes: made on first use (__getattr__
+# below), so that a start imports numpy only once the programs are attached
+# (numpy's import is about a tenth of a start). The sizes the loader needs
+# before that are written out here; tests/test_contract.py checks them against
+# the dtypes and both against the header and the compiled object.
+HIST_SIZE = (HIST_SLOTS + 2) * 8 + TASK_COMM_LEN  # struct hist: slots, count, sum_ns, comm
+TASK_CTX_SIZE = 3 * 8 + 2 * 4  # struct task_ctx
+TASK_SLOT_SIZE = 8 + TASK_CTX_SIZE  # struct task_slot: owner, ctx
+WAIT_SLOT_SIZE = 5 * 8 + 4 * 4  # struct wait_slot
 LIVE_CFG_SIZE = 16  # struct live_cfg { __u64 gen; __u32 filter; __u32 pad; }
 LIVE_CFG_FORMAT = "<QII"
 LIVE_GEN_SHIFT = 32  # user space's generation is gen's high half (the BPF side adds to the low)
-# struct task_ctx and struct task_slot (a task's state; tests look inside)
-TASK_CTX_DTYPE = np.dtype([("enqueued_ns", "<u8"), ("hist_key", "<u8"), ("gen", "<u8"),
-                           ("tracked", "<u4"), ("hist_idx", "<u4")])
-TASK_CTX_SIZE = TASK_CTX_DTYPE.itemsize
-TASK_SLOT_DTYPE = np.dtype([("owner", "<u8"), ("ctx", TASK_CTX_DTYPE)])
-TASK_SLOT_SIZE = TASK_SLOT_DTYPE.itemsize
+
+DTYPES = ("CULPRIT_KEY_DTYPE", "CULPRIT_VAL_DTYPE", "CAUSE_VAL_DTYPE", "RUN_ENTRY_DTYPE", "CPU_RUNS_DTYPE",
+          "WAIT_SLOT_DTYPE", "SLOW_EVENT_DTYPE", "HIST_DTYPE", "TASK_CTX_DTYPE", "TASK_SLOT_DTYPE")
+
+
+def _dtypes() -> dict:
+    import numpy as np
+    run_entry = np.dtype([("end_ns", "<u8"), ("cgroup", "<u8"), ("tgid", "<u4"), ("tid", "<u4"),
+                          ("type", "<u4"), ("pad", "<u4"), ("comm", f"S{TASK_COMM_LEN}")])
+    task_ctx = np.dtype([("enqueued_ns", "<u8"), ("hist_key", "<u8"), ("gen", "<u8"),
+                         ("tracked", "<u4"), ("hist_idx", "<u4")])
+    return {
+        "CULPRIT_KEY_DTYPE": np.dtype([("victim", "<u8"), ("culprit", "<u8"), ("type", "<u4"), ("pad", "<u4")]),
+        "CULPRIT_VAL_DTYPE": np.dtype([("wait_ns", "<u8"), ("count", "<u8")]),
+        "CAUSE_VAL_DTYPE": np.dtype([("throttled_ns", "<u8"), ("throttled_waits", "<u8")]),
+        "RUN_ENTRY_DTYPE": run_entry,
+        "CPU_RUNS_DTYPE": np.dtype([("own", "<i8"), ("foreign", "<i8"), ("rate_start", "<u8"),
+                                    ("rate_sent", "<u4"), ("head", "<u4"), ("best_ns", "<u8"), ("best", "<u4"),
+                                    ("best_type", "<u4"), ("runs", run_entry, (RUN_LOG_LEN,))]),
+        "WAIT_SLOT_DTYPE": np.dtype([("owner", "<u8"), ("throttled_base", "<u8"), ("cul_victim", "<u8"),
+                                     ("cul_id", "<u8"), ("cul_ns", "<u8"), ("cul_count", "<u4"),
+                                     ("cul_type", "<u4"), ("wait_cpu", "<u4"), ("flags", "<u4")]),
+        "SLOW_EVENT_DTYPE": np.dtype([
+            ("ts_ns", "<u8"), ("latency_ns", "<u8"), ("throttled_ns", "<u8"), ("cgroup", "<u8"),
+            ("culprit_cgroup", "<u8"), ("culprit_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("cpu", "<u4"),
+            ("kind", "<u4"), ("culprit_type", "<u4"), ("culprit_pid", "<u4"), ("culprit_tid", "<u4"),
+            ("pad", "<u4"), ("comm", f"S{TASK_COMM_LEN}"), ("culprit_comm", f"S{TASK_COMM_LEN}")]),
+        # struct hist, as numpy lays it out (same order, no padding: all 8-byte fields then chars)
+        "HIST_DTYPE": np.dtype([("slots", "<u8", (HIST_SLOTS,)), ("count", "<u8"), ("sum_ns", "<u8"),
+                                ("comm", f"S{TASK_COMM_LEN}")]),
+        # struct task_ctx and struct task_slot (a task's state; tests look inside)
+        "TASK_CTX_DTYPE": task_ctx,
+        "TASK_SLOT_DTYPE": np.dtype([("owner", "<u8"), ("ctx", task_ctx)]),
+    }
+
+
+def __getattr__(name: str):
+    """The dtypes (DTYPES), made at the first use of any (PEP 562)."""
+    if name in DTYPES:
+        made = _dtypes()
+        globals().update(made)
+        return made[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Variables the loader writes: name -> ELF section that holds them.
 RODATA_VARS = ("agg_mode", "follow_children", "watch_cgroup_moves",

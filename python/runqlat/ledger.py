@@ -17,10 +17,12 @@ handed out, carried or folded with their histograms' final values.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Protocol
 
-from .hist import Histogram
 from .model import Labels
+
+if TYPE_CHECKING:  # (hist needs numpy: imported where a histogram is made, see _add)
+    from .hist import Histogram
 
 # Final values of exited owners kept for a consumer that has not read them yet;
 # beyond this (a scrape-less exporter under heavy churn) they are counted, not kept.
@@ -242,6 +244,7 @@ class Ledger:
 
 
 def _add(d: dict, lab: Labels, h: Histogram) -> None:
+    from .hist import Histogram
     d[lab] = d[lab] + h if lab in d else Histogram(h.slots.copy(), h.count, h.sum_ns, dict(h.labels), h.key)
 
 

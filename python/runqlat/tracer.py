@@ -32,17 +32,24 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
-
-import numpy as np
 
 from . import abi, elf
 from .abi import AggMode, CulpritBy, CulpritType, Filter, WaitKind
 from .bpf import (BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_TASK_STORAGE, BpfObject, RingBuffer, possible_cpus,
                   probe_map_type, probe_mmapable_array)
 from .errors import KernelUnsupported, LibbpfError, PermissionDenied
-from .hist import Histogram
 from .policy import LoadPolicy
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .hist import Histogram
+
+# numpy (and hist, which needs it) are imported by the functions that read the
+# maps, not here: a start loads and attaches before it imports numpy, and
+# imports it during the first interval (cli._run).
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +166,7 @@ def _comm(raw: bytes) -> str:
 
 def decode_slow_wait(raw: bytes, mono_to_wall: float) -> SlowWait:
     """A struct slow_event (abi.SLOW_EVENT_DTYPE) as a SlowWait."""
+    import numpy as np
     e = np.frombuffer(raw, dtype=abi.SLOW_EVENT_DTYPE, count=1)[0]
     ctype = int(e["culprit_type"])
     return SlowWait(
@@ -186,8 +194,9 @@ def check_environment(btf_path: str | None = None) -> None:
 
 
 # struct hist (abi.HIST_DTYPE) as 8-byte words: the slots, count, sum_ns, then comm
+# (tests/test_contract.py checks them against the dtype)
 _WORDS = abi.HIST_SIZE // 8
-_COUNT, _SUM, _COMM = (abi.HIST_DTYPE.fields[f][1] // 8 for f in ("count", "sum_ns", "comm"))
+_COUNT, _SUM, _COMM = abi.HIST_SLOTS, abi.HIST_SLOTS + 1, abi.HIST_SLOTS + 2
 
 
 def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
@@ -195,6 +204,7 @@ def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
     words of the sum mean nothing) and each one's comm: the copy that has one (the
     CPU that created the entry or took the row wrote it; the others are zero).
     ncpus 1: shared values, as they are."""
+    import numpy as np
     v = np.frombuffer(raw, dtype="<u8", count=n * ncpus * _WORDS).reshape(n, ncpus, _WORDS)
     if ncpus == 1:
         return v[:, 0, :], _comms(v[:, 0, _COMM:])
@@ -210,6 +220,7 @@ def _sum_cpus(raw, n: int, ncpus: int) -> tuple[np.ndarray, list[str]]:
 
 
 def _comms(comm_words: np.ndarray) -> list[str]:
+    import numpy as np
     names = np.ascontiguousarray(comm_words).view(f"S{abi.TASK_COMM_LEN}").reshape(-1)
     return [c.split(b"\0", 1)[0].decode(errors="replace") for c in names.tolist()]
 
@@ -398,7 +409,7 @@ class Tracer:
             why.append(f"slower-than-{o.slower_than_ns}ns")
         if why:
             self.features["why"] = ",".join(why)
-        wait_slots = min(pm, WAIT_SLOTS_BUDGET_BYTES // abi.WAIT_SLOT_DTYPE.itemsize)
+        wait_slots = min(pm, WAIT_SLOTS_BUDGET_BYTES // abi.WAIT_SLOT_SIZE)
         obj.set_max_entries("wait_slots", wait_slots if why else 1)
         obj.set_max_entries("cpu_runs", possible_cpus() if o.attributing else 1)
         obj.set_max_entries("culprits", (o.max_culprits or CULPRITS_DEFAULT) if o.attributing else 1)
@@ -430,12 +441,11 @@ class Tracer:
         return max(1, min(hists_max, budget, keys + keys // 4 + SPARE_ROWS))
 
     def _map_rows(self) -> None:
-        """hist_arr mapped into our memory, when it was created mmap-able."""
+        """hist_arr mapped into our memory, when it was created mmap-able (the
+        numpy view of it is made at the first read: _rows_block)."""
         if not getattr(self, "_mmap_rows", False):
             return
         self._rows_mm = self.obj.map("hist_arr").mmap_readonly()
-        self._rows_view = np.frombuffer(self._rows_mm, dtype="<u8", count=self.rows * _WORDS).reshape(
-            self.rows, _WORDS)
 
     def _free_rows(self, rows) -> None:
         m = self.obj.map("hist_free")
@@ -593,6 +603,7 @@ class Tracer:
     # -- reading --
     def read_hists(self) -> dict[int, Histogram]:
         """Cumulative histograms by key, summed over CPUs."""
+        from .hist import Histogram
         if self.opts.agg == AggMode.GLOBAL:
             m = self.obj.map("hist_global")
             if self.opts.by_kind:
@@ -627,6 +638,7 @@ class Tracer:
     def _fold_kinds(self, raw: dict[int, Histogram]) -> dict[int, Histogram]:
         """Each key's wakeup and preemption histograms (PREEMPT_KEY) -> their sum
         by key; the parts are kept in self.kinds."""
+        from .hist import Histogram
         out: dict[int, Histogram] = {}
         preempt: dict[int, Histogram] = {}
         for k, h in raw.items():
@@ -652,6 +664,7 @@ class Tracer:
         """Parts of (keys, their histograms summed over CPUs (see _sum_cpus), their
         comms): the hist_arr rows that hist_index names, chunk by chunk, then the
         hists entries. A key may be in both (see read_hists); nowhere else twice."""
+        import numpy as np
         self._release_rows()
         kb, vb, ni = self.obj.map("hist_index").items()
         keys = list(struct.unpack(f"<{ni}Q", kb))
@@ -678,6 +691,7 @@ class Tracer:
         """The hist_arr rows of these keys, summed over CPUs, a part per chunk of
         ROWS_READ_BYTES: every buffer and array is small enough to be reused from
         the heap instead of mapped, faulted in and unmapped every second."""
+        import numpy as np
         am = self.obj.map("hist_arr")
         used = int(rows.max()) + 1  # rows are handed out from the front
         owner = np.full(used, -1, dtype=np.int64)  # row -> index of its key
@@ -701,8 +715,12 @@ class Tracer:
         """Rows lo..hi-1 of hist_arr as (n, _WORDS) words and their comms: copied
         out of the mapping, unless no row's count, sum or comm moved since the
         last copy (then that copy). Without the mapping, read through syscalls."""
+        import numpy as np
         if self._rows_view is None:
-            return _sum_cpus(am.rows(hi, start=lo), hi - lo, 1)
+            if self._rows_mm is None:
+                return _sum_cpus(am.rows(hi, start=lo), hi - lo, 1)
+            self._rows_view = np.frombuffer(self._rows_mm, dtype="<u8", count=self.rows * _WORDS).reshape(
+                self.rows, _WORDS)
         v = self._rows_view[lo:hi]
         # read before the copy: a change after it shows next time. The BPF side adds
         # to count last, so (on x86) a count seen here means its slot and sum are too.
@@ -758,6 +776,7 @@ class Tracer:
         (Tracer.culprit_by) for "task", 0 otherwise."""
         if not self.opts.attributing:
             return {}
+        import numpy as np
         kb, vb, n = self.obj.map("culprits").items()
         keys = np.frombuffer(kb, dtype=abi.CULPRIT_KEY_DTYPE, count=n)
         vals = np.frombuffer(vb, dtype=abi.CULPRIT_VAL_DTYPE, count=n)
@@ -774,6 +793,7 @@ class Tracer:
         as read_culprits)."""
         if not self.opts.attributing:
             return {}
+        import numpy as np
         kb, vb, n = self.obj.map("causes").items()
         keys = struct.unpack(f"<{n}Q", kb)
         vals = np.frombuffer(vb, dtype=abi.CAUSE_VAL_DTYPE, count=n)
@@ -792,6 +812,7 @@ class Tracer:
         cm = self.obj.map("culprits")
         kb, _, n = cm.items()
         if n:
+            import numpy as np
             keys = np.frombuffer(kb, dtype=abi.CULPRIT_KEY_DTYPE, count=n)
             gone = np.isin(keys["victim"], np.fromiter(victims, dtype=np.uint64, count=len(victims)))
             cm.delete_many([keys[i].tobytes() for i in np.flatnonzero(gone).tolist()])

@@ -19,15 +19,18 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import containers as ctr
 from . import escape, why
 from .abi import AggMode, CulpritBy, Filter
 from .cgroups import CgroupTree
 from .errors import InputError
-from .hist import Histogram
 from .model import CONTAINER_MODES, Labels, Mode, Sources, context_of, label_names
 from .targets import FileWatch, Identity, PidsFile, listed_pids, read_pids_file
+
+if TYPE_CHECKING:  # (hist needs numpy, which a start imports after attaching)
+    from .hist import Histogram
 
 log = logging.getLogger("runqlat")
 
