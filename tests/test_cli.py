@@ -309,6 +309,36 @@ def test_quiet_run_with_interval_still_retires_every_second(monkeypatch):
     assert len(trims) == mon.maintained // 2
 
 
+def test_the_first_interval_counts_from_when_the_tracked_set_was_in_place():
+    """_run hands _loop the time the tracked set was in place (the start's later
+    work, numpy's import among it, is done inside the first interval): the first
+    print is due one interval after it and says so; the next ones follow at
+    that pace."""
+    import threading
+    import time
+
+    class Printing(_CountingMonitor):
+        def snapshot(self, consumer):
+            return consumer
+
+    class Printer:
+        def __init__(self):
+            self.emitted = []
+
+        def emit(self, snap, interval_s):
+            self.emitted.append((time.monotonic(), interval_s))
+
+    printer = Printer()
+    cfg = cli.RunConfig(interval=1.0, count=2)
+    placed = time.monotonic() - 0.7  # as if the rest of the start took 0.7 s
+    assert cli._loop(cfg, Printing(), printer, True, threading.Event(), threading.Event(), cfg, None,
+                     start=placed) == 0
+    (first, first_s), (second, second_s) = printer.emitted
+    assert 1.0 <= first - placed < 1.4, first - placed
+    assert 1.0 <= first_s < 1.4  # what it covered: from the placement on
+    assert 0.8 <= second - first < 1.2 and 0.8 <= second_s < 1.2
+
+
 def test_interval_buffers_stay_below_the_mmap_threshold():
     """A buffer above glibc's mmap threshold is mapped, faulted in and unmapped
     every interval; the chunk sizes must stay below the threshold the CLI sets."""

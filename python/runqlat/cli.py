@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -202,6 +201,7 @@ _LISTS = frozenset(k for k in CONFIG_KEYS if get_origin(_base_type(_TYPES[k])) i
 
 
 def load_config(path: Path) -> dict:
+    import tomllib  # (only runs with --config pay for its import)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -534,7 +534,6 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
     from .monitor import SCRAPE, Monitor
     from .tracking import agg_mode, expected_keys, kernel_filter, uses_cgroup_tree
     from .events import parse_duration_ns
-    from .output import Printer
     from .tracer import Options, Tracer
 
     bounds = key_filter = None
@@ -618,6 +617,11 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
             monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs,
                               docker_roots=policy.docker_roots, storage_roots=policy.storage_roots,
                               identity=identity, pids_file=pids_file)
+            # The tracked set is in place: the first interval counts from here. What
+            # follows (numpy's import among it, then the look after the update in
+            # _loop) is done in that interval, not before it.
+            counting_since = time.monotonic()
+            from .output import Printer
             printing = not cfg.quiet
             if printing:
                 monitor.register("print")
@@ -642,7 +646,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                 return 0
             with _steady_gc():
                 return _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config,
-                             sink, server)
+                             sink, server, counting_since)
     except _Stopped:
         log.info("stopped while starting")
         return 0
@@ -684,9 +688,12 @@ def _event_writer(out, fmt: str, lock: threading.Lock):
     return write
 
 
-def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config, sink=None, server=None) -> int:
+def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config, sink=None, server=None,
+          start: float | None = None) -> int:
+    """start: monotonic time when the tracked set was in place (default: now);
+    the first interval ends one INTERVAL after it."""
     trim = _HeapTrim()
-    start = last_emit = time.monotonic()
+    start = last_emit = time.monotonic() if start is None else start
     next_print = start + cfg.interval if cfg.interval else None
     printed = 0
     _refresh(monitor)  # at once: it ends the start's update (Tracking.refresh), inside the first interval
