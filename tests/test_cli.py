@@ -309,6 +309,41 @@ def test_quiet_run_with_interval_still_retires_every_second(monkeypatch):
     assert len(trims) == mon.maintained // 2
 
 
+def test_a_start_serves_metrics_from_the_collector_made_after_the_load(tmp_path, monkeypatch):
+    """The exporter's port is bound before the load (exporter.MetricsServer) and
+    its collector (metrics, numpy) is made once the tracked set is in place: the
+    page is served while the run lasts. The tracer is a fake."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+    _fake_tracer(monkeypatch)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    pages = []
+
+    def scrape():
+        deadline = time.monotonic() + 10
+        while not pages and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    pages.append(r.read().decode())
+            except OSError:
+                time.sleep(0.02)
+
+    t = threading.Thread(target=scrape)
+    t.start()
+    out = tmp_path / "out.json"
+    res = invoke("run", "-p", str(os.getpid()), "-o", "json", "--output-file", str(out),
+                 "--metrics-addr", f"127.0.0.1:{port}", "1", "1")
+    t.join()
+    assert res.exit_code == 0, res.output
+    assert pages and "runqlat_tracked_processes" in pages[0], pages
+    assert json.loads(out.read_text().splitlines()[0])["mode"] == "global"
+
+
 def test_the_first_interval_counts_from_when_the_tracked_set_was_in_place():
     """_run hands _loop the time the tracked set was in place (the start's later
     work, numpy's import among it, is done inside the first interval): the first
@@ -420,13 +455,9 @@ def test_listed_pids_are_looked_at_while_loading():
     assert identity._seen[os.getpid()][1] is True
 
 
-def test_a_start_reads_the_pids_file_once(tmp_path, monkeypatch):
-    """`run -P --pids-file F` opens F once before the first output: the usage
-    checks, the early look at its PIDs, sizing and Tracking with its FileWatch
-    all take that one read (a settled file: the watch's later looks need only
-    stat). The tracer is a fake; the rest is the real start."""
-    import time
-    from runqlat import targets
+def _fake_tracer(monkeypatch) -> list:
+    """runqlat.tracer.Tracer replaced by test_monitor's FakeTracer (no BPF); the
+    list gets each one made."""
     from test_monitor import FakeTracer
 
     class StartTracer(FakeTracer):
@@ -442,6 +473,17 @@ def test_a_start_reads_the_pids_file_once(tmp_path, monkeypatch):
 
     made = []
     monkeypatch.setattr(tracer, "Tracer", StartTracer)
+    return made
+
+
+def test_a_start_reads_the_pids_file_once(tmp_path, monkeypatch):
+    """`run -P --pids-file F` opens F once before the first output: the usage
+    checks, the early look at its PIDs, sizing and Tracking with its FileWatch
+    all take that one read (a settled file: the watch's later looks need only
+    stat). The tracer is a fake; the rest is the real start."""
+    import time
+    from runqlat import targets
+    made = _fake_tracer(monkeypatch)
     f = tmp_path / "pids"
     f.write_text(f"{os.getpid()}\n# a comment\n{os.getppid()}\nnot a pid\n")
     later = time.time_ns() + 5 * targets.FileWatch.SETTLED_NS  # as if written long ago

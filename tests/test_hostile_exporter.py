@@ -26,10 +26,10 @@ import logging, os, resource, sys, time
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 sys.path.insert(0, sys.argv[1])
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(levelname)s %(message)s")
-from runqlat import metrics
+from runqlat import exporter, metrics
 from runqlat.hist import Histogram
 from runqlat.monitor import Mode, Snapshot
-metrics._QuietHandler.timeout = float(sys.argv[2])
+exporter._QuietHandler.timeout = float(sys.argv[2])
 h = Histogram.empty(); h.slots[10] = 1; h.count = 1; h.sum_ns = 100
 snap = Snapshot(ts=time.time(), mode=Mode.PID, hists={("1", "init"): h}, tracked_processes=1,
                 tracked_containers=0, drops={}, maps={}, progs={}, features={})

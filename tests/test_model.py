@@ -37,21 +37,33 @@ def test_model_imports_only_the_standard_library():
     assert r.stdout.strip() == "['runqlat', 'runqlat.model']"
 
 
-# What a start needs before its programs are attached: numpy blocked (its import
-# is done during the first interval, cli._run), the tracer built and its sizes read.
+# What a start needs before its programs are attached: numpy and prometheus_client
+# blocked (the collector's imports are done during the first interval, cli._run),
+# the tracer built and its sizes read, the exporter's port bound.
 _BEFORE_ATTACH = """
 import sys
 sys.modules["numpy"] = None
+sys.modules["prometheus_client"] = None
 import runqlat.cli, runqlat.monitor, runqlat.tracking, runqlat.tracer, runqlat.events, runqlat.targets
 from runqlat.abi import AggMode
+from runqlat.exporter import MetricsServer
 from runqlat.tracer import Options, Tracer
 t = Tracer(Options(agg=AggMode.PID, expected_keys=10))
 assert t._row_count(10 ** 6) > 10 and t._task_slot_count(4096) > 0
+import socket
+probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
+with MetricsServer(f"127.0.0.1:{port}", start=False) as srv:
+    try:
+        srv.start()
+    except RuntimeError as exc:
+        assert "no collector" in str(exc)
+    else:
+        raise AssertionError("served without a collector")
 print("ok")
 """
 
 
-def test_a_start_loads_and_attaches_without_numpy():
+def test_a_start_loads_and_binds_without_numpy_or_prometheus_client():
     r = subprocess.run([sys.executable, "-c", _BEFORE_ATTACH], cwd=PYTHON, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

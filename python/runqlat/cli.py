@@ -537,14 +537,18 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
     from .tracer import Options, Tracer
 
     bounds = key_filter = None
-    if cfg.buckets or cfg.metrics_addr:  # prometheus_client is loaded only for the exporter
-        from .metrics import (Collector, KeyFilter, MetricsServer, filtered_scrape, parse_addr, parse_buckets,
-                              scrape_client)
+    if cfg.buckets or cfg.metrics_addr:
+        # the server binds before anything loads; the collector (metrics: numpy and
+        # prometheus_client) is imported in the first interval, unless these need it now
+        from .exporter import MetricsServer, filtered_scrape, parse_addr, scrape_client
         try:
-            bounds = parse_buckets(cfg.buckets) if cfg.buckets else None
+            if cfg.buckets:
+                from .metrics import parse_buckets
+                bounds = parse_buckets(cfg.buckets)
             if cfg.metrics_addr:
                 parse_addr(cfg.metrics_addr)
             if cfg.metrics_include is not None or cfg.metrics_exclude is not None:
+                from .metrics import KeyFilter
                 key_filter = KeyFilter(cfg.metrics_include, cfg.metrics_exclude)
         except InputError as exc:
             raise UsageError(str(exc)) from None
@@ -603,13 +607,8 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
             if cfg.output_file:  # opened before loading anything: a bad path fails fast and alone
                 sink = _Sink(stack.enter_context(_open_output_file(cfg.output_file)), cfg.output_file)
             server = None
-            if cfg.metrics_addr:
-                # bound before loading anything: a port in use fails fast and alone
-                snapshot = {}
-                server = stack.enter_context(MetricsServer(
-                    cfg.metrics_addr, Collector(lambda: snapshot["source"](), bounds, key_filter=key_filter,
-                                                   top=cfg.metrics_top),
-                    start=False))
+            if cfg.metrics_addr:  # bound before loading anything: a port in use fails fast and alone
+                server = stack.enter_context(MetricsServer(cfg.metrics_addr, start=False))
             tracer = stack.enter_context(Tracer(opts, policy))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
             if observer is not None:
@@ -626,9 +625,10 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
             if printing:
                 monitor.register("print")
             if server is not None:
+                from .metrics import Collector
                 monitor.register(SCRAPE, fold_unseen=True)
-                snapshot["source"] = lambda: monitor.scrape_snapshot(scrape_client(), peek=filtered_scrape())
-                server.start()
+                server.start(Collector(lambda: monitor.scrape_snapshot(scrape_client(), peek=filtered_scrape()),
+                                       bounds, key_filter=key_filter, top=cfg.metrics_top))
                 log.info("serving metrics at http://%s/metrics", server.address)
             printer = Printer(sink, cfg.output, 1_000_000 if cfg.milliseconds else 1000, cfg.timestamp)
             if cfg.slower_than:
