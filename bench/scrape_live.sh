@@ -13,9 +13,9 @@
 # checkout against REF (default f7d5edc, before the scrape shared the
 # printer's reading), built into out/tree-<sha>. Five plain scrapes 1.3 s
 # apart (so they fall at every point of the interval) and one OpenMetrics +
-# gzip per tracer and round. --probe: this checkout runs under
-# bench/scrape_probe.py, whose summary (where the scrape's time went: CPU,
-# run-queue, monitor lock, GIL) is printed after each of its runs.
+# gzip per tracer and round. --probe: both run under bench/scrape_probe.py,
+# whose summary (where the scrape's time went: CPU, run-queue, monitor lock,
+# GIL) is printed after each run.
 #
 # Usage: bash bench/scrape_live.sh [--json [--base REF] [--probe]] [ROUNDS]
 set -euo pipefail
@@ -62,8 +62,11 @@ one() {  # which: new | old
     else
         args=(run -P --pids-file "$OUT/pids" -q --metrics-addr "127.0.0.1:$port")
     fi
-    if [ "$1" = new ] && [ "$PROBE" = 1 ]; then
-        .venv/bin/python bench/scrape_probe.py "$OUT/probe.jsonl" -- "${args[@]}" 2>"$OUT/$1.log" & tr=$!
+    if [ "$PROBE" = 1 ]; then
+        local tree=python
+        [ "$1" = old ] && tree=$OLD/python
+        PROBE_PYTHON=$tree .venv/bin/python bench/scrape_probe.py "$OUT/probe-$1.jsonl" -- "${args[@]}" \
+            2>"$OUT/$1.log" & tr=$!
     elif [ "$1" = new ]; then
         .venv/bin/runqlat-core "${args[@]}" 2>"$OUT/$1.log" & tr=$!
     else
@@ -83,8 +86,9 @@ one() {  # which: new | old
     fi
     kill -INT "$tr"; wait "$tr" || true
     kill -TERM "$sl"; wait "$sl" || true
-    if [ "$1" = new ] && [ "$PROBE" = 1 ]; then
-        .venv/bin/python bench/scrape_probe.py --summary "$OUT/probe.jsonl"
+    if [ "$PROBE" = 1 ]; then
+        echo "$name, where the time went:"
+        .venv/bin/python bench/scrape_probe.py --summary "$OUT/probe-$1.jsonl"
     fi
 }
 echo "scrape_live.sh $(date -u '+%Y-%m-%d %H:%M') UTC, load average $(cut -d' ' -f1-3 /proc/loadavg)"

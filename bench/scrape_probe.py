@@ -9,7 +9,8 @@ wait is time spent waiting for the GIL (and, for `send`, for the client).
 
     python bench/scrape_probe.py OUT -- run -P --pids-file F -o json ... --metrics-addr ...
 
-The CLI's own code is unchanged; only methods are wrapped. Summarise with
+The CLI's own code is unchanged; only methods are wrapped (PROBE_PYTHON=DIR:
+the tree in DIR instead of this checkout's). Summarise with
 `python bench/scrape_probe.py --summary OUT`. Used by bench/scrape_live.sh
 --probe; needs root like any run.
 """
@@ -17,13 +18,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+# PROBE_PYTHON: the python/ directory of another tree to probe (a baseline)
+sys.path.insert(0, os.environ.get("PROBE_PYTHON") or str(Path(__file__).resolve().parent.parent / "python"))
 
 _events: list[dict] = []
 _tls = threading.local()
