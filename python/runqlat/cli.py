@@ -716,8 +716,9 @@ def _loop(cfg, monitor, printer, printing, stop, reload_wanted, cli_cfg, config,
         if next_print is not None and time.monotonic() >= next_print:
             if printing:
                 now = time.monotonic()
-                # the time this interval really covered (more than asked if we fell behind)
-                printer.emit(monitor.snapshot("print"), round(now - last_emit, 3))
+                # the time this interval really covered (more than asked if we fell behind);
+                # the exporter's scrapes show the same reading (Monitor.scrape_snapshot)
+                printer.emit(monitor.snapshot("print", share=server is not None), round(now - last_emit, 3))
                 last_emit = now
                 trim.after_collection()
                 if sink is not None and sink.error is not None:

@@ -127,9 +127,21 @@ class Ledger:
             for lab, a in self._carried_acc.items():
                 if lab in hists:
                     accounts[lab] = accounts[lab] + a if lab in accounts else a
-        gone = self._hand_to(consumer, hists, peek, accounts) if consumer is not None else set()
         self._share_label_dicts(hists)
+        gone = self.hand(consumer, hists, peek, accounts) if consumer is not None else set()
         return Collected(hists, gone, list(gone_keys) + late_keys, accounts)
+
+    def hand(self, consumer: str, hists: dict[Labels, Histogram], peek: bool = False,
+             accounts: dict[Labels, Any] | None = None) -> set:
+        """Add to hists (and accounts, when given) what the consumer is owed since its
+        last read; returns the labels shown for the last time. hists and accounts
+        are a collection's (collect with no consumer), or copies of the dicts of
+        the latest one: the entries are replaced, never changed, so one
+        collection can serve several consumers (monitor.Monitor's shared reading)."""
+        before = dict(hists)
+        gone = self._hand_to(consumer, hists, peek, accounts)
+        self._share_label_dicts({lab: h for lab, h in hists.items() if before.get(lab) is not h}, len(hists))
+        return gone
 
     def _label(self, raw: dict[int, Histogram], owners: Owners, now: float):
         """(histograms by labels, gone keys -> their last labels, late keys)."""
@@ -230,10 +242,11 @@ class Ledger:
                 _add_acc(accounts, exited, self._folded_acc[consumer])
         return gone
 
-    def _share_label_dicts(self, hists: dict[Labels, Histogram]) -> None:
-        """Histogram.labels: made once per label and shared (nothing changes them)."""
+    def _share_label_dicts(self, hists: dict[Labels, Histogram], live: int | None = None) -> None:
+        """Histogram.labels: made once per label and shared (nothing changes them).
+        live: how many labels a collection has (len(hists) when not given)."""
         dicts = self._label_dicts
-        if len(dicts) > 2 * len(hists) + 64:
+        if len(dicts) > 2 * (len(hists) if live is None else live) + 64:
             dicts.clear()
         names = self.label_names
         for lab, h in hists.items():

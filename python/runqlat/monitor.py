@@ -23,6 +23,12 @@ log = logging.getLogger("runqlat")
 MAX_SCRAPERS = 8
 SCRAPER_IDLE_S = 900.0
 SCRAPE = "scrape"  # the exporter's consumer registered at start
+# A scrape shows the printer's reading of the kernel's maps (Monitor.snapshot's
+# share) while it is at most this old, instead of reading them again: with 10,000
+# keys a reading and its labelling take a few hundred ms under the lock, in the
+# same process (and GIL) as the printer. Longer than a 1 s interval, so that
+# the scrapes between two prints all find one.
+SHARED_READ_S = 1.5
 
 
 class Monitor:
@@ -39,6 +45,10 @@ class Monitor:
                                  pids_file=pids_file)
         self._cpu_reader: CpuContextReader | None = None
         self._scrapers: dict[str, list] = {}  # client host -> [consumer, last scrape (monotonic)]
+        # the latest collection, when the printer made it with share=True: (monotonic
+        # time, histograms and accounts by label before any consumer's finals);
+        # None once anything else collected (its finals and retirements are newer)
+        self._shared: tuple | None = None
 
     @property
     def sources(self) -> Sources:
@@ -52,6 +62,7 @@ class Monitor:
     def set_sources(self, sources: Sources) -> None:
         """New sources (SIGHUP)."""
         with self.lock:
+            self._shared = None
             self.tracking.set_sources(sources)
 
     def refresh(self) -> None:
@@ -73,7 +84,17 @@ class Monitor:
         SCRAPE is owed without taking it (peek), as a filtered scrape is."""
         with self.lock:
             consumer, peek = self._scraper(client, peek)
-            return self.snapshot(consumer, peek=peek)
+            shared = self._shared
+            if shared is None or time.monotonic() - shared[0] > SHARED_READ_S:
+                return self.snapshot(consumer, peek=peek)
+            _, base, base_accounts = shared
+            # the printer's collection with what this consumer is owed since: the
+            # same numbers a collection of its own would give, read up to
+            # SHARED_READ_S earlier (copies: the entries are replaced, not changed)
+            hists = dict(base)
+            accounts = dict(base_accounts) if base_accounts is not None else None
+            gone = self.ledger.hand(consumer, hists, peek, accounts)
+            return self._snapshot(consumer, peek, hists, gone, accounts)
 
     def _scraper(self, client: str | None, peek: bool) -> tuple[str, bool]:
         if client is None:
@@ -99,12 +120,18 @@ class Monitor:
     def exited_label(self) -> Labels:
         return self.ledger.exited_label
 
-    def snapshot(self, consumer: str | None = None, peek: bool = False) -> Snapshot:
+    def snapshot(self, consumer: str | None = None, peek: bool = False, share: bool = False) -> Snapshot:
         """peek: show the consumer what is pending for it without handing it over
-        (a filtered scrape must not take finals meant for the full one)."""
+        (a filtered scrape must not take finals meant for the full one). share:
+        scrapes may show this collection for SHARED_READ_S (the interval
+        printer's, with an exporter)."""
+        with self.lock:
+            hists, gone, accounts = self._collect(consumer, peek, share=share)
+            return self._snapshot(consumer, peek, hists, gone, accounts)
+
+    def _snapshot(self, consumer, peek: bool, hists: dict, gone: set, accounts) -> Snapshot:
         with self.lock:
             t, o = self.tracer, self.tracer.opts
-            hists, gone, accounts = self._collect(consumer, peek)
             kinds, why_by_label = why.split(accounts or {}, o.by_kind, o.attributing)
             return Snapshot(
                 ts=time.time(), mode=self.mode, hists=hists,
@@ -164,15 +191,23 @@ class Monitor:
         with self.lock:
             self._collect(None, view=False)
 
-    def _collect(self, consumer: str | None, peek: bool = False, view: bool = True):
+    def _collect(self, consumer: str | None, peek: bool = False, view: bool = True, share: bool = False):
         """(histograms, labels gone, accounts by label or None) of one collection;
-        not view: only retiring (maintain), the live accounts are not read."""
+        not view: only retiring (maintain), the live accounts are not read;
+        share: kept for scrapes (see scrape_snapshot)."""
+        self._shared = None
         self.last_collect = time.monotonic()
         raw = self.tracer.read_hists()
         self.tracking.begin_collection(raw.keys(), self.last_collect)
         # a pending wait has ended and been seen within a second (ledger.LATE_WAIT_S)
-        c = self.ledger.collect(raw, self.tracking, consumer, time.monotonic(), peek,
+        c = self.ledger.collect(raw, self.tracking, None, time.monotonic(), peek,
                                 accounts_of=self._accounts_reader(), live_accounts=view)
         if c.delete:
             self.tracer.delete_hists(c.delete)
-        return c.hists, c.gone, c.accounts
+        hists, accounts = c.hists, c.accounts
+        if share:
+            self._shared = (self.last_collect, hists, accounts)
+            hists = dict(hists)
+            accounts = dict(accounts) if accounts is not None else None
+        gone = self.ledger.hand(consumer, hists, peek, accounts) if consumer is not None else set()
+        return hists, gone, accounts
