@@ -61,6 +61,7 @@ PREEMPT_KEY = 1 << PREEMPT_KEY_BIT  # a key's preemption-wait histogram (by_kind
 RUN_LOG_LEN = 64
 CULPRIT_FLUSH_NS = 1_000_000
 CULPRIT_FLUSH_COUNT = 64
+CUL_PENDING = 2
 WAIT_PREEMPT = 1
 WAIT_COUNTED = 2
 WAIT_THROTTLED = 4
@@ -103,9 +104,9 @@ RUN_ENTRY_DTYPE = np.dtype([("end_ns", "<u8"), ("cgroup", "<u8"), ("tgid", "<u4"
 CPU_RUNS_DTYPE = np.dtype([("own", "<i8"), ("foreign", "<i8"), ("rate_start", "<u8"), ("rate_sent", "<u4"),
                            ("head", "<u4"), ("best_ns", "<u8"), ("best", "<u4"), ("best_type", "<u4"),
                            ("runs", RUN_ENTRY_DTYPE, (RUN_LOG_LEN,))])
-WAIT_SLOT_DTYPE = np.dtype([("owner", "<u8"), ("throttled_base", "<u8"), ("cul_victim", "<u8"),
-                            ("cul_id", "<u8"), ("cul_ns", "<u8"), ("cul_count", "<u4"), ("cul_type", "<u4"),
-                            ("wait_cpu", "<u4"), ("flags", "<u4")])
+CUL_SUM_DTYPE = np.dtype([("victim", "<u8"), ("id", "<u8"), ("ns", "<u8"), ("count", "<u4"), ("type", "<u4")])
+WAIT_SLOT_DTYPE = np.dtype([("owner", "<u8"), ("throttled_base", "<u8"), ("wait_cpu", "<u4"), ("flags", "<u4"),
+                            ("pend", CUL_SUM_DTYPE, (CUL_PENDING,))])
 SLOW_EVENT_DTYPE = np.dtype([
     ("ts_ns", "<u8"), ("latency_ns", "<u8"), ("throttled_ns", "<u8"), ("cgroup", "<u8"),
     ("culprit_cgroup", "<u8"), ("culprit_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("cpu", "<u4"),
