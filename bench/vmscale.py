@@ -58,7 +58,7 @@ def one_guest(smp: str, procs: int, measure_s: float, memory_mb: int, timeout: f
             try:
                 rec[k] = float(v)
             except ValueError:
-                rec[k] = v
+                rec[k] = None if v == "None" else v  # e.g. no interval in the window
     if profile:
         rec["profile"] = vmrun.guest_output(console).split("VMSCALE", 1)[-1]
     return rec
@@ -69,7 +69,7 @@ def pairs_text(runs: list[dict], key: str) -> tuple[str, list[float]]:
     ratios = []
     for a, b in zip(runs[0::2], runs[1::2]):
         x, y = a.get(key), b.get(key)
-        if x and y:
+        if isinstance(x, float) and isinstance(y, float) and x and y:
             ratios.append(x / y if a["smp"] == CONFIGS[0][1] else y / x)
     if not ratios:
         return "no complete pair", ratios
@@ -99,7 +99,7 @@ def report(runs: list[dict], profiles: list[dict], a, memory: int, stamp) -> str
                  f"not comparable. Compare the ms per s and intervals columns; rerun on a quiet host.")
     for name, _ in CONFIGS:
         vals = [r["cpu_ms_per_interval"] for r in runs if r.get("possible") == float(name)
-                and r.get("cpu_ms_per_interval")]
+                and isinstance(r.get("cpu_ms_per_interval"), float)]
         if vals:
             L.append(f"{name:>2} possible CPUs: median {statistics.median(vals):.1f} ms per interval "
                      f"({', '.join(f'{v:.1f}' for v in vals)})")

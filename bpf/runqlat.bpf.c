@@ -644,20 +644,20 @@ static __always_inline struct cpu_runs *switch_log(struct task_struct *prev, __u
 }
 
 /*
- * Write w's pending charges into the culprits map. False: not written (the
- * map is full, or the kernel could not take its bucket lock just now); they
- * stay pending and the caller decides.
+ * Write a pending sum into the culprits map. False: not written (the map is
+ * full, or the kernel could not take its bucket lock just now); it stays
+ * pending and the caller decides.
  */
-static __noinline bool flush_charges(struct wait_slot *w)
+static __noinline bool flush_sum(struct cul_sum *p)
 {
 	struct culprit_key k = {};
 	struct culprit_val zero = {}, *v;
 
-	if (!w || !w->cul_count)
+	if (!p || !p->count)
 		return true;
-	k.victim = w->cul_victim;
-	k.culprit = w->cul_id;
-	k.type = w->cul_type;
+	k.victim = p->victim;
+	k.culprit = p->id;
+	k.type = p->type;
 	v = bpf_map_lookup_elem(&culprits, &k);
 	if (!v) {
 		bpf_map_update_elem(&culprits, &k, &zero, BPF_NOEXIST);
@@ -665,41 +665,54 @@ static __noinline bool flush_charges(struct wait_slot *w)
 	}
 	if (!v)
 		return false;
-	__sync_fetch_and_add(&v->wait_ns, w->cul_ns);
-	__sync_fetch_and_add(&v->count, w->cul_count);
-	w->cul_ns = 0;
-	w->cul_count = 0;
+	__sync_fetch_and_add(&v->wait_ns, p->ns);
+	__sync_fetch_and_add(&v->count, p->count);
+	p->ns = 0;
+	p->count = 0;
 	return true;
 }
 
-/* Pending charges that could not be written and cannot wait: counted, dropped. */
-static __always_inline void drop_charges(struct wait_slot *w)
+/* Write a pending sum, or count and drop it: its place is needed (or its task is gone). */
+static __always_inline void flush_or_drop(struct cul_sum *p)
 {
+	if (flush_sum(p))
+		return;
 	why_count(WHY_CULPRITS_FULL);
-	w->cul_ns = 0;
-	w->cul_count = 0;
+	p->ns = 0;
+	p->count = 0;
+}
+
+static __always_inline bool sum_of(struct cul_sum *p, __u64 victim, __u32 type, __u64 id)
+{
+	return p->count && p->victim == victim && p->type == type && p->id == id;
 }
 
 /*
- * Charge ns of w's task's wait to a culprit. Charges to the same culprit are
- * summed in the task's slot first (a task that waits often waits mostly
- * behind the same few): at most CULPRIT_FLUSH_NS and CULPRIT_FLUSH_COUNT - 1
- * pieces of a task wait there to be written.
+ * Charge ns of w's task's wait to a culprit: added to the pending sum of the
+ * same (victim, culprit), else to a free one, else to the last one, whose
+ * charges are written first (runqlat.h). A sum that reaches the flush limits
+ * is written; if that fails it stays and is tried again next time.
  */
 static __always_inline void charge(struct wait_slot *w, __u64 victim, __u32 type, __u64 id, __u64 ns)
 {
-	/* one call site: the verifier walks the loop below with this inside */
-	bool other = w->cul_victim != victim || w->cul_type != type || w->cul_id != id;
+	struct cul_sum *p = &w->pend[0];
 
-	/* a failed write of the same culprit's charges is tried again next time */
-	if (w->cul_count && (other || w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT) &&
-	    !flush_charges(w) && other)
-		drop_charges(w);
-	w->cul_victim = victim;
-	w->cul_type = type;
-	w->cul_id = id;
-	w->cul_ns += ns;
-	w->cul_count++;
+	if (!sum_of(p, victim, type, id)) {
+		p = &w->pend[1];
+		if (!sum_of(p, victim, type, id)) {
+			if (!w->pend[0].count)
+				p = &w->pend[0];
+			else if (p->count)
+				flush_or_drop(p);
+			p->victim = victim;
+			p->type = type;
+			p->id = id;
+		}
+	}
+	p->ns += ns;
+	p->count++;
+	if (p->ns >= CULPRIT_FLUSH_NS || p->count >= CULPRIT_FLUSH_COUNT)
+		flush_sum(p);
 }
 
 struct wait_info {
@@ -795,8 +808,6 @@ __noinline int attribute_wait(__u64 victim, __u64 t0, __u64 t1, __u64 throttled,
 	wi.t1 = t1;
 	wi.throttled = throttled;
 	charge_pieces(w, r, &wi);
-	if (w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT)
-		flush_charges(w);
 	if (slower_than_ns) { /* only slow-wait events name the largest piece */
 		r->best_ns = wi.best_ns;
 		r->best = wi.best;
@@ -885,8 +896,6 @@ static __always_inline void explain_wait(struct task_struct *t, __u32 tid, struc
 		if (e->end_ns == now && r->runs[(r->head - 2) & (RUN_LOG_LEN - 1)].end_ns <= now - delta) {
 			charge(w, victim, e->type, e->type != CULPRIT_TASK ? 0 :
 			       culprit_by == CULPRIT_BY_CGROUP ? e->cgroup : e->tgid, delta);
-			if (w->cul_ns >= CULPRIT_FLUSH_NS || w->cul_count >= CULPRIT_FLUSH_COUNT)
-				flush_charges(w);
 			if (slower_than_ns) {
 				r->best_ns = delta;
 				r->best = i;
@@ -1132,9 +1141,9 @@ static __always_inline int on_exit(struct task_struct *t)
 	if (attribute) {
 		struct wait_slot *w = wait_slot_of(t, tid, false, false);
 
-		if (w) {
-			if (!flush_charges(w)) /* its last charges */
-				drop_charges(w);
+		if (w) { /* its last charges */
+			flush_or_drop(&w->pend[0]);
+			flush_or_drop(&w->pend[1]);
 			uncount(w, NULL);
 		}
 	}

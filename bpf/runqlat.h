@@ -155,10 +155,17 @@ enum wait_kind {
  * before the oldest switch remembered goes to CULPRIT_UNKNOWN.
  */
 #define RUN_LOG_LEN 64
-/* A task's charges to one culprit are summed in its wait_slot and written to
- * the culprits map when the culprit changes or the sum reaches these. */
+/*
+ * A task's charges are summed in its wait_slot, in CUL_PENDING sums of one
+ * (victim, culprit) each, and written to the culprits map when a sum reaches
+ * these or its place is needed for another pair. Two: a task's waits
+ * alternate between wakeup and preemption waits (two victim keys with
+ * by_kind) or between two culprits (two tasks taking turns); with one sum
+ * every wait of such a task was a map update.
+ */
 #define CULPRIT_FLUSH_NS 1000000ULL
 #define CULPRIT_FLUSH_COUNT 64
+#define CUL_PENDING 2
 
 enum culprit_type {
 	CULPRIT_TASK = 0,    /* id: tgid or cgroup id (rodata culprit_by) */
@@ -231,17 +238,22 @@ struct cpu_runs {
 #define WAIT_COUNTED 2     /* it is counted in cpu_runs[wait_cpu] */
 #define WAIT_THROTTLED 4   /* the task's cfs_rq was throttled when it began (old kernels) */
 
+/* Charges of one victim key to one culprit, summed, not yet in culprits (count 0: unused). */
+struct cul_sum {
+	__u64 victim;
+	__u64 id;
+	__u64 ns;
+	__u32 count;
+	__u32 type;
+};
+
 /* Per task (array indexed by thread id, like task_slots): the wait in progress. */
 struct wait_slot {
 	__u64 owner;           /* the task_struct this belongs to */
 	__u64 throttled_base;  /* throttled clock of the task's cfs_rq when the wait began */
-	__u64 cul_victim;      /* the charges summed here, not yet in culprits */
-	__u64 cul_id;
-	__u64 cul_ns;
-	__u32 cul_count;
-	__u32 cul_type;
 	__u32 wait_cpu;
 	__u32 flags;
+	struct cul_sum pend[CUL_PENDING];
 };
 
 /* A tracked wait longer than slower_than_ns (ring buffer slow_waits). */

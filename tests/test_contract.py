@@ -99,7 +99,7 @@ def test_header_enums_match_abi(enum_name, cls, prefix):
 def test_header_structs_are_declared():
     text = _strip_comments(HEADER.read_text())
     for struct in ("hist", "live_cfg", "task_ctx", "task_slot", "culprit_key", "culprit_val", "cause_val",
-                   "run_entry", "cpu_runs", "wait_slot", "slow_event"):
+                   "run_entry", "cpu_runs", "cul_sum", "wait_slot", "slow_event"):
         assert re.search(rf"struct\s+{struct}\s*\{{", text), struct
     assert re.search(r"__u64\s+slots\s*\[\s*HIST_SLOTS\s*\]", text)
     assert re.search(r"char\s+comm\s*\[\s*TASK_COMM_LEN\s*\]", text)
@@ -171,6 +171,7 @@ def test_sizes_the_loader_uses_without_numpy():
     assert abi.HIST_SIZE == abi.HIST_DTYPE.itemsize
     assert abi.TASK_CTX_SIZE == abi.TASK_CTX_DTYPE.itemsize
     assert abi.TASK_SLOT_SIZE == abi.TASK_SLOT_DTYPE.itemsize
+    assert abi.CUL_SUM_SIZE == abi.CUL_SUM_DTYPE.itemsize
     assert abi.WAIT_SLOT_SIZE == abi.WAIT_SLOT_DTYPE.itemsize
     assert tracer._WORDS * 8 == abi.HIST_DTYPE.itemsize
     assert (tracer._COUNT, tracer._SUM, tracer._COMM) == tuple(
@@ -194,7 +195,7 @@ def test_small_structs(btf):
 
 WHY_STRUCTS = (("culprit_key", abi.CULPRIT_KEY_DTYPE), ("culprit_val", abi.CULPRIT_VAL_DTYPE),
                ("cause_val", abi.CAUSE_VAL_DTYPE), ("run_entry", abi.RUN_ENTRY_DTYPE),
-               ("cpu_runs", abi.CPU_RUNS_DTYPE), ("wait_slot", abi.WAIT_SLOT_DTYPE),
+               ("cpu_runs", abi.CPU_RUNS_DTYPE), ("cul_sum", abi.CUL_SUM_DTYPE), ("wait_slot", abi.WAIT_SLOT_DTYPE),
                ("slow_event", abi.SLOW_EVENT_DTYPE))
 
 

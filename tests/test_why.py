@@ -223,9 +223,35 @@ def test_hog_is_the_culprit_and_the_cause_is_contention(tracers, cpu, delayacct)
     # flush at either end of the measurement; 1% more for the rare charge the kernel
     # could not write (why_counts culprits_full) and one excess of 0.6% seen once here,
     # not understood yet (notes/why.md)
-    assert abs(m["waited"] - m["charged"]) <= abi.CULPRIT_FLUSH_NS + 0.01 * m["waited"], m["detail"]
+    assert abs(m["waited"] - m["charged"]) <= abi.CUL_PENDING * abi.CULPRIT_FLUSH_NS + 0.01 * m["waited"], \
+        m["detail"]
     assert m["throttled"] == 0, f"contention read as throttling: {m['detail']}"
     assert tr.why_counts()["culprits_full"] <= 5  # bucket lock busy, twice in a row: rare
+
+
+# Runs 100 us, sleeps 300 us: short turns ahead of a busy loop, so the charges of
+# one (victim, culprit) pair stay below a flush for many turns.
+_DUTY = ("import time\nwhile True:\n    time.sleep(0.0003)\n    t = time.perf_counter() + 0.0001\n"
+         "    while time.perf_counter() < t:\n        pass\n")
+
+
+def test_three_short_hogs_each_charged_what_it_ran(tracers, cpu, delayacct):
+    """Three tasks take short turns ahead of the tracked loop, whose waits are kept
+    apart by kind: more (victim, culprit) pairs than a task's pending sums, so a
+    sum is written to make room at most turns. Each is still charged what it ran,
+    and nothing is lost or charged twice."""
+    duty = [sys.executable, "-c", _DUTY]
+    with BusyLoops(1, cpu) as tracked, BusyLoops(1, cpu, argv=duty) as h1, BusyLoops(1, cpu, argv=duty) as h2, \
+            BusyLoops(1, cpu, argv=duty) as h3:
+        tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, attribute=True, by_kind=True))
+        tr.set_targets(pids={tracked.pid})
+        m = Sharing(tr, tracked, [h1, h2, h3]).measure(2.0)
+    assert m["waited"] > 100 * MS, f"too little contention: {m['detail']}"
+    for pid in m["ran"]:
+        assert_charged_as_ran(m, pid, rel=0.10, min_ran=30 * MS)
+    assert abs(m["waited"] - m["charged"]) <= abi.CUL_PENDING * abi.CULPRIT_FLUSH_NS + 0.02 * m["waited"], \
+        m["detail"]
+    assert tr.why_counts()["culprits_full"] <= 5
 
 
 def test_quota_waits_are_throttled(tracers, cpu, delayacct):

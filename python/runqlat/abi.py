@@ -59,6 +59,7 @@ PREEMPT_KEY = 1 << PREEMPT_KEY_BIT  # a key's preemption-wait histogram (by_kind
 RUN_LOG_LEN = 64
 CULPRIT_FLUSH_NS = 1_000_000
 CULPRIT_FLUSH_COUNT = 64
+CUL_PENDING = 2
 WAIT_PREEMPT = 1
 WAIT_COUNTED = 2
 WAIT_THROTTLED = 4
@@ -101,19 +102,21 @@ WHY_COUNTERS = len(WhyCounter)
 HIST_SIZE = (HIST_SLOTS + 2) * 8 + TASK_COMM_LEN  # struct hist: slots, count, sum_ns, comm
 TASK_CTX_SIZE = 3 * 8 + 2 * 4  # struct task_ctx
 TASK_SLOT_SIZE = 8 + TASK_CTX_SIZE  # struct task_slot: owner, ctx
-WAIT_SLOT_SIZE = 5 * 8 + 4 * 4  # struct wait_slot
+CUL_SUM_SIZE = 3 * 8 + 2 * 4  # struct cul_sum
+WAIT_SLOT_SIZE = 2 * 8 + 2 * 4 + CUL_PENDING * CUL_SUM_SIZE  # struct wait_slot
 LIVE_CFG_SIZE = 16  # struct live_cfg { __u64 gen; __u32 filter; __u32 pad; }
 LIVE_CFG_FORMAT = "<QII"
 LIVE_GEN_SHIFT = 32  # user space's generation is gen's high half (the BPF side adds to the low)
 
 DTYPES = ("CULPRIT_KEY_DTYPE", "CULPRIT_VAL_DTYPE", "CAUSE_VAL_DTYPE", "RUN_ENTRY_DTYPE", "CPU_RUNS_DTYPE",
-          "WAIT_SLOT_DTYPE", "SLOW_EVENT_DTYPE", "HIST_DTYPE", "TASK_CTX_DTYPE", "TASK_SLOT_DTYPE")
+          "CUL_SUM_DTYPE", "WAIT_SLOT_DTYPE", "SLOW_EVENT_DTYPE", "HIST_DTYPE", "TASK_CTX_DTYPE", "TASK_SLOT_DTYPE")
 
 
 def _dtypes() -> dict:
     import numpy as np
     run_entry = np.dtype([("end_ns", "<u8"), ("cgroup", "<u8"), ("tgid", "<u4"), ("tid", "<u4"),
                           ("type", "<u4"), ("pad", "<u4"), ("comm", f"S{TASK_COMM_LEN}")])
+    cul_sum = np.dtype([("victim", "<u8"), ("id", "<u8"), ("ns", "<u8"), ("count", "<u4"), ("type", "<u4")])
     task_ctx = np.dtype([("enqueued_ns", "<u8"), ("hist_key", "<u8"), ("gen", "<u8"),
                          ("tracked", "<u4"), ("hist_idx", "<u4")])
     return {
@@ -124,9 +127,9 @@ def _dtypes() -> dict:
         "CPU_RUNS_DTYPE": np.dtype([("own", "<i8"), ("foreign", "<i8"), ("rate_start", "<u8"),
                                     ("rate_sent", "<u4"), ("head", "<u4"), ("best_ns", "<u8"), ("best", "<u4"),
                                     ("best_type", "<u4"), ("runs", run_entry, (RUN_LOG_LEN,))]),
-        "WAIT_SLOT_DTYPE": np.dtype([("owner", "<u8"), ("throttled_base", "<u8"), ("cul_victim", "<u8"),
-                                     ("cul_id", "<u8"), ("cul_ns", "<u8"), ("cul_count", "<u4"),
-                                     ("cul_type", "<u4"), ("wait_cpu", "<u4"), ("flags", "<u4")]),
+        "CUL_SUM_DTYPE": cul_sum,
+        "WAIT_SLOT_DTYPE": np.dtype([("owner", "<u8"), ("throttled_base", "<u8"), ("wait_cpu", "<u4"),
+                                     ("flags", "<u4"), ("pend", cul_sum, (CUL_PENDING,))]),
         "SLOW_EVENT_DTYPE": np.dtype([
             ("ts_ns", "<u8"), ("latency_ns", "<u8"), ("throttled_ns", "<u8"), ("cgroup", "<u8"),
             ("culprit_cgroup", "<u8"), ("culprit_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("cpu", "<u4"),
