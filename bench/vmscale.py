@@ -7,7 +7,7 @@ and libbpf_num_possible_cpus() see on a 64-CPU host); `-smp 2` is the
 comparison. The guests run one after the other, interleaved (64, 2, 64, 2,
 ...), never side by side: TCG's speed follows the host's load, so a ratio
 is only taken between neighbours. Each guest runs bench/vmscale_guest.py:
-PROCS sleepers, `runqlat-core run 1 -P --pids-file ... -o json --output-file
+PROCS sleepers, `runqlat-core run INTERVAL -P --pids-file ... -o json --output-file
 ...`, its CPU over MEASURE_S seconds after the first output.
 
 Prints each guest's figures, the median of each configuration and the ratio
@@ -41,11 +41,12 @@ WAIT_WHILE: Path | None = None
 
 
 def one_guest(smp: str, procs: int, measure_s: float, memory_mb: int, timeout: float,
-              wake: tuple[int, int], profile: bool, logdir: Path, tag: str) -> dict:
+              wake: tuple[int, int], profile: bool, logdir: Path, tag: str, interval: float = 1.0) -> dict:
     while WAIT_WHILE is not None and WAIT_WHILE.exists():
         time.sleep(15)
     argv = [str(REPO / ".venv/bin/python"), str(BENCH / "vmscale_guest.py"), str(procs), str(OUT / "procs"),
-            str(measure_s), "--wake", str(wake[0]), str(wake[1])] + (["--profile"] if profile else [])
+            str(measure_s), "--wake", str(wake[0]), str(wake[1]), "--interval", f"{interval:g}"]
+    argv += ["--profile"] if profile else []
     t0 = time.monotonic()
     code, console = vmrun.run_in_guest("6.1", argv, timeout=timeout, smp=smp, memory_mb=memory_mb)
     (logdir / f"vmscale-{tag}.console.log").write_text(console + "\n")
@@ -80,7 +81,7 @@ def pairs_text(runs: list[dict], key: str) -> tuple[str, list[float]]:
 def report(runs: list[dict], profiles: list[dict], a, memory: int, stamp) -> str:
     L = [f"runqlat-core vmscale benchmark (issue 13, item 2), {stamp:%Y-%m-%d %H:%M} UTC, host {machine()}",
          f"Debian 6.1 guests under qemu TCG ({memory} MiB), {a.processes:,} sleepers waking every "
-         f"{a.wake[0]}-{a.wake[1]} ms, `runqlat-core run 1 -P --pids-file ... -o json --output-file ...`, "
+         f"{a.wake[0]}-{a.wake[1]} ms, `runqlat-core run {a.interval:g} -P --pids-file ... -o json --output-file ...`, "
          f"CPU of the CLI over {a.measure_s:.0f} s after its first output + 5 s; guests in this order:"]
     L.append("| guest | possible CPUs | CPU ms per interval | ms per s | user / sys ms per s | intervals "
              "| first output | Percpu growth | host load (5 min) | exit |")
@@ -91,7 +92,7 @@ def report(runs: list[dict], profiles: list[dict], a, memory: int, stamp) -> str
                  f"| {r.get('intervals', '-')} | {r.get('first_output_s', '-')} s "
                  f"| {r.get('percpu_growth_mb', '-')} MiB | {r['host_load']} | {r['exit']} |" if "possible" in r else
                  f"| {i + 1} | {r['smp']} | no result (exit {r['exit']}, {r['wall_s']} s) |||||| {r['host_load']} ||")
-    slow = [str(i + 1) for i, r in enumerate(runs) if r.get("intervals", 0) < a.measure_s / 2]
+    slow = [str(i + 1) for i, r in enumerate(runs) if r.get("intervals", 0) < a.measure_s / a.interval / 2]
     if slow:
         L.append(f"NOT VALID: guest(s) {', '.join(slow)} printed fewer than one interval per 2 s: the CLI did "
                  f"not keep up (a guest the host starved: TCG has no steal time, a vCPU the host did not run "
@@ -124,6 +125,8 @@ def main() -> int:
     ap.add_argument("--wake", type=int, nargs=2, default=(200, 400), metavar=("MIN_MS", "MAX_MS"))
     ap.add_argument("--timeout", type=float, default=0, help="per guest, s (default: scaled by processes)")
     ap.add_argument("--profile", action="store_true", help="one more pair with the CLI under cProfile")
+    ap.add_argument("--interval", type=float, default=1.0,
+                    help="the CLI's interval, s (longer at 10,000 processes: TCG runs the CLI 10-20x slower)")
     ap.add_argument("--wait-while", type=Path, metavar="FILE",
                     help="before each guest, wait while FILE exists (a shared host's 'quiet' flag)")
     a = ap.parse_args()
@@ -143,14 +146,14 @@ def main() -> int:
             for name, smp in CONFIGS:
                 log(f"vmscale: pair {i + 1}/{a.pairs}, {name} possible CPUs, {a.processes:,} processes")
                 r = one_guest(smp, a.processes, a.measure_s, memory, timeout, tuple(a.wake), False, logdir,
-                              f"{stamp:%H%M%S}-{i}-{name}")
+                              f"{stamp:%H%M%S}-{i}-{name}", a.interval)
                 log(f"vmscale:   {json.dumps(r)}")
                 runs.append(r)
         if a.profile:
             for name, smp in CONFIGS:
                 log(f"vmscale: profile, {name} possible CPUs")
                 profiles.append(one_guest(smp, a.processes, a.measure_s, memory, timeout, tuple(a.wake), True,
-                                          logdir, f"{stamp:%H%M%S}-prof-{name}"))
+                                          logdir, f"{stamp:%H%M%S}-prof-{name}", a.interval))
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the guests so far are still reported
         log("vmscale: interrupted; reporting the guests that finished")
     text = report(runs, profiles, a, memory, stamp)

@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("measure_s", type=float)
     ap.add_argument("--wake", type=int, nargs=2, default=(200, 400), metavar=("MIN_MS", "MAX_MS"))
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--interval", type=float, default=1.0, help="the CLI's interval, s")
     a = ap.parse_args()
     possible = Path("/sys/devices/system/cpu/possible").read_text().strip()
     lo, _, hi = possible.partition("-")
@@ -70,7 +71,7 @@ def main() -> int:
         t0 = time.monotonic()
         spawn_sleepers(procs, a.procs, *a.wake, pidfile, procs_bin=Path(a.procs_bin), timeout=1200)
         print(f"vmscale_guest: {a.procs} sleepers in {time.monotonic() - t0:.1f} s", flush=True)
-        argv = runqlat_core() + ["run", "1", "-P", "--pids-file", str(pidfile), "-o", "json",
+        argv = runqlat_core() + ["run", f"{a.interval:g}", "-P", "--pids-file", str(pidfile), "-o", "json",
                                  "--output-file", str(out)]
         if a.profile:
             argv = [str(REPO / ".venv/bin/python"), "-m", "cProfile", "-o", str(prof), "-m", "runqlat"] + argv[1:]
@@ -83,7 +84,7 @@ def main() -> int:
                 return 1
             time.sleep(0.1)
         first = time.monotonic() - t1
-        time.sleep(SETTLE_S)
+        time.sleep(SETTLE_S * a.interval)
         c0, k0, d0, w0, e0 = cpu_ns(cli.pid), cpu_times(cli.pid), run_delay_ns(cli.pid), time.monotonic(), time.time()
         time.sleep(a.measure_s)
         c1, k1, d1, w1, e1 = cpu_ns(cli.pid), cpu_times(cli.pid), run_delay_ns(cli.pid), time.monotonic(), time.time()
