@@ -87,6 +87,16 @@ def schedstat(pid: int) -> tuple[int, int, int]:
     return int(run), int(wait), int(slices)
 
 
+def cpu_steal_ns(cpu: int) -> int:
+    """Time the hypervisor ran something else on this VM's CPU (/proc/stat, steal), in ns.
+    A task's schedstat run time leaves it out; a wait measured by the clock does not."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        f = line.split()
+        if f[0] == f"cpu{cpu}":
+            return int(f[8]) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return 0
+
+
 @contextlib.contextmanager
 def sysctl(name: str, value: str):
     path = Path("/proc/sys") / name.replace(".", "/")

@@ -284,7 +284,7 @@ class _CountingMonitor:
         self.maintained += 1
         self.last_collect = time.monotonic()
 
-    def snapshot(self, consumer):
+    def snapshot(self, consumer, peek=False, share=False):
         raise AssertionError("a quiet run must not take printing snapshots")
 
 
@@ -353,7 +353,7 @@ def test_the_first_interval_counts_from_when_the_tracked_set_was_in_place():
     import time
 
     class Printing(_CountingMonitor):
-        def snapshot(self, consumer):
+        def snapshot(self, consumer, peek=False, share=False):
             return consumer
 
     class Printer:
