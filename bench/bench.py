@@ -43,8 +43,10 @@ CONFIGS = (
     ("why_outside", "--culprits --by-kind -p, outside"),
     ("why_inside", "--culprits --by-kind -p, inside"),
     ("kind_inside", "--by-kind -p, inside"),
+    # per process, as users run it: a row per key, preemption waits under their own key
+    ("why_perproc", "--culprits --by-kind -P, all tasks"),
 )
-OURS = ("all", "outside", "inside", "perproc", "why_outside", "why_inside", "kind_inside")
+OURS = ("all", "outside", "inside", "perproc", "why_outside", "why_inside", "kind_inside", "why_perproc")
 BASELINES = ("none", "empty", "runqlat")  # always run: every ratio needs them
 
 
@@ -63,6 +65,7 @@ def tracer_argv(cfg: str, gate_pid: int, idle_pid: int) -> list[str] | None:
         "why_inside": rqc + ["run", "--output", "json", "--culprits", "--by-kind", "-p", str(gate_pid),
                              "--follow-children"],
         "kind_inside": rqc + ["run", "--output", "json", "--by-kind", "-p", str(gate_pid), "--follow-children"],
+        "why_perproc": rqc + ["run", "--output", "json", "--culprits", "--by-kind", "-P"],
     }[cfg]
     return argv and ["taskset", "-c", TRACER_CPU] + argv
 

@@ -388,6 +388,7 @@ static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u64 g
 		c->hist_key = 0;
 	}
 	c->hist_idx = tracked && agg_mode != AGG_GLOBAL ? index_of(c->hist_key, t) : NO_INDEX;
+	c->preempt_idx = NOT_LOOKED; /* looked up at the first preemption wait (by_kind) */
 }
 
 /* direct: t is a BTF pointer (tp_btf), its fields read with plain loads */
@@ -972,7 +973,11 @@ static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_str
 	return bpf_map_lookup_elem(&hists, &key);
 }
 
-/* With by_kind: the histogram of t's preemption waits (its key with PREEMPT_KEY). */
+/*
+ * With by_kind: the histogram of t's preemption waits (its key with
+ * PREEMPT_KEY). Its row is looked up in hist_index once per decision and kept
+ * in the task's state; a key without a row (NO_INDEX) is looked for again.
+ */
 static __always_inline struct hist *preempt_hist(struct task_ctx *c, struct task_struct *t)
 {
 	struct task_ctx alt = *c;
@@ -981,7 +986,9 @@ static __always_inline struct hist *preempt_hist(struct task_ctx *c, struct task
 	if (agg_mode == AGG_GLOBAL)
 		return bpf_map_lookup_elem(&hist_global, &one);
 	alt.hist_key |= PREEMPT_KEY;
-	alt.hist_idx = index_of(alt.hist_key, t);
+	if (c->preempt_idx >= NOT_LOOKED) /* NOT_LOOKED or NO_INDEX */
+		c->preempt_idx = index_of(alt.hist_key, t);
+	alt.hist_idx = c->preempt_idx;
 	return hist_for(&alt, t);
 }
 

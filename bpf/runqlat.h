@@ -107,6 +107,8 @@ struct live_cfg {
 
 /* task_ctx.hist_idx of a key without a hist_arr row: its histogram is in hists. */
 #define NO_INDEX 0xffffffffU
+/* task_ctx.preempt_idx before the task's first preemption wait under this decision. */
+#define NOT_LOOKED 0xfffffffeU
 
 /* Per-task state, in task storage or (fallback) a hash keyed by thread id. */
 struct task_ctx {
@@ -115,6 +117,8 @@ struct task_ctx {
 	__u64 gen;         /* live_cfg.gen the decision below was made under */
 	__u32 tracked;
 	__u32 hist_idx;    /* row of hist_key in hist_arr, or NO_INDEX */
+	__u32 preempt_idx; /* with by_kind: row of hist_key | PREEMPT_KEY, NO_INDEX or NOT_LOOKED */
+	__u32 pad;
 };
 
 /*

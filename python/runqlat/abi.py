@@ -18,6 +18,7 @@ HIST_DIV_SHIFT = 38
 HIST_DIV_LIMIT = 1 << 31
 LATENCY_MAX_NS = 600_000_000_000
 NO_INDEX = 0xFFFFFFFF  # task_ctx.hist_idx of a key whose histogram is in hists
+NOT_LOOKED = 0xFFFFFFFE  # task_ctx.preempt_idx before its first preemption wait (by_kind)
 MAX_CGROUP_DEPTH = 16
 # A histogram key's kernel memory at most (its row plus its index entry), at
 # any number of CPUs: per-key rows are shared by every CPU.
@@ -100,7 +101,7 @@ WHY_COUNTERS = len(WhyCounter)
 # before that are written out here; tests/test_contract.py checks them against
 # the dtypes and both against the header and the compiled object.
 HIST_SIZE = (HIST_SLOTS + 2) * 8 + TASK_COMM_LEN  # struct hist: slots, count, sum_ns, comm
-TASK_CTX_SIZE = 3 * 8 + 2 * 4  # struct task_ctx
+TASK_CTX_SIZE = 3 * 8 + 4 * 4  # struct task_ctx
 TASK_SLOT_SIZE = 8 + TASK_CTX_SIZE  # struct task_slot: owner, ctx
 CUL_SUM_SIZE = 3 * 8 + 2 * 4  # struct cul_sum
 WAIT_SLOT_SIZE = 2 * 8 + 2 * 4 + CUL_PENDING * CUL_SUM_SIZE  # struct wait_slot
@@ -118,7 +119,7 @@ def _dtypes() -> dict:
                           ("type", "<u4"), ("pad", "<u4"), ("comm", f"S{TASK_COMM_LEN}")])
     cul_sum = np.dtype([("victim", "<u8"), ("id", "<u8"), ("ns", "<u8"), ("count", "<u4"), ("type", "<u4")])
     task_ctx = np.dtype([("enqueued_ns", "<u8"), ("hist_key", "<u8"), ("gen", "<u8"),
-                         ("tracked", "<u4"), ("hist_idx", "<u4")])
+                         ("tracked", "<u4"), ("hist_idx", "<u4"), ("preempt_idx", "<u4"), ("pad", "<u4")])
     return {
         "CULPRIT_KEY_DTYPE": np.dtype([("victim", "<u8"), ("culprit", "<u8"), ("type", "<u4"), ("pad", "<u4")]),
         "CULPRIT_VAL_DTYPE": np.dtype([("wait_ns", "<u8"), ("count", "<u8")]),
