@@ -394,27 +394,12 @@ static __noinline void decide(struct task_ctx *c, struct task_struct *t, __u64 g
 /* direct: t is a BTF pointer (tp_btf), its fields read with plain loads */
 #define TASK_FLAGS(direct, t) ((direct) ? (t)->flags : BPF_CORE_READ(t, flags))
 
-/*
- * The state of t. create: make it if missing. fresh: t is a new task, so any
- * state found under its tid is an earlier task's.
- */
-static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid, bool storage,
-						bool create, bool fresh, bool direct)
+/* The state of t, whose tid is beyond task_slots. create: make it if missing. */
+static __always_inline struct task_ctx *ctx_beyond_slots(struct task_struct *t, __u32 tid, bool storage,
+							 bool create, bool direct)
 {
-	struct task_slot *s = bpf_map_lookup_elem(&task_slots, &tid);
 	struct task_ctx *c;
 
-	if (s) {
-		if (s->owner == (__u64)t && !fresh)
-			return &s->ctx;
-		if (!create)
-			return NULL;
-		/* first sight of t, or its tid was an earlier task's: gen 0 makes it decide */
-		__builtin_memset(&s->ctx, 0, sizeof(s->ctx));
-		s->owner = (__u64)t;
-		return &s->ctx;
-	}
-	/* tid beyond the slots */
 	if (storage)
 		return bpf_task_storage_get(&task_ctx_storage, t, NULL,
 					    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
@@ -430,6 +415,44 @@ static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid
 		bpf_map_update_elem(&task_ctx_hash, &tid, &zero, BPF_NOEXIST);
 	}
 	return bpf_map_lookup_elem(&task_ctx_hash, &tid);
+}
+
+/*
+ * The state of t. create: make it if missing. fresh: t is a new task, so any
+ * state found under its tid is an earlier task's.
+ */
+static __always_inline struct task_ctx *ctx_get(struct task_struct *t, __u32 tid, bool storage,
+						bool create, bool fresh, bool direct)
+{
+	struct task_slot *s = bpf_map_lookup_elem(&task_slots, &tid);
+
+	if (s) {
+		if (s->owner == (__u64)t && !fresh)
+			return &s->ctx;
+		if (!create)
+			return NULL;
+		/* first sight of t, or its tid was an earlier task's: gen 0 makes it decide */
+		__builtin_memset(&s->ctx, 0, sizeof(s->ctx));
+		s->owner = (__u64)t;
+		return &s->ctx;
+	}
+	return ctx_beyond_slots(t, tid, storage, create, direct);
+}
+
+/*
+ * The state of t if its clock is running (a tracked task, waiting), else
+ * NULL. Most tasks switched in are not: a slot's clock is looked at before
+ * its owner (a slot of another task is never read as t's).
+ */
+static __always_inline struct task_ctx *waiting_ctx(struct task_struct *t, __u32 tid, bool storage)
+{
+	struct task_slot *s = bpf_map_lookup_elem(&task_slots, &tid);
+	struct task_ctx *c;
+
+	if (s)
+		return s->ctx.enqueued_ns && s->owner == (__u64)t ? &s->ctx : NULL;
+	c = ctx_beyond_slots(t, tid, storage, false, true);
+	return c && c->enqueued_ns ? c : NULL;
 }
 
 /*
@@ -993,13 +1016,14 @@ static __always_inline struct hist *preempt_hist(struct task_ctx *c, struct task
 }
 
 /*
- * t is switched in: record its wait if its clock was running. prev, r, logged:
+ * t is switched in: record its wait if its clock was running. why: the
+ * attributing twin of the handler (rodata attribute is on); prev, r, logged:
  * the task switched out, this CPU's log and whether prev's run is in it
  * (attribution only).
  */
 static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 *now, bool storage,
 					struct task_struct *prev, __u32 prev_tid, struct cpu_runs *r, bool logged,
-					bool direct)
+					bool direct, bool why)
 {
 	struct task_ctx *c;
 	struct wait_slot *w = NULL;
@@ -1011,16 +1035,16 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 
 	if (tid == 0)
 		return;
-	c = ctx_get(t, tid, storage, false, false, true);
-	if (!c || !c->enqueued_ns)
+	c = waiting_ctx(t, tid, storage);
+	if (!c)
 		return;
 	delta = (__s64)(clock_ns(now) - c->enqueued_ns);
 	c->enqueued_ns = 0;
-	if (by_kind || attribute) {
+	if (by_kind || why) {
 		w = wait_slot_of(t, tid, false, false);
 		if (w) {
 			kind = w->flags & WAIT_PREEMPT ? KIND_PREEMPT : KIND_WAKEUP;
-			if (attribute)
+			if (why)
 				uncount(w, r);
 		}
 	}
@@ -1070,7 +1094,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 		__sync_fetch_and_add(&h->count, 1);
 	}
 	/* with by_kind, a key's culprits and causes are kept per kind too */
-	if (attribute && w)
+	if (why && w)
 		explain_wait(t, tid, w, by_kind && kind == KIND_PREEMPT ? c->hist_key | PREEMPT_KEY : c->hist_key,
 			     delta, *now, r, prev, prev_tid, logged, kind, direct);
 }
@@ -1090,20 +1114,31 @@ static __always_inline int on_wakeup(struct task_struct *t, bool storage, bool d
 	return 0;
 }
 
-static __always_inline int on_switch(struct task_struct *prev, struct task_struct *next, bool storage, bool direct)
+/*
+ * why: the twin loaded when attribution is on (rodata attribute): it logs this
+ * CPU's runs. Apart, the plain handler's common case (next not waiting, prev
+ * not preempted) keeps nothing live across it and reads nothing it needs not.
+ */
+static __always_inline int on_switch(struct task_struct *prev, struct task_struct *next, bool storage, bool direct,
+				     bool why)
 {
 	__u64 now = 0; /* read once, when first needed */
 	long state = direct && bpf_core_field_exists(prev->__state) ? prev->__state : task_state(prev);
-	__u32 prev_tid = TASK_PID(direct, prev);
+	__u32 prev_tid = 0;
 	struct cpu_runs *r = NULL;
 	bool logged = false;
 
-	if (attribute)
+	if (why) {
+		prev_tid = TASK_PID(direct, prev);
 		r = switch_log(prev, prev_tid, &now, &logged, direct);
+	}
 	/* preempted (or yielded): still runnable, so back on the run queue now */
-	if (state == TASK_RUNNING)
+	if (state == TASK_RUNNING) {
+		if (!why)
+			prev_tid = TASK_PID(direct, prev);
 		enqueued(prev, prev_tid, &now, storage, false, KIND_PREEMPT, true, direct);
-	switched_in(next, TASK_PID(direct, next), &now, storage, prev, prev_tid, r, logged, direct);
+	}
+	switched_in(next, TASK_PID(direct, next), &now, storage, prev, prev_tid, r, logged, direct, why);
 	return 0;
 }
 
@@ -1114,7 +1149,10 @@ SEC("tp_btf/sched_wakeup_new")
 int BPF_PROG(wakeup_new_ts, struct task_struct *p) { return on_wakeup(p, true, true, true); }
 SEC("tp_btf/sched_switch")
 int BPF_PROG(switch_ts, bool preempt, struct task_struct *prev, struct task_struct *next)
-{ return on_switch(prev, next, true, true); }
+{ return on_switch(prev, next, true, true, false); }
+SEC("tp_btf/sched_switch")
+int BPF_PROG(switch_why_ts, bool preempt, struct task_struct *prev, struct task_struct *next)
+{ return on_switch(prev, next, true, true, true); }
 
 /* hash + tp_btf */
 SEC("tp_btf/sched_wakeup")
@@ -1123,7 +1161,10 @@ SEC("tp_btf/sched_wakeup_new")
 int BPF_PROG(wakeup_new_h, struct task_struct *p) { return on_wakeup(p, false, true, true); }
 SEC("tp_btf/sched_switch")
 int BPF_PROG(switch_h, bool preempt, struct task_struct *prev, struct task_struct *next)
-{ return on_switch(prev, next, false, true); }
+{ return on_switch(prev, next, false, true, false); }
+SEC("tp_btf/sched_switch")
+int BPF_PROG(switch_why_h, bool preempt, struct task_struct *prev, struct task_struct *next)
+{ return on_switch(prev, next, false, true, true); }
 
 /* hash + raw_tp (task storage needs a BTF task pointer, which raw_tp lacks) */
 SEC("raw_tp/sched_wakeup")
@@ -1132,7 +1173,10 @@ SEC("raw_tp/sched_wakeup_new")
 int BPF_PROG(wakeup_new_raw, struct task_struct *p) { return on_wakeup(p, false, false, true); }
 SEC("raw_tp/sched_switch")
 int BPF_PROG(switch_raw, bool preempt, struct task_struct *prev, struct task_struct *next)
-{ return on_switch(prev, next, false, false); }
+{ return on_switch(prev, next, false, false, false); }
+SEC("raw_tp/sched_switch")
+int BPF_PROG(switch_why_raw, bool preempt, struct task_struct *prev, struct task_struct *next)
+{ return on_switch(prev, next, false, false, true); }
 
 /*
  * Process exit: when the last thread of a tracked process is gone, its tgid

@@ -77,10 +77,10 @@ def test_quick_reader_leaves_foreign_files_to_pyelftools(obj):
 def test_program_sections(obj):
     progs = elf.inspect(obj).programs
     for (attach, _), names in abi.SCHED_PROGRAMS.items():
-        wakeup, wakeup_new, switch = names
+        wakeup, wakeup_new, switch, switch_why = names
         assert progs[wakeup] == f"{attach}/sched_wakeup"
         assert progs[wakeup_new] == f"{attach}/sched_wakeup_new"
-        assert progs[switch] == f"{attach}/sched_switch"
+        assert progs[switch] == progs[switch_why] == f"{attach}/sched_switch"
     for attach, (exit_p, fork_p, cg_p) in abi.AUX_PROGRAMS.items():
         assert progs[exit_p] == f"{attach}/sched_process_exit"
         assert progs[fork_p] == f"{attach}/sched_process_fork"

@@ -165,7 +165,7 @@ def test_sum_agrees_with_schedstat(path, tracers, hogs, delayacct, monkeypatch):
     assert (tr.features["attach"], tr.features["timestamps"]) == (attach, store)
     slots = env is not NO_SLOTS and "RUNQLAT_FORCE_NO_TASK_SLOTS" not in env
     assert (int(tr.features["task_slots"]) > task.pid) == slots
-    wanted = set(abi.SCHED_PROGRAMS[(attach, store)]) | {abi.AUX_PROGRAMS[attach][0]}
+    wanted = set(abi.sched_programs(attach, store, False)) | {abi.AUX_PROGRAMS[attach][0]}
     assert set(tr.features["programs"].split(",")) == wanted
     tr.set_targets(pids={task.pid})
 

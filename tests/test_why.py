@@ -478,6 +478,8 @@ def test_every_path_records_kinds_and_culprits(path, tracers, cpu, monkeypatch):
         tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, attribute=True, by_kind=True,
                              slower_than_ns=100 * MS))
         tr.set_targets(pids={tracked.pid})
+        assert {p for p in tr.features["programs"].split(",") if p.startswith("switch")} == {
+            abi.sched_programs(tr.features["attach"], tr.features["timestamps"], True)[2]}
         m = Sharing(tr, tracked, [hog]).measure(1.5)
         h = tr.read_hists()[tracked.pid]
         w, p = tr.kinds[tracked.pid]
@@ -497,6 +499,7 @@ def test_everything_off_loads_the_maps_at_one_entry(tracers):
     for name in ("wait_slots", "cpu_runs", "culprits", "causes"):
         assert tr.obj.map(name).max_entries == 1, name
     assert "why" not in tr.features
+    assert not any(p.startswith("switch_why") for p in tr.features["programs"].split(","))
     assert tr.read_culprits() == {} and tr.read_causes() == {} and tr.kinds == {}
 
 

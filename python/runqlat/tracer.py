@@ -337,7 +337,7 @@ class Tracer:
             self.features["histograms"] = "hash" if p.force_hist_hash else "array+hash"
         if p.core_btf:
             self.features["core_btf"] = p.core_btf
-        wanted = set(abi.SCHED_PROGRAMS[(attach, store)])
+        wanted = set(abi.sched_programs(attach, store, o.attributing))
         exit_p, fork_p, cg_p = abi.AUX_PROGRAMS[attach]
         wanted.add(exit_p)
         if o.follow_children:
