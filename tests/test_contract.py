@@ -305,6 +305,12 @@ def _c_function(src: str, name: str) -> str:
     return m.group(0)
 
 
+def _c_table(src: str, name: str) -> str:
+    m = re.search(rf"^static const __u8 {name}\[\d+\] = \{{.*?^\}};\n", src, flags=re.S | re.M)
+    assert m, f"{name}[] not found in runqlat.bpf.c"
+    return m.group(0)
+
+
 @pytest.fixture(scope="module")
 def c_hist_slot(tmp_path_factory) -> Path:
     cc = need_tool("cc", "gcc")
@@ -316,8 +322,10 @@ def c_hist_slot(tmp_path_factory) -> Path:
         "#ifndef __always_inline",
         "#define __always_inline inline __attribute__((always_inline))",
         "#endif",
+        "#define barrier_var(var) asm volatile(\"\" : \"+r\"(var))",
         '#include "runqlat.h"',
         _c_function(src, "log2_u64"),
+        _c_table(src, "log2_byte"),
         _c_function(src, "hist_slot"),
         "int main(void) {",
         "    unsigned long long ns;",
