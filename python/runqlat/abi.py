@@ -199,7 +199,8 @@ MAPS = (
 
 # The scheduler handlers, one set per (attach type, timestamp store): wakeup,
 # wakeup_new, switch, and the switch handler's attributing twin, loaded in its
-# place when culprits or throttled time are asked for (sched_programs).
+# place when culprits, throttled time or slow-wait events are asked for
+# (sched_programs).
 SCHED_PROGRAMS = {
     ("tp_btf", "task_storage"): ("wakeup_ts", "wakeup_new_ts", "switch_ts", "switch_why_ts"),
     ("tp_btf", "hash"): ("wakeup_h", "wakeup_new_h", "switch_h", "switch_why_h"),
@@ -211,6 +212,8 @@ def sched_programs(attach: str, store: str, attributing: bool) -> tuple[str, str
     """The three handlers to load: wakeup, wakeup_new and one of the two switch handlers."""
     wakeup, wakeup_new, switch, switch_why = SCHED_PROGRAMS[(attach, store)]
     return wakeup, wakeup_new, switch_why if attributing else switch
+
+
 # exit (tracked set hygiene), fork (--follow-children), cgroup moves.
 AUX_PROGRAMS = {
     "tp_btf": ("exit_btf", "fork_btf", "cgroup_attach_btf"),
