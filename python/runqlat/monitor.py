@@ -87,12 +87,10 @@ class Monitor:
             shared = self._shared
             if shared is None or time.monotonic() - shared[0] > SHARED_READ_S:
                 return self.snapshot(consumer, peek=peek)
-            _, base, base_accounts = shared
             # the printer's collection with what this consumer is owed since: the
             # same numbers a collection of its own would give, read up to
-            # SHARED_READ_S earlier (copies: the entries are replaced, not changed)
-            hists = dict(base)
-            accounts = dict(base_accounts) if base_accounts is not None else None
+            # SHARED_READ_S earlier
+            hists, accounts = _copies(shared[1], shared[2])
             gone = self.ledger.hand(consumer, hists, peek, accounts)
             return self._snapshot(consumer, peek, hists, gone, accounts)
 
@@ -130,21 +128,21 @@ class Monitor:
             return self._snapshot(consumer, peek, hists, gone, accounts)
 
     def _snapshot(self, consumer, peek: bool, hists: dict, gone: set, accounts) -> Snapshot:
-        with self.lock:
-            t, o = self.tracer, self.tracer.opts
-            kinds, why_by_label = why.split(accounts or {}, o.by_kind, o.attributing)
-            return Snapshot(
-                ts=time.time(), mode=self.mode, hists=hists,
-                tracked_processes=self.tracking.process_count(),
-                tracked_containers=len(self.tracking.containers),
-                drops=t.drops(), maps=t.map_fill(tracked_pids_used=len(self.tracking.tracked_pids)),
-                progs=t.prog_stats(), features=dict(t.features), gone=gone,
-                retired_dropped=self.ledger.retired_dropped, label_names=self.ledger.label_names,
-                cpu=self._cpu_context(hists),
-                kinds=kinds, why=why_by_label,
-                why_counts=t.why_counts() if o.by_kind or o.attributing else {},
-                consumer=consumer, peek=peek,
-            )
+        """The snapshot of one collection (the caller holds the lock)."""
+        t, o = self.tracer, self.tracer.opts
+        kinds, why_by_label = why.split(accounts or {}, o.by_kind, o.attributing)
+        return Snapshot(
+            ts=time.time(), mode=self.mode, hists=hists,
+            tracked_processes=self.tracking.process_count(),
+            tracked_containers=len(self.tracking.containers),
+            drops=t.drops(), maps=t.map_fill(tracked_pids_used=len(self.tracking.tracked_pids)),
+            progs=t.prog_stats(), features=dict(t.features), gone=gone,
+            retired_dropped=self.ledger.retired_dropped, label_names=self.ledger.label_names,
+            cpu=self._cpu_context(hists),
+            kinds=kinds, why=why_by_label,
+            why_counts=t.why_counts() if o.by_kind or o.attributing else {},
+            consumer=consumer, peek=peek,
+        )
 
     def _cpu_context(self, hists: dict) -> dict:
         """Throttling and pressure of the containers (or pods) that have a histogram."""
@@ -207,7 +205,13 @@ class Monitor:
         hists, accounts = c.hists, c.accounts
         if share:
             self._shared = (self.last_collect, hists, accounts)
-            hists = dict(hists)
-            accounts = dict(accounts) if accounts is not None else None
+            hists, accounts = _copies(hists, accounts)
         gone = self.ledger.hand(consumer, hists, peek, accounts) if consumer is not None else set()
         return hists, gone, accounts
+
+
+def _copies(hists: dict, accounts: dict | None) -> tuple[dict, dict | None]:
+    """Dicts of a shared collection a consumer can be handed its finals in: the
+    entries are replaced, never changed (ledger.Ledger.hand), so copies of the
+    dicts suffice."""
+    return dict(hists), (dict(accounts) if accounts is not None else None)
