@@ -37,6 +37,8 @@
 #define TASK_RUNNING 0
 #define PF_EXITING 0x00000004 /* include/linux/sched.h: set at the start of do_exit() */
 
+_Static_assert(WAIT_PREEMPT == KIND_PREEMPT && KIND_WAKEUP == 0,
+	       "a wait's kind is its WAIT_PREEMPT flag, taken without a branch");
 _Static_assert(sizeof(struct hist) <= HIST_KEY_BYTES_MAX - 256,
 	       "a key's row and its hist_index entry must fit HIST_KEY_BYTES_MAX");
 
@@ -601,9 +603,12 @@ static __always_inline void uncount(struct wait_slot *w, struct cpu_runs *here)
 		__sync_fetch_and_add(&r->foreign, -1);
 }
 
-/* A tracked task began to wait (tracked: the caller checked). here: it is queued on this CPU. */
+/*
+ * A tracked task began to wait (tracked: the caller checked). here: it is
+ * queued on this CPU, whose cpu_runs the caller may have (runs, else NULL).
+ */
 static __always_inline void wait_began(struct task_struct *t, __u32 tid, __u32 kind, bool fresh, bool here,
-				       bool direct)
+				       struct cpu_runs *runs, bool direct)
 {
 	struct wait_slot *w = wait_slot_of(t, tid, true, fresh);
 	struct cpu_runs *r;
@@ -631,7 +636,7 @@ static __always_inline void wait_began(struct task_struct *t, __u32 tid, __u32 k
 		return;
 	me = bpf_get_smp_processor_id();
 	cpu = here ? me : task_cpu_of(t, direct);
-	r = bpf_map_lookup_elem(&cpu_runs, &cpu);
+	r = here && runs ? runs : bpf_map_lookup_elem(&cpu_runs, &cpu);
 	if (!r)
 		return;
 	/* only this CPU writes own; other CPUs add to foreign */
@@ -733,21 +738,32 @@ static __always_inline bool sum_of(struct cul_sum *p, __u64 victim, __u32 type, 
 
 /*
  * Charge ns of w's task's wait to a culprit: added to the pending sum of the
- * same (victim, culprit), else to a free one, else to the last one, whose
+ * same (victim, culprit), else to a free one, else to the first one, whose
  * charges are written first (runqlat.h). A sum that reaches the flush limits
  * is written; if that fails it stays and is tried again next time.
+ *
+ * The first sum looked at is the kind's (with by_kind a preemption wait's
+ * victim has PREEMPT_KEY, the top bit): to the branch predictor the kind of
+ * a wait is a coin toss (half the waits of a task that wakes a partner on
+ * its own CPU are preemptions), and a search that starts at the same sum for
+ * both kinds missed half the time, a mispredicted branch or two a wait.
  */
 static __always_inline void charge(struct wait_slot *w, __u64 victim, __u32 type, __u64 id, __u64 ns)
 {
-	struct cul_sum *p = &w->pend[0];
+	__u32 first = victim >> PREEMPT_KEY_BIT;
+	struct cul_sum *p = &w->pend[first], *q;
 
 	if (!sum_of(p, victim, type, id)) {
-		p = &w->pend[1];
-		if (!sum_of(p, victim, type, id)) {
-			if (!w->pend[0].count)
-				p = &w->pend[0];
-			else if (p->count)
-				flush_or_drop(p);
+		q = &w->pend[first ^ 1];
+		if (sum_of(q, victim, type, id)) {
+			p = q;
+		} else {
+			if (p->count) {
+				if (!q->count)
+					p = q;
+				else
+					flush_or_drop(p);
+			}
 			p->victim = victim;
 			p->type = type;
 			p->id = id;
@@ -956,13 +972,13 @@ event:
 
 /*
  * t became runnable: start its clock if it is tracked, unless t is exiting. here: t is
- * queued on this CPU. A
+ * queued on this CPU (runs: its cpu_runs, when the caller has it). A
  * thread preempted on its way out of do_exit() (common beside a busy task) has
  * run its last user code and woken its joiner; the kernel's own accounting of
  * its waits (schedstat, taskstats) is closed by then, and nothing waits for it.
  */
 static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *now, bool storage, bool fresh,
-				     __u32 kind, bool here, bool direct)
+				     __u32 kind, bool here, struct cpu_runs *runs, bool direct)
 {
 	struct task_ctx *c;
 	__u64 gen;
@@ -981,7 +997,7 @@ static __always_inline void enqueued(struct task_struct *t, __u32 tid, __u64 *no
 	if (c->tracked && !(TASK_FLAGS(direct, t) & PF_EXITING)) {
 		c->enqueued_ns = clock_ns(now);
 		if (by_kind || attribute)
-			wait_began(t, tid, kind, fresh, here, direct);
+			wait_began(t, tid, kind, fresh, here, runs, direct);
 	}
 }
 
@@ -1036,6 +1052,29 @@ static __always_inline struct hist *preempt_hist(struct task_ctx *c, struct task
 }
 
 /*
+ * With by_kind: the histogram of a wait of this kind (KIND_WAKEUP 0,
+ * KIND_PREEMPT 1). Its row is picked with arithmetic, not a branch: a wait's
+ * kind is a coin toss to the branch predictor (see charge). A preemption
+ * row not looked up yet, or a key without a row, goes the slow way.
+ */
+static __always_inline struct hist *kind_hist(struct task_ctx *c, struct task_struct *t, __u32 kind)
+{
+	__u32 mask = -kind, row;
+	struct hist *h;
+
+	if (agg_mode == AGG_GLOBAL)
+		return bpf_map_lookup_elem(&hist_global, &kind);
+	barrier_var(mask); /* arithmetic: the compiler would make a select (a branch in BPF) of it */
+	row = c->hist_idx ^ ((c->hist_idx ^ c->preempt_idx) & mask);
+	if (row < NOT_LOOKED) {
+		h = bpf_map_lookup_elem(&hist_arr, &row);
+		if (h)
+			return h;
+	}
+	return kind == KIND_PREEMPT ? preempt_hist(c, t) : hist_for(c, t);
+}
+
+/*
  * t is switched in: record its wait if its clock was running. why: the
  * attributing twin of the handler (rodata attribute is on); prev, r, logged:
  * the task switched out, this CPU's log and whether prev's run is in it
@@ -1063,7 +1102,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 	if (by_kind || why) {
 		w = wait_slot_of(t, tid, false, false);
 		if (w) {
-			kind = w->flags & WAIT_PREEMPT ? KIND_PREEMPT : KIND_WAKEUP;
+			kind = w->flags & WAIT_PREEMPT; /* KIND_PREEMPT or KIND_WAKEUP, no branch */
 			if (why)
 				uncount(w, r);
 		}
@@ -1087,7 +1126,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 		count_drop(DROP_ABSURD);
 		return;
 	}
-	h = by_kind && kind == KIND_PREEMPT ? preempt_hist(c, t) : hist_for(c, t);
+	h = by_kind ? kind_hist(c, t, kind) : hist_for(c, t);
 	if (!h)
 		return;
 	slot = hist_slot(delta);
@@ -1115,7 +1154,7 @@ static __always_inline void switched_in(struct task_struct *t, __u32 tid, __u64 
 	}
 	/* with by_kind, a key's culprits and causes are kept per kind too */
 	if (why && w)
-		explain_wait(t, tid, w, by_kind && kind == KIND_PREEMPT ? c->hist_key | PREEMPT_KEY : c->hist_key,
+		explain_wait(t, tid, w, c->hist_key | (by_kind ? (__u64)kind << PREEMPT_KEY_BIT : 0),
 			     delta, *now, r, prev, prev_tid, logged, kind, direct);
 }
 
@@ -1130,7 +1169,7 @@ static __always_inline int on_wakeup(struct task_struct *t, bool storage, bool d
 {
 	__u64 now = 0;
 
-	enqueued(t, TASK_PID(direct, t), &now, storage, fresh, KIND_WAKEUP, false, direct);
+	enqueued(t, TASK_PID(direct, t), &now, storage, fresh, KIND_WAKEUP, false, NULL, direct);
 	return 0;
 }
 
@@ -1156,7 +1195,7 @@ static __always_inline int on_switch(struct task_struct *prev, struct task_struc
 	if (state == TASK_RUNNING) {
 		if (!why)
 			prev_tid = TASK_PID(direct, prev);
-		enqueued(prev, prev_tid, &now, storage, false, KIND_PREEMPT, true, direct);
+		enqueued(prev, prev_tid, &now, storage, false, KIND_PREEMPT, true, r, direct);
 	}
 	switched_in(next, TASK_PID(direct, next), &now, storage, prev, prev_tid, r, logged, direct, why);
 	return 0;

@@ -165,7 +165,9 @@ enum wait_kind {
  * these or its place is needed for another pair. Two: a task's waits
  * alternate between wakeup and preemption waits (two victim keys with
  * by_kind) or between two culprits (two tasks taking turns); with one sum
- * every wait of such a task was a map update. The count limit only spaces the
+ * every wait of such a task was a map update. A wait looks first in
+ * pend[kind] (its victim's PREEMPT_KEY bit), so the waits of both kinds find
+ * their sum at the first try. The count limit only spaces the
  * map updates of short waits (at one in 64 they took 8 of ~250 ns an event
  * under perf bench sched pipe); the time not yet written stays below
  * CULPRIT_FLUSH_NS a sum either way.
