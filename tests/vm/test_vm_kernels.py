@@ -34,7 +34,11 @@ EXPECTED_PATH = {
     "6.1": {"attach": "tp_btf", "timestamps": "task_storage", "slots": "all"},
     "6.12": {"attach": "tp_btf", "timestamps": "task_storage", "slots": "all"},
 }
-GUEST_TIMEOUT = 900  # a hang, not a slow run: about 1-3 min is usual
+# A hang, not a slow run: about 1-3 min is usual. A TCG guest now and then stalls
+# (a soft lockup on CPU 0 while CPU 1's timers stop firing, seen once in about 20
+# CI runs of 6.1, with the same check passing in a fresh guest right after): a
+# guest that runs out of time is tried once more; a second timeout fails.
+GUEST_TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +73,16 @@ def test_guest_check(series, host_ready, record_property):
     package = (kdir / "package").read_text().strip()
     record_property("vm_package", package)
     t1 = time.monotonic()
-    code, console = vmrun.run_in_guest(
-        series, [sys.executable, str(GUEST_CHECK)], timeout=GUEST_TIMEOUT)
+    for attempt in (1, 2):
+        code, console = vmrun.run_in_guest(
+            series, [sys.executable, str(GUEST_CHECK)], timeout=GUEST_TIMEOUT)
+        if "[vmrun] timeout after" not in console or attempt == 2:
+            break
+        stalled = vmrun.BUILD / "logs" / f"{series}.timeout.console.log"
+        stalled.parent.mkdir(parents=True, exist_ok=True)
+        stalled.write_text(console + "\n")
+        print(f"the {series} guest ran out of time (attempt {attempt}, console in {stalled}); "
+              "trying a fresh guest once more")
     boot_s = time.monotonic() - t1
     record_property("vm_timing", f"fetch {fetch_s:.1f}s, guest {boot_s:.1f}s")
     # Kept after the run (build/ is ignored by git): the console of a kernel
