@@ -29,6 +29,7 @@ from helpers import (
 from workload import BusyInPidns, BusyLoops
 from runqlat import abi, bpf
 from runqlat.cgroups import cgroup2_mount
+from runqlat.errors import LibbpfError
 from runqlat.abi import AggMode, DropReason, Filter, TrackedReason
 from runqlat.policy import FORCE_ENV as FORCE_FIELDS, LoadPolicy
 from runqlat.tracer import Options, Tracer
@@ -451,6 +452,22 @@ def test_keys_beyond_rows_and_recycled_rows(tracers, cpus, hogs, delayacct):
         # the first process's waits would be in it if the row were not zeroed or it still wrote there
         assert abs(ours - kernel) <= 0.05 * kernel, detail
         assert h[third.pid].labels["comm"] == HOG
+
+
+def test_rows_handed_out_from_the_front(tracers, cpus):
+    """The free stack is filled in one call (bpf.Map.push_all), last row first:
+    the first key takes row 0 and the next row 1 (_read_rows reads up to the
+    highest row in use); a push beyond the stack's room is an error."""
+    tr = tracers(Options(agg=AggMode.PID, initial_filter=Filter.PIDS, max_rows=3))
+    assert tr.rows == 3
+    with BusyLoops(1, cpus, name=HOG) as first, BusyLoops(1, cpus, name=HOG) as second:
+        tr.set_targets(pids={first.pid})
+        wait_for(lambda: first.pid in tr.read_hists(), timeout=3, what="a histogram for the first process")
+        tr.set_targets(pids={first.pid, second.pid})
+        wait_for(lambda: second.pid in tr.read_hists(), timeout=3, what="a histogram for the second process")
+        assert tr._row_of == {first.pid: 0, second.pid: 1}
+    with pytest.raises(LibbpfError):  # one row left of three: room for two more, not three
+        tr.obj.map("hist_free").push_all(struct.pack("<3I", 0, 1, 1))
 
 
 @pytest.mark.parametrize("how", ["mmap", "batch", "lookups"])

@@ -88,9 +88,10 @@ class Map:
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         check(_ffi.lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of map {self.name}")
 
-    def push(self, value: bytes) -> None:
-        """Push onto a queue or stack map."""
-        check(_ffi.lib().bpf_map_update_elem(self.fd, ffi.NULL, value, BPF_ANY), f"push onto map {self.name}")
+    def push_all(self, values: bytes) -> None:
+        """Push values (value_size bytes each, back to back) onto a queue or stack
+        map, first to last: the last one is on top of a stack."""
+        check(_ffi.push_each(self.fd, values, self.value_size), f"push onto map {self.name}")
 
     def rows(self, stop: int, start: int = 0) -> bytes:
         """The values of entries start..stop-1 of an array map, back to back (bytes-like)."""

@@ -448,9 +448,8 @@ class Tracer:
         self._rows_mm = self.obj.map("hist_arr").mmap_readonly()
 
     def _free_rows(self, rows) -> None:
-        m = self.obj.map("hist_free")
-        for r in rows:
-            m.push(struct.pack("<I", r))
+        rows = list(rows)
+        self.obj.map("hist_free").push_all(struct.pack(f"<{len(rows)}I", *rows))
 
     def _attach(self, obj: BpfObject) -> None:
         for name in self._wanted:
