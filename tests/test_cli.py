@@ -499,3 +499,37 @@ def test_a_start_reads_the_pids_file_once(tmp_path, monkeypatch):
     assert made[0].listed == {os.getpid(), os.getppid()}
     assert "pids:4: 'not a pid' is not a PID" in res.output  # its bad line, said once
     assert res.output.count("is not a PID") == 1
+
+
+# -- the listed PIDs published before their look in /proc ends (issue 13, item 2) --
+
+class _SetTargets:
+    def __init__(self):
+        self.given = []
+
+    def set_targets(self, pids=None, cgroups=None, pidns=None):
+        self.given.append((pids, cgroups, pidns))
+        return True
+
+
+def test_listed_pids_are_published_at_once_when_they_are_the_only_source(tmp_path):
+    from runqlat.model import Sources
+    from runqlat.targets import read_pids_file
+    f = tmp_path / "pids"
+    f.write_text("3\n5\n")
+    tr = _SetTargets()
+    t = cli._publish_listed(tr, Sources(pids=frozenset({7}), pids_file=f), read_pids_file(f), 0)
+    assert t is not None and tr.given == [({3, 5, 7}, None, None)]
+
+
+@pytest.mark.parametrize("sources, max_tracked", [
+    ({"pids": frozenset({7}), "cgroups": ("/sys/fs/cgroup/x",)}, 0),  # groups too: Tracking decides
+    ({"pids": frozenset({7}), "all_containers": True}, 0),
+    ({"pids": frozenset({7, 8, 9})}, 2),  # over --max-tracked: which fit is Tracking's choice
+    ({}, 0),                             # nothing listed: every task
+])
+def test_listed_pids_wait_for_tracking_otherwise(sources, max_tracked):
+    from runqlat.model import Sources
+    tr = _SetTargets()
+    assert cli._publish_listed(tr, Sources(**sources), None, max_tracked) is None
+    assert tr.given == []

@@ -405,3 +405,40 @@ def test_cgroup_process_moved_in_is_counted(path_form, tracer_cli):
     assert not [r for r in t.records if r["cgroup"] == f"/{name}" and r["ts"] < moved], \
         "counted in the cgroup before it was moved there"
     _assert_every_interval(t)
+
+
+_THREADED = """
+import threading, time
+ev = threading.Event()
+def run():
+    print(threading.get_native_id(), flush=True)
+    ev.wait()
+threading.Thread(target=run, daemon=True).start()
+time.sleep(3600)
+"""
+
+
+def test_listed_numbers_that_are_no_process_leave_the_set_at_start(tmp_path, tracer_cli):
+    """The listed PIDs go into the kernel's set as soon as the programs are loaded,
+    before the look at each in /proc ends (a faster start at 10,000 PIDs); a number
+    that look finds is no process, or a thread, is taken out again by the time
+    the first interval is printed, and only the process is counted."""
+    cpu = usable_cpu()
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    missing = next(n for n in range(pid_max - 1, 1, -1) if not Path(f"/proc/{n}").exists())
+    threaded = subprocess.Popen([sys.executable, "-c", _THREADED], stdout=subprocess.PIPE, text=True)
+    try:
+        tid = int(threaded.stdout.readline())
+        assert tid != threaded.pid
+        with BusyLoops(1, cpu, name="rq-listed") as loop:
+            live = loop.pids[0]
+            pids_file = tmp_path / "pids"
+            pids_file.write_text(f"{live}\n{tid}\n{missing}\n")
+            t = tracer_cli("-P", "--pids-file", pids_file, "-o", "json", INTERVAL)
+            t.wait_for(lambda r: r.get("pid") == live and r["count"] > 0, FIRST_LINE_S)
+            assert t.map_u32_keys("tracked_pids") == {live}, t.describe()
+            assert t.stop() == 0, t.describe()
+        assert {r["pid"] for r in t.records if "pid" in r} == {live}
+    finally:
+        threaded.kill()
+        threaded.wait()

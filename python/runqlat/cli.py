@@ -508,6 +508,28 @@ def _observe_pids(pids: set[int]) -> tuple:
     return identity, thread
 
 
+def _publish_listed(tracer, sources, pids_file, max_tracked: int) -> float | None:
+    """When PIDs are the only source: put every listed PID in the kernel's set at
+    once, before the look at each in /proc ends (10,000 reads take longer than
+    the load), and return when (the first interval counts from then); else None.
+    Tracking's first update, right after, takes out again what the look finds
+    missing, a thread or not the process first seen, as it does with a PID that
+    exits or is reused later: meanwhile such a number matches no process, or the
+    one that has it, as it would have a moment later."""
+    if pids_file is None and not sources.pids:
+        return None
+    from .abi import Filter
+    from .tracking import kernel_filter
+    if kernel_filter(sources) != Filter.PIDS:
+        return None
+    from .targets import listed_pids
+    pids = listed_pids(sources, pids_file)
+    if not pids or (max_tracked and len(pids) > max_tracked):
+        return None  # (over the limit, which PIDs get the room is Tracking's choice)
+    tracer.set_targets(pids=pids)
+    return time.monotonic()
+
+
 def _read_pids_file(sources) -> tuple:
     """(PidsFile or None, its InputError or None): the run's one read of the pids
     file. Sizing (expected_keys), the early look at its PIDs (_observe_pids) and
@@ -611,15 +633,18 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                 server = stack.enter_context(MetricsServer(cfg.metrics_addr, start=False))
             tracer = stack.enter_context(Tracer(opts, policy))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
+            counting_since = _publish_listed(tracer, sources, pids_file, cfg.max_tracked)
             if observer is not None:
                 observer.join()
             monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs,
                               docker_roots=policy.docker_roots, storage_roots=policy.storage_roots,
                               identity=identity, pids_file=pids_file)
-            # The tracked set is in place: the first interval counts from here. What
-            # follows (numpy's import among it, then the look after the update in
-            # _loop) is done in that interval, not before it.
-            counting_since = time.monotonic()
+            # The tracked set is in place: the first interval counts from here (or
+            # from the listed PIDs' early publication). What follows (numpy's import
+            # among it, then the look after the update in _loop) is done in that
+            # interval, not before it.
+            if counting_since is None:
+                counting_since = time.monotonic()
             from .output import Printer
             printing = not cfg.quiet
             if printing:
