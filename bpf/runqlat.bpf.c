@@ -1033,17 +1033,15 @@ static __always_inline struct hist *hist_for(struct task_ctx *c, struct task_str
 }
 
 /*
- * With by_kind: the histogram of t's preemption waits (its key with
- * PREEMPT_KEY). Its row is looked up in hist_index once per decision and kept
- * in the task's state; a key without a row (NO_INDEX) is looked for again.
+ * With by_kind, per key (kind_hist handles AGG_GLOBAL): the histogram of t's
+ * preemption waits (its key with PREEMPT_KEY). Its row is looked up in
+ * hist_index once per decision and kept in the task's state; a key without a
+ * row (NO_INDEX) is looked for again.
  */
 static __always_inline struct hist *preempt_hist(struct task_ctx *c, struct task_struct *t)
 {
 	struct task_ctx alt = *c;
-	__u32 one = 1;
 
-	if (agg_mode == AGG_GLOBAL)
-		return bpf_map_lookup_elem(&hist_global, &one);
 	alt.hist_key |= PREEMPT_KEY;
 	if (c->preempt_idx >= NOT_LOOKED) /* NOT_LOOKED or NO_INDEX */
 		c->preempt_idx = index_of(alt.hist_key, t);

@@ -514,11 +514,12 @@ class _SetTargets:
 
 def test_listed_pids_are_published_at_once_when_they_are_the_only_source(tmp_path):
     from runqlat.model import Sources
-    from runqlat.targets import read_pids_file
+    from runqlat.targets import listed_pids, read_pids_file
     f = tmp_path / "pids"
     f.write_text("3\n5\n")
+    sources = Sources(pids=frozenset({7}), pids_file=f)
     tr = _SetTargets()
-    t = cli._publish_listed(tr, Sources(pids=frozenset({7}), pids_file=f), read_pids_file(f), 0)
+    t = cli._publish_listed(tr, sources, listed_pids(sources, read_pids_file(f)), 0)
     assert t is not None and tr.given == [({3, 5, 7}, None, None)]
 
 
@@ -531,5 +532,5 @@ def test_listed_pids_are_published_at_once_when_they_are_the_only_source(tmp_pat
 def test_listed_pids_wait_for_tracking_otherwise(sources, max_tracked):
     from runqlat.model import Sources
     tr = _SetTargets()
-    assert cli._publish_listed(tr, Sources(**sources), None, max_tracked) is None
+    assert cli._publish_listed(tr, Sources(**sources), set(sources.get("pids", ())), max_tracked) is None
     assert tr.given == []

@@ -508,22 +508,18 @@ def _observe_pids(pids: set[int]) -> tuple:
     return identity, thread
 
 
-def _publish_listed(tracer, sources, pids_file, max_tracked: int) -> float | None:
-    """When PIDs are the only source: put every listed PID in the kernel's set at
+def _publish_listed(tracer, sources, pids: set[int], max_tracked: int) -> float | None:
+    """When PIDs (pids: targets.listed_pids) are the only source: put every one in the kernel's set at
     once, before the look at each in /proc ends (10,000 reads take longer than
     the load), and return when (the first interval counts from then); else None.
     Tracking's first update, right after, takes out again what the look finds
     missing, a thread or not the process first seen, as it does with a PID that
     exits or is reused later: meanwhile such a number matches no process, or the
     one that has it, as it would have a moment later."""
-    if pids_file is None and not sources.pids:
-        return None
     from .abi import Filter
     from .tracking import kernel_filter
     if kernel_filter(sources) != Filter.PIDS:
         return None
-    from .targets import listed_pids
-    pids = listed_pids(sources, pids_file)
     if not pids or (max_tracked and len(pids) > max_tracked):
         return None  # (over the limit, which PIDs get the room is Tracking's choice)
     tracer.set_targets(pids=pids)
@@ -549,9 +545,11 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
     # a file that cannot be read is an error after the usage checks, before anything loads
     pids_file, pids_file_error = _read_pids_file(sources)
     identity = observer = None
+    listed: set[int] = set()
     if sources.uses_pids and pids_file_error is None:
         from .targets import listed_pids
-        identity, observer = _observe_pids(listed_pids(sources, pids_file))
+        listed = listed_pids(sources, pids_file)
+        identity, observer = _observe_pids(listed)
 
     from .monitor import SCRAPE, Monitor
     from .tracking import agg_mode, expected_keys, kernel_filter, uses_cgroup_tree
@@ -633,7 +631,7 @@ def _run(cfg: RunConfig, cli_cfg: RunConfig, config: Optional[Path], policy) -> 
                 server = stack.enter_context(MetricsServer(cfg.metrics_addr, start=False))
             tracer = stack.enter_context(Tracer(opts, policy))
             log.debug("loaded: %s", ", ".join(f"{k}={v}" for k, v in tracer.features.items()))
-            counting_since = _publish_listed(tracer, sources, pids_file, cfg.max_tracked)
+            counting_since = _publish_listed(tracer, sources, listed, cfg.max_tracked)
             if observer is not None:
                 observer.join()
             monitor = Monitor(tracer, mode, sources, containerd_state_dirs=policy.containerd_state_dirs,
