@@ -188,6 +188,17 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
         for cfg in ("runqlat",) + OURS:
             if "all_ns" in summary.get(cfg, {}):
                 summary[cfg]["over_empty_ns"] = summary[cfg]["all_ns"] - summary["empty"]["all_ns"]
+    # the same two figures paired by round: each configuration against the baseline's
+    # run of its own round, so that the host's speed, which drifts over minutes on
+    # this VM, cancels out; median over the rounds
+    for key, base, fn in (("ratio_runqlat_paired", "runqlat", lambda a, b: a / b),
+                          ("over_empty_ns_paired", "empty", lambda a, b: a - b)):
+        by_round = {r["round"]: per_role(r["progs"])["all"] for r in results.get(base, []) if "progs" in r}
+        for cfg in ("runqlat",) + OURS:
+            pairs = [fn(per_role(r["progs"])["all"], by_round[r["round"]])
+                     for r in results.get(cfg, []) if "progs" in r and r.get("round") in by_round]
+            if pairs and cfg in summary:
+                summary[cfg][key] = statistics.median(pairs)
     return summary
 
 
@@ -204,8 +215,8 @@ def hot_path_table(summary: dict[str, dict]) -> str:
             continue
         s = summary[cfg]
         rows.append((label, f(s.get("wakeup_ns"), ".0f"), f(s.get("switch_ns"), ".0f"),
-                     f(s.get("all_ns"), ".0f"), f(s.get("over_empty_ns"), "+.0f"),
-                     f(s.get("ratio_runqlat"), ".2f"), f(s.get("ns_per_op"), ",.0f"), f"{s['ops']:,.0f}",
+                     f(s.get("all_ns"), ".0f"), f(s.get("over_empty_ns_paired"), "+.0f"),
+                     f(s.get("ratio_runqlat_paired"), ".2f"), f(s.get("ns_per_op"), ",.0f"), f"{s['ops']:,.0f}",
                      "-" if cfg == "none" else f"{s['slowdown_pct']:.1f}%",
                      f(s.get("over_empty_pts"), "+.1f")))
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
@@ -394,22 +405,24 @@ def targets_text(summary: dict, us: dict) -> str:
         L.append(f"[{'met' if ok else 'MISSED'}] {text}")
 
     s, e = summary, summary.get("empty", {})
-    if "ratio_runqlat" in s.get("all", {}):
-        check(s["all"]["ratio_runqlat"] <= 0.4,
-              f"all tasks: {s['all']['ratio_runqlat']:.2f}x runqlat per event (target <= 0.4x)")
-    if "over_empty_ns" in s.get("outside", {}):
-        check(s["outside"]["over_empty_ns"] <= 30,
-              f"untracked tasks: {s['outside']['over_empty_ns']:+.0f} ns/event over the empty program (target <= 30)")
+    ratio = lambda cfg: s.get(cfg, {}).get("ratio_runqlat_paired", float("nan"))
+    over = lambda cfg: s.get(cfg, {}).get("over_empty_ns_paired", float("nan"))
+    # issue 13 (the hot path keeps its lead; issue 5 asked for 0.4x and +30)
+    for cfg, what in (("all", "all tasks"), ("perproc", "-P")):
+        if "ratio_runqlat_paired" in s.get(cfg, {}):
+            check(ratio(cfg) <= 0.32, f"{what}: {ratio(cfg):.2f}x runqlat per event (target <= 0.32x)")
+    if "over_empty_ns_paired" in s.get("outside", {}):
+        check(over("outside") <= 10,
+              f"untracked tasks: {over('outside'):+.0f} ns/event over the empty program (target <= 10)")
     # issue 14
-    if "over_empty_ns" in s.get("why_outside", {}):
-        check(s["why_outside"]["over_empty_ns"] <= 10,
-              f"untracked tasks, --culprits --by-kind: {s['why_outside']['over_empty_ns']:+.0f} ns/event over "
-              f"the empty program (target <= 10; -p without them: "
-              f"{s.get('outside', {}).get('over_empty_ns', float('nan')):+.0f})")
-    if "ratio_runqlat" in s.get("why_inside", {}):
-        check(s["why_inside"]["ratio_runqlat"] <= 0.35,
-              f"tracked tasks, --culprits --by-kind: {s['why_inside']['ratio_runqlat']:.2f}x runqlat per event "
-              f"(target <= 0.35; without them {s.get('inside', {}).get('ratio_runqlat', float('nan')):.2f}x)")
+    if "over_empty_ns_paired" in s.get("why_outside", {}):
+        check(over("why_outside") <= 10,
+              f"untracked tasks, --culprits --by-kind: {over('why_outside'):+.0f} ns/event over "
+              f"the empty program (target <= 10; -p without them: {over('outside'):+.0f})")
+    if "ratio_runqlat_paired" in s.get("why_inside", {}):
+        check(ratio("why_inside") <= 0.35,
+              f"tracked tasks, --culprits --by-kind: {ratio('why_inside'):.2f}x runqlat per event "
+              f"(target <= 0.35; without them {ratio('inside'):.2f}x)")
     if e:
         for cfg in OURS:
             if "over_empty_pts" in s.get(cfg, {}):
@@ -496,7 +509,8 @@ def main() -> int:
                      f"{TRACER_CPU}); medians of {a.rounds} interleaved rounds; ns/event = BPF run_time_ns / "
                      f"run_cnt over the workload (kernel.bpf_stats_enabled=1); wakeup = sched_wakeup + "
                      f"sched_wakeup_new; ns/event weights both handlers by their event counts; BPF ns/op = BPF time "
-                     f"per workload loop (all CPUs' events during the run / loops)\n")
+                     f"per workload loop (all CPUs' events during the run / loops); +ns vs empty and x runqlat are "
+                     f"medians of the rounds' paired figures (each run against the baseline's run of its round)\n")
         parts.append(hot_path_table(summary))
         notes = [f"failed run: {f}" for f in results.get("failures", [])]
         for cfg, label in CONFIGS:
@@ -507,13 +521,18 @@ def main() -> int:
             notes.append(f"check: workload inside recorded {summary['inside']['recorded']:,.0f} latencies, "
                          f"workload outside {summary.get('outside', {}).get('recorded', 0):,.0f}, "
                          f"for {a.loops:,} loops")
+        unpaired = [f"{label} {summary[cfg]['over_empty_ns']:+.0f} ns, {summary[cfg]['ratio_runqlat']:.2f}x"
+                    for cfg, label in CONFIGS
+                    if cfg in OURS and "over_empty_ns" in summary.get(cfg, {}) and "ratio_runqlat" in summary[cfg]]
+        if unpaired:
+            notes.append("unpaired (median against median): " + "; ".join(unpaired))
         if notes:
             parts.append("\n".join(notes))
     if us:
         parts.append("\nuser space (runqlat-core)\n" + user_space_text(us))
     tt = targets_text(summary, us)
     if tt:
-        parts.append("\ntargets (issue 5)\n" + tt)
+        parts.append("\ntargets (issues 5, 13, 14)\n" + tt)
     parts.append(f"\nbench took {took / 60:.1f} min")
     report = "\n".join(parts)
     print(report)
