@@ -18,6 +18,9 @@ installed tracer loads and attaches for real. Its systemctl is a recorder,
 with /run/systemd/system present, so the maintainer scripts act as on a
 systemd host and the test sees what they asked systemd to do.
 
+A second root, with systemd, boots as a podman container whose PID 1 is systemd: there
+`systemctl` starts, reloads and stops the installed unit for real.
+
 The last test removes and purges the package and checks what is left; this
 machine's own packages are never touched. Needs root, network access to the
 apt mirror and about five minutes; off CI a missing tool is a skip, with
@@ -555,6 +558,165 @@ def test_no_bpf_programs_left_loaded(installed, programs_before):
             break
         time.sleep(0.5)
     assert not leaked, f"BPF programs left loaded after the installed tracer exited: {leaked}"
+
+
+# -- the unit under a real systemd ---------------------------------------------------
+# The tests above run the unit's command by hand. Here systemd itself starts it: a second
+# fresh bookworm root with systemd, the package installed by apt, booted as a podman
+# container (privileged, host network, this kernel) with systemd as its PID 1; the unit's
+# DynamicUser, capabilities, system call filter and W^X memory are systemd's doing.
+
+CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+
+@pytest.fixture(scope="module")
+def booted(built, tmp_path_factory):
+    """(systemctl, port, container): the package installed in a systemd-booted container."""
+    from runtime_env import PodmanEnv, RuntimeUnavailable
+    for tool, package in (("mmdebstrap", "mmdebstrap"), ("unshare", "util-linux")):
+        _need(tool, package)
+    sources, options = _debian_sources()
+    if not sources:
+        unavailable("this machine's apt has no Debian archive of its release configured (apt-cache policy)")
+    base = tmp_path_factory.mktemp("sdroot")
+    (base / "sources.list").write_text("\n".join(sources) + "\n")
+    path = base / "root"
+    path.mkdir()
+    try:
+        r = _sh(["unshare", "--mount", "--propagation", "private", "--", "mmdebstrap", "--variant=minbase",
+                 "--mode=root", "--include=systemd,dbus", "--skip=cleanup/apt/lists",
+                 "--dpkgopt=force-unsafe-io", '--aptopt=Acquire::Languages "none"',
+                 *(f"--aptopt={o}" for o in options), "bookworm", str(path), str(base / "sources.list")],
+                timeout=1200)
+        assert r.returncode == 0, f"mmdebstrap failed:\n{r.stderr[-3000:]}"
+        shutil.copy(built / DEB, path / "root" / DEB)
+        r = in_root(path, ["apt-get", "install", *APT_OPTS, f"/root/{DEB}"], timeout=1200)
+        assert r.returncode == 0, f"apt-get install failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        port = _free_port()
+        conf = path / CONF.lstrip("/")
+        text = conf.read_text()
+        assert re.search(r'^metrics_addr = "127\.0\.0\.1:\d+"$', text, re.M), "the conffile's metrics_addr moved"
+        conf.write_text(re.sub(r'^metrics_addr = .*$', f'metrics_addr = "127.0.0.1:{port}"', text, flags=re.M))
+        try:
+            env = PodmanEnv()
+            env.__enter__()
+        except RuntimeUnavailable as exc:
+            unavailable(str(exc))
+        try:
+            name = env.name("systemd")
+            # runc: crun refuses this machine's v1/v2 hybrid cgroups
+            env.ids[name] = env._cmd("run", "-d", "--name", name, "--privileged", "--systemd=always",
+                                     "--network", "host", "--ulimit", "nofile=1024:1024",
+                                     "--ulimit", "nproc=1024:1024", "--rootfs", str(path),
+                                     "/lib/systemd/systemd").stdout.strip()
+
+            def systemctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+                return env._cmd("exec", name, *args, check=False, timeout=timeout)
+
+            deadline = time.monotonic() + 90
+            while (state := systemctl("systemctl", "is-system-running").stdout.strip()) not in (
+                    "running", "degraded"):
+                assert time.monotonic() < deadline, f"systemd did not finish booting: {state!r}"
+                time.sleep(0.5)
+            yield systemctl, port, name
+        finally:
+            env.close()
+    finally:
+        assert not _mounts_under(path), _mounts_under(path)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
+
+
+def _unit(systemctl, *props: str) -> dict[str, str]:
+    r = systemctl("systemctl", "show", "runqlat-core", *(f"--property={p}" for p in props))
+    return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+
+def _journal(systemctl) -> str:
+    """What the unit's last run wrote (its invocation's lines only)."""
+    run = _unit(systemctl, "InvocationID")["InvocationID"]
+    return systemctl("journalctl", f"_SYSTEMD_INVOCATION_ID={run}", "--no-pager", "-o", "cat").stdout
+
+
+def _programs_gone(before: set[int]) -> dict[int, str]:
+    deadline = time.monotonic() + 10
+    while (left := {i: n for i, n in _our_loaded_programs().items() if i not in before}) \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return left
+
+
+def test_unit_started_by_systemd_serves_reloads_and_stops(booted):
+    """systemctl start / reload / stop: the tracer runs as a dynamic user with exactly the
+    unit's four capabilities, no new privileges and a system call filter; it serves /metrics,
+    survives a reload and, stopped, exits 0 and leaves no program loaded."""
+    systemctl, port, _ = booted
+    before = set(_our_loaded_programs())
+    r = systemctl("systemctl", "start", "runqlat-core")
+    try:
+        assert r.returncode == 0, f"{r.stderr}\n{_journal(systemctl)}"
+        time.sleep(1)  # past the load and attach: a tracer that cannot load exits by then
+        unit = _unit(systemctl, "MainPID", "ActiveState")
+        pid = unit["MainPID"]
+        status = dict(line.split(":", 1) for line in
+                      systemctl("cat", f"/proc/{pid}/status").stdout.splitlines() if ":" in line)
+        assert unit["ActiveState"] == "active" and "Uid" in status, f"{unit}\n{_journal(systemctl)}"
+        assert int(status["Uid"].split()[0]) != 0, "DynamicUser: the tracer ran as root"
+        want = sum(1 << bit for bit in CAPS.values())
+        assert int(status["CapEff"], 16) == want and int(status["CapBnd"], 16) == want, status
+        assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2", status
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                    body = resp.read().decode()
+                if "runqlat_run_queue_latency_seconds_count" in body:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no /metrics on port {port}:\n{_journal(systemctl)}"
+            time.sleep(0.3)
+        assert set(_our_loaded_programs()) - before, "the unit runs but no program of ours is loaded"
+
+        assert systemctl("systemctl", "reload", "runqlat-core").returncode == 0
+        deadline = time.monotonic() + 10
+        while "SIGHUP: reloaded" not in _journal(systemctl):
+            assert time.monotonic() < deadline, _journal(systemctl)
+            time.sleep(0.3)
+        assert _unit(systemctl, "MainPID")["MainPID"] == pid, "a reload restarted the tracer"
+    finally:
+        stop = systemctl("systemctl", "stop", "runqlat-core")
+    assert stop.returncode == 0, stop.stderr
+    unit = _unit(systemctl, "Result", "ExecMainStatus", "ActiveState")
+    assert unit == {"Result": "success", "ExecMainStatus": "0", "ActiveState": "inactive"}, unit
+    assert "Traceback" not in _journal(systemctl)
+    assert not _programs_gone(before), "programs left loaded after systemctl stop"
+
+
+def test_unit_that_cannot_start_fails_with_one_line(booted):
+    """Its metrics port taken: systemd sees the unit fail, the journal has the tracer's
+    one-line error (no traceback) and no program stays loaded."""
+    systemctl, port, _ = booted
+    before = set(_our_loaded_programs())
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        r = systemctl("systemctl", "start", "runqlat-core")
+        try:
+            deadline = time.monotonic() + 20
+            while (unit := _unit(systemctl, "ActiveState", "Result"))["ActiveState"] not in ("failed",
+                                                                                              "activating"):
+                assert time.monotonic() < deadline, unit
+                time.sleep(0.3)
+            journal = _journal(systemctl)
+        finally:
+            systemctl("systemctl", "stop", "runqlat-core")
+            systemctl("systemctl", "reset-failed", "runqlat-core")
+    assert unit["Result"] == "exit-code", (r.stderr, unit)
+    errors = [line for line in journal.splitlines() if line.startswith("runqlat-core: error:")]
+    assert len(errors) == 1 and f":{port}" in errors[0], journal
+    assert "Traceback" not in journal
+    assert not _programs_gone(before), "a unit that failed to start left programs loaded"
 
 
 # -- removal and purge: keep this test last in the file ------------------------------
