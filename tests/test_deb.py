@@ -28,6 +28,7 @@ CI=true a failure.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -236,9 +237,10 @@ def programs_before() -> set[int]:
     return set(_our_loaded_programs())
 
 
-@pytest.fixture(scope="session")
-def root(built, programs_before, tmp_path_factory):
-    """A fresh bookworm root with the package installed by apt; deleted in the end."""
+@contextlib.contextmanager
+def _bookworm_root(tmp_path_factory, name: str, include: tuple[str, ...] = ()):
+    """A fresh bookworm root (mmdebstrap minbase, plus include) from this machine's apt
+    sources; deleted in the end."""
     for tool, package in (("mmdebstrap", "mmdebstrap"), ("unshare", "util-linux"), ("chroot", "coreutils")):
         _need(tool, package)
     if not Path("/sys/kernel/btf/vmlinux").exists():
@@ -246,7 +248,7 @@ def root(built, programs_before, tmp_path_factory):
     sources, options = _debian_sources()
     if not sources:
         unavailable("this machine's apt has no Debian archive of its release configured (apt-cache policy)")
-    base = tmp_path_factory.mktemp("root")
+    base = tmp_path_factory.mktemp(name)
     (base / "sources.list").write_text("\n".join(sources) + "\n")
     path = base / "root"
     path.mkdir()
@@ -254,23 +256,36 @@ def root(built, programs_before, tmp_path_factory):
         r = _sh(["unshare", "--mount", "--propagation", "private", "--", "mmdebstrap", "--variant=minbase",
                  "--mode=root", "--skip=cleanup/apt/lists", "--dpkgopt=force-unsafe-io",
                  '--aptopt=Acquire::Languages "none"', *(f"--aptopt={o}" for o in options),
+                 *([f"--include={','.join(include)}"] if include else []),
                  "bookworm", str(path), str(base / "sources.list")], timeout=1200)
         assert r.returncode == 0, f"mmdebstrap failed:\n{r.stderr[-3000:]}"
+        yield path
+    finally:
+        # The mounts lived in the commands' own namespaces; refuse to delete through one anyway.
+        assert not _mounts_under(path), _mounts_under(path)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
+
+
+def _install(path: Path, built: Path) -> None:
+    """apt-get install the package into the root, as an admin would."""
+    shutil.copy(built / DEB, path / "root" / DEB)
+    r = in_root(path, ["apt-get", "install", *APT_OPTS, f"/root/{DEB}"], timeout=1200)
+    assert r.returncode == 0, f"apt-get install failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    (path / "root" / DEB).unlink()
+
+
+@pytest.fixture(scope="session")
+def root(built, programs_before, tmp_path_factory):
+    """A fresh bookworm root with the package installed by apt; deleted in the end."""
+    with _bookworm_root(tmp_path_factory, "root") as path:
         # systemd "running" for the maintainer scripts, with a recorder as its systemctl
         (path / "run/systemd/system").mkdir(parents=True)
         # where systemd's own would be (maintainer scripts run with apt's PATH, no /usr/local)
         fake = path / "usr/bin/systemctl"
         fake.write_text(FAKE_SYSTEMCTL)
         fake.chmod(0o755)
-        shutil.copy(built / DEB, path / "root" / DEB)
-        r = in_root(path, ["apt-get", "install", *APT_OPTS, f"/root/{DEB}"], timeout=1200)
-        assert r.returncode == 0, f"apt-get install failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        (path / "root" / DEB).unlink()
+        _install(path, built)
         yield path
-    finally:
-        # The mounts lived in the commands' own namespaces; refuse to delete through one anyway.
-        assert not _mounts_under(path), _mounts_under(path)
-        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
 
 
 def systemctl_calls(root: Path) -> list[str]:
@@ -573,25 +588,8 @@ CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_
 def booted(built, tmp_path_factory):
     """(systemctl, port, container): the package installed in a systemd-booted container."""
     from runtime_env import PodmanEnv, RuntimeUnavailable
-    for tool, package in (("mmdebstrap", "mmdebstrap"), ("unshare", "util-linux")):
-        _need(tool, package)
-    sources, options = _debian_sources()
-    if not sources:
-        unavailable("this machine's apt has no Debian archive of its release configured (apt-cache policy)")
-    base = tmp_path_factory.mktemp("sdroot")
-    (base / "sources.list").write_text("\n".join(sources) + "\n")
-    path = base / "root"
-    path.mkdir()
-    try:
-        r = _sh(["unshare", "--mount", "--propagation", "private", "--", "mmdebstrap", "--variant=minbase",
-                 "--mode=root", "--include=systemd,dbus", "--skip=cleanup/apt/lists",
-                 "--dpkgopt=force-unsafe-io", '--aptopt=Acquire::Languages "none"',
-                 *(f"--aptopt={o}" for o in options), "bookworm", str(path), str(base / "sources.list")],
-                timeout=1200)
-        assert r.returncode == 0, f"mmdebstrap failed:\n{r.stderr[-3000:]}"
-        shutil.copy(built / DEB, path / "root" / DEB)
-        r = in_root(path, ["apt-get", "install", *APT_OPTS, f"/root/{DEB}"], timeout=1200)
-        assert r.returncode == 0, f"apt-get install failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    with _bookworm_root(tmp_path_factory, "sdroot", include=("systemd", "dbus")) as path:
+        _install(path, built)
         port = _free_port()
         conf = path / CONF.lstrip("/")
         text = conf.read_text()
@@ -621,9 +619,6 @@ def booted(built, tmp_path_factory):
             yield systemctl, port, name
         finally:
             env.close()
-    finally:
-        assert not _mounts_under(path), _mounts_under(path)
-        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
 
 
 def _unit(systemctl, *props: str) -> dict[str, str]:
