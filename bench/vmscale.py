@@ -94,7 +94,8 @@ def report(runs: list[dict], profiles: list[dict], a, memory: int, stamp) -> str
                  f"| {i + 1} | {r['smp']} | no result (exit {r['exit']}, {r['wall_s']} s) |||||| {r['host_load']} ||")
     slow = [str(i + 1) for i, r in enumerate(runs) if r.get("intervals", 0) < a.measure_s / a.interval / 2]
     if slow:
-        L.append(f"NOT VALID: guest(s) {', '.join(slow)} printed fewer than one interval per 2 s: the CLI did "
+        L.append(f"NOT VALID: guest(s) {', '.join(slow)} printed fewer than half the intervals of "
+                 f"{a.measure_s:.0f} s at --interval {a.interval:g} ({a.measure_s / a.interval:.0f}): the CLI did "
                  f"not keep up (a guest the host starved: TCG has no steal time, a vCPU the host did not run "
                  f"counts as the task's CPU; or the CLI waiting on something), so its CPU per interval is "
                  f"not comparable. Compare the ms per s and intervals columns; rerun on a quiet host.")
