@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from helpers import unavailable
 from runqlat import __version__, abi
 from test_completion import DRIVER as COMPLETION_DRIVER
+from unit_file import CAP_NUMBERS, capabilities, parse_unit
 
 pytestmark = pytest.mark.bpf
 
@@ -485,19 +486,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _unit_service_section(root: Path) -> dict[str, list[str]]:
-    svc: dict[str, list[str]] = {}
-    section = None
-    for line in (root / UNIT.lstrip("/")).read_text().splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            section = line
-        elif section == "[Service]" and "=" in line and not line.startswith("#"):
-            k, _, v = line.partition("=")
-            svc.setdefault(k, []).append(v)
-    return svc
-
-
 def _scrape(port: int, proc: subprocess.Popen) -> str:
     deadline = time.monotonic() + 20
     while True:
@@ -517,7 +505,7 @@ def test_service_command_with_unit_capabilities(installed, busy_shell):
     """The unit's ExecStart with the installed conffile, under the unit's capability
     bounding set: serves metrics, survives SIGHUP (ExecReload), stops cleanly on SIGTERM."""
     root, _ = installed
-    svc = _unit_service_section(root)
+    svc = parse_unit(root / UNIT.lstrip("/"))["Service"]
     caps = " ".join(svc["CapabilityBoundingSet"]).split()
     bounding = "-all," + ",".join("+" + c.lower().removeprefix("cap_") for c in caps)
     port = _free_port()
@@ -581,12 +569,10 @@ def test_no_bpf_programs_left_loaded(installed, programs_before):
 # container (privileged, host network, this kernel) with systemd as its PID 1; the unit's
 # DynamicUser, capabilities, system call filter and W^X memory are systemd's doing.
 
-CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
-
-
 @pytest.fixture(scope="module")
 def booted(built, tmp_path_factory):
-    """(systemctl, port, container): the package installed in a systemd-booted container."""
+    """(in_box, port, root): the package installed in a systemd-booted container;
+    in_box(*argv) runs a command in it."""
     from runtime_env import PodmanEnv, RuntimeUnavailable
     with _bookworm_root(tmp_path_factory, "sdroot", include=("systemd", "dbus")) as path:
         _install(path, built)
@@ -608,28 +594,28 @@ def booted(built, tmp_path_factory):
                                      "--ulimit", "nproc=1024:1024", "--rootfs", str(path),
                                      "/lib/systemd/systemd").stdout.strip()
 
-            def systemctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-                return env._cmd("exec", name, *args, check=False, timeout=timeout)
+            def in_box(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+                return env._cmd("exec", name, *argv, check=False, timeout=timeout)
 
             deadline = time.monotonic() + 90
-            while (state := systemctl("systemctl", "is-system-running").stdout.strip()) not in (
+            while (state := in_box("systemctl", "is-system-running").stdout.strip()) not in (
                     "running", "degraded"):
                 assert time.monotonic() < deadline, f"systemd did not finish booting: {state!r}"
                 time.sleep(0.5)
-            yield systemctl, port, name
+            yield in_box, port, path
         finally:
             env.close()
 
 
-def _unit(systemctl, *props: str) -> dict[str, str]:
-    r = systemctl("systemctl", "show", "runqlat-core", *(f"--property={p}" for p in props))
+def _unit(in_box, *props: str) -> dict[str, str]:
+    r = in_box("systemctl", "show", "runqlat-core", *(f"--property={p}" for p in props))
     return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
 
 
-def _journal(systemctl) -> str:
+def _journal(in_box) -> str:
     """What the unit's last run wrote (its invocation's lines only)."""
-    run = _unit(systemctl, "InvocationID")["InvocationID"]
-    return systemctl("journalctl", f"_SYSTEMD_INVOCATION_ID={run}", "--no-pager", "-o", "cat").stdout
+    run = _unit(in_box, "InvocationID")["InvocationID"]
+    return in_box("journalctl", f"_SYSTEMD_INVOCATION_ID={run}", "--no-pager", "-o", "cat").stdout
 
 
 def _programs_gone(before: set[int]) -> dict[int, str]:
@@ -644,19 +630,19 @@ def test_unit_started_by_systemd_serves_reloads_and_stops(booted):
     """systemctl start / reload / stop: the tracer runs as a dynamic user with exactly the
     unit's four capabilities, no new privileges and a system call filter; it serves /metrics,
     survives a reload and, stopped, exits 0 and leaves no program loaded."""
-    systemctl, port, _ = booted
+    in_box, port, root = booted
     before = set(_our_loaded_programs())
-    r = systemctl("systemctl", "start", "runqlat-core")
+    r = in_box("systemctl", "start", "runqlat-core")
     try:
-        assert r.returncode == 0, f"{r.stderr}\n{_journal(systemctl)}"
+        assert r.returncode == 0, f"{r.stderr}\n{_journal(in_box)}"
         time.sleep(1)  # past the load and attach: a tracer that cannot load exits by then
-        unit = _unit(systemctl, "MainPID", "ActiveState")
+        unit = _unit(in_box, "MainPID", "ActiveState")
         pid = unit["MainPID"]
         status = dict(line.split(":", 1) for line in
-                      systemctl("cat", f"/proc/{pid}/status").stdout.splitlines() if ":" in line)
-        assert unit["ActiveState"] == "active" and "Uid" in status, f"{unit}\n{_journal(systemctl)}"
+                      in_box("cat", f"/proc/{pid}/status").stdout.splitlines() if ":" in line)
+        assert unit["ActiveState"] == "active" and "Uid" in status, f"{unit}\n{_journal(in_box)}"
         assert int(status["Uid"].split()[0]) != 0, "DynamicUser: the tracer ran as root"
-        want = sum(1 << bit for bit in CAPS.values())
+        want = sum(1 << CAP_NUMBERS[c] for c in capabilities(parse_unit(root / UNIT.lstrip("/"))["Service"]))
         assert int(status["CapEff"], 16) == want and int(status["CapBnd"], 16) == want, status
         assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2", status
         deadline = time.monotonic() + 20
@@ -668,45 +654,45 @@ def test_unit_started_by_systemd_serves_reloads_and_stops(booted):
                     break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, f"no /metrics on port {port}:\n{_journal(systemctl)}"
+            assert time.monotonic() < deadline, f"no /metrics on port {port}:\n{_journal(in_box)}"
             time.sleep(0.3)
         assert set(_our_loaded_programs()) - before, "the unit runs but no program of ours is loaded"
 
-        assert systemctl("systemctl", "reload", "runqlat-core").returncode == 0
+        assert in_box("systemctl", "reload", "runqlat-core").returncode == 0
         deadline = time.monotonic() + 10
-        while "SIGHUP: reloaded" not in _journal(systemctl):
-            assert time.monotonic() < deadline, _journal(systemctl)
+        while "SIGHUP: reloaded" not in _journal(in_box):
+            assert time.monotonic() < deadline, _journal(in_box)
             time.sleep(0.3)
-        assert _unit(systemctl, "MainPID")["MainPID"] == pid, "a reload restarted the tracer"
+        assert _unit(in_box, "MainPID")["MainPID"] == pid, "a reload restarted the tracer"
     finally:
-        stop = systemctl("systemctl", "stop", "runqlat-core")
+        stop = in_box("systemctl", "stop", "runqlat-core")
     assert stop.returncode == 0, stop.stderr
-    unit = _unit(systemctl, "Result", "ExecMainStatus", "ActiveState")
+    unit = _unit(in_box, "Result", "ExecMainStatus", "ActiveState")
     assert unit == {"Result": "success", "ExecMainStatus": "0", "ActiveState": "inactive"}, unit
-    assert "Traceback" not in _journal(systemctl)
+    assert "Traceback" not in _journal(in_box)
     assert not _programs_gone(before), "programs left loaded after systemctl stop"
 
 
 def test_unit_that_cannot_start_fails_with_one_line(booted):
     """Its metrics port taken: systemd sees the unit fail, the journal has the tracer's
     one-line error (no traceback) and no program stays loaded."""
-    systemctl, port, _ = booted
+    in_box, port, root = booted
     before = set(_our_loaded_programs())
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
         s.listen()
-        r = systemctl("systemctl", "start", "runqlat-core")
+        r = in_box("systemctl", "start", "runqlat-core")
         try:
             deadline = time.monotonic() + 20
-            while (unit := _unit(systemctl, "ActiveState", "Result"))["ActiveState"] not in ("failed",
+            while (unit := _unit(in_box, "ActiveState", "Result"))["ActiveState"] not in ("failed",
                                                                                               "activating"):
                 assert time.monotonic() < deadline, unit
                 time.sleep(0.3)
-            journal = _journal(systemctl)
+            journal = _journal(in_box)
         finally:
-            systemctl("systemctl", "stop", "runqlat-core")
-            systemctl("systemctl", "reset-failed", "runqlat-core")
+            in_box("systemctl", "stop", "runqlat-core")
+            in_box("systemctl", "reset-failed", "runqlat-core")
     assert unit["Result"] == "exit-code", (r.stderr, unit)
     errors = [line for line in journal.splitlines() if line.startswith("runqlat-core: error:")]
     assert len(errors) == 1 and f":{port}" in errors[0], journal

@@ -36,6 +36,7 @@ def test_quick_start_is_two_commands_that_need_nothing_the_machine_lacks():
     for command in commands:
         for argv in steps(command):
             prog = argv[0]
+            assert prog != "sudo", f"{command!r}: a fresh Debian has no sudo, and the commands run as root"
             if "/" in prog:
                 assert (ROOT / prog).exists(), f"{command!r}: {prog} does not exist after set-up"
             else:

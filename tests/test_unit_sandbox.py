@@ -38,7 +38,7 @@ import pytest
 
 from containerd_env import ContainerdEnv, ContainerdUnavailable
 from helpers import need_tool, unavailable
-from unit_file import UNIT, allowed_syscalls, capabilities, parse_unit, syscall_groups
+from unit_file import CAP_NUMBERS, UNIT, allowed_syscalls, capabilities, parse_unit, syscall_groups
 from workload import BusyLoops, held_bpf_ids, loaded_programs
 
 pytestmark = pytest.mark.bpf
@@ -46,9 +46,6 @@ pytestmark = pytest.mark.bpf
 ROOT = Path(__file__).resolve().parent.parent
 SECCOMP_EXEC = Path(__file__).resolve().parent / "seccomp_exec.py"
 HIST = "runqlat_run_queue_latency_seconds"
-# the kernel's capability numbers, as /proc/PID/status shows them
-CAP_NUMBERS = {"CAP_SYS_ADMIN": 21, "CAP_SYS_PTRACE": 19, "CAP_DAC_READ_SEARCH": 2,
-               "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38, "CAP_BPF": 39}
 
 
 def _free_port() -> int:

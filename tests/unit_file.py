@@ -36,6 +36,11 @@ def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
+# the kernel's capability numbers, as /proc/PID/status shows them
+CAP_NUMBERS = {"CAP_SYS_ADMIN": 21, "CAP_SYS_PTRACE": 19, "CAP_DAC_READ_SEARCH": 2,
+               "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+
 def capabilities(svc: dict[str, list[str]], key: str = "CapabilityBoundingSet") -> set[str]:
     """The union of a capability key's lines (none of ours resets it with an empty one)."""
     return set(" ".join(svc.get(key, [])).split())
